@@ -1,0 +1,38 @@
+# FaaSMoE — `make run` starts a demo on a tiny built-in model, `make test` runs the suite.
+# Both create .venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU machines get the pinned CPU-friendly build; a GPU box keeps a torch it already has
+# (the venv sees system packages when the system python has torch) or gets the default CUDA build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+TINY_MODEL ?= models/tiny-qwen2_moe
+
+.PHONY: install run test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+		echo "using the system torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else $(PYTHON) -m venv $(VENV); fi
+	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e '.[dev]'
+	@touch $@
+
+$(TINY_MODEL)/config.json: | install
+	$(VENV)/bin/faasmoe model init $(TINY_MODEL) --family qwen2_moe --preset tiny --seed 0
+
+run: install $(TINY_MODEL)/config.json
+	$(VENV)/bin/faasmoe generate $(TINY_MODEL) --prompt "Hello, experts!" --max-tokens 24 --chat
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/decode.py
+
+clean:
+	rm -rf $(VENV) models .pytest_cache

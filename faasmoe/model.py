@@ -1,0 +1,163 @@
+"""`MoEModel`: the trunk plus an expert executor; the in-process reference engine.
+
+With the default `LocalExpertExecutor` every expert is resident in this process: this is the
+full-model baseline. Handing the same trunk a remote executor gives the FaaSMoE path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from faasmoe.checkpoint import CheckpointReader, ExpertLayout
+from faasmoe.config import MoEConfig, parse_dtype
+from faasmoe.experts import ExpertBlock, ExpertExecutor, LocalExpertExecutor
+from faasmoe.kv_cache import KVCache
+from faasmoe.trunk import StepBatch, Trunk
+
+if TYPE_CHECKING:
+    from faasmoe.generation import GenerationResult
+    from faasmoe.sampling import SamplingParams
+    from faasmoe.text import Tokenizer
+
+log = logging.getLogger("faasmoe.model")
+
+
+def block_ranges(num_experts: int, block_size: int) -> list[tuple[int, int]]:
+    """(first expert, count) of each block of a layer; the last block may be smaller."""
+    if block_size < 1:
+        raise ValueError(f"expert_block_size must be >= 1, got {block_size}")
+    return [(first, min(block_size, num_experts - first)) for first in range(0, num_experts, block_size)]
+
+
+def load_expert_blocks(
+    layout: ExpertLayout, block_size: int, dtype: torch.dtype, device: torch.device
+) -> dict[int, list[ExpertBlock]]:
+    """Every expert block of every MoE layer (the full-model baseline keeps them all)."""
+    cfg = layout.config
+    return {
+        layer: [
+            ExpertBlock(layer, first, layout.load_block(layer, first, count, dtype)).to(device)
+            for first, count in block_ranges(cfg.num_experts, block_size)
+        ]
+        for layer in cfg.moe_layers
+    }
+
+
+class MoEModel:
+    """A Hugging Face MoE checkpoint as trunk + experts, with batched incremental decoding."""
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        trunk: Trunk,
+        executor: ExpertExecutor,
+        expert_block_size: int,
+        path: Path | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.config = config
+        self.trunk = trunk
+        self.executor = executor
+        self.expert_block_size = expert_block_size
+        self.path = path
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        expert_block_size: int | None = None,
+        executor: ExpertExecutor | None = None,
+    ) -> MoEModel:
+        """Load the trunk, and every expert in process unless an executor is given."""
+        path = Path(path)
+        config = MoEConfig.from_pretrained(path)
+        device, dtype = torch.device(device), parse_dtype(dtype)
+        block_size = expert_block_size or config.num_experts
+        block_ranges(config.num_experts, block_size)  # validates
+        reader = CheckpointReader(path)
+        trunk = Trunk(config, reader, dtype, device)
+        if executor is None:
+            blocks = load_expert_blocks(ExpertLayout(reader, config), block_size, dtype, device)
+            executor = LocalExpertExecutor(blocks, block_size)
+        tokenizer = None
+        if (path / "tokenizer.json").exists():
+            from faasmoe.text import Tokenizer
+
+            tokenizer = Tokenizer.from_pretrained(path)
+        log.info("loaded %s (%s, %d layers, %d experts, block size %d)", path, config.family,
+                 config.num_layers, config.num_experts, block_size)
+        return cls(config, trunk, executor, block_size, path, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.trunk.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.trunk.dtype
+
+    def new_cache(self, capacity: int = 64) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device, capacity)
+
+    @torch.inference_mode()
+    def step(self, new_tokens: list[list[int]], caches: list[KVCache], all_logits: bool = False) -> torch.Tensor:
+        """Run the new tokens of several sequences in one packed batch and advance their caches.
+
+        Returns logits of each sequence's last new token [S, V], or of every token [N, V].
+        """
+        if len(new_tokens) != len(caches) or any(len(t) == 0 for t in new_tokens):
+            raise ValueError("step needs one non-empty token list per cache")
+        lengths = [len(t) for t in new_tokens]
+        for cache, n in zip(caches, lengths):
+            if cache.length + n > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"sequence of {cache.length + n} tokens exceeds max_position_embeddings="
+                    f"{self.config.max_position_embeddings}"
+                )
+        ids = torch.tensor([t for seq in new_tokens for t in seq], dtype=torch.long, device=self.device)
+        if int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0:
+            raise ValueError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        batch = StepBatch.build(caches, lengths, self.device)
+        h = self.forward_hidden(ids, batch)
+        for cache, n in zip(caches, lengths):
+            cache.commit(n)
+        if not all_logits:
+            last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+            h = h[last]
+        return self.trunk.logits(h)
+
+    def forward_hidden(self, ids: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """The decoder stack over a packed batch: trunk halves around each layer's experts."""
+        trunk = self.trunk
+        h = trunk.embed_tokens(ids)
+        rope = trunk.rope(batch)
+        for i in range(self.config.num_layers):
+            state = trunk.attend(i, h, batch, rope)
+            expert_out = None
+            if state.routing is not None:
+                expert_out = self.executor.run_layer(i, state.moe_input, state.routing)
+            h = trunk.finish(state, expert_out)
+        return h
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full causal forward of `input_ids` [B, T] -> logits [B, T, V] (no padding)."""
+        batch, length = input_ids.shape
+        caches = [self.new_cache(length) for _ in range(batch)]
+        logits = self.step(input_ids.tolist(), caches, all_logits=True)
+        return logits.view(batch, length, -1)
+
+    def generate(
+        self, prompts: list[list[int]] | list[str], params: SamplingParams | None = None, **kwargs: object
+    ) -> list[GenerationResult]:
+        """Generate for several prompts at once; see `faasmoe.generation.generate`."""
+        from faasmoe.generation import generate
+
+        return generate(self, prompts, params, **kwargs)
