@@ -79,7 +79,7 @@ class MoEModel:
         path = Path(path)
         config = MoEConfig.from_pretrained(path)
         device, dtype = torch.device(device), parse_dtype(dtype)
-        block_size = expert_block_size or config.num_experts
+        block_size = config.num_experts if expert_block_size is None else expert_block_size
         block_ranges(config.num_experts, block_size)  # validates
         reader = CheckpointReader(path)
         trunk = Trunk(config, reader, dtype, device)

@@ -1,0 +1,93 @@
+"""MoEModel against itself: the KV cache, packed batches and block sizes change nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faasmoe.model import MoEModel
+from faasmoe.sampling import SamplingParams
+
+from .conftest import relative_error
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint):
+    return MoEModel.from_pretrained(hf_checkpoint("qwen2_moe"))
+
+
+def test_incremental_decoding_equals_full_forward(model):
+    ids = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(2))
+    full = model(ids)[0]
+    cache = model.new_cache(capacity=4)  # small on purpose: the cache must grow mid-sequence
+    steps = [model.step([ids[0, :6].tolist()], [cache], all_logits=True)]
+    steps.append(model.step([ids[0, 6:9].tolist()], [cache], all_logits=True))  # chunked prefill on a cache
+    steps += [model.step([[int(t)]], [cache], all_logits=True) for t in ids[0, 9:]]
+    incremental = torch.cat(steps)
+    assert cache.length == 14
+    assert relative_error(incremental, full) < 1e-5
+
+
+def test_batch_of_different_lengths_gives_each_prompts_tokens(model):
+    prompts = [[3, 9, 27], [81, 4, 12, 36, 7, 70, 1], [50], [11, 22, 33, 44, 55]]
+    alone = [model.generate([p], max_tokens=10, ignore_eos=True)[0].token_ids for p in prompts]
+    together = [r.token_ids for r in model.generate(prompts, max_tokens=10, ignore_eos=True)]
+    assert together == alone
+    assert all(len(t) == 10 for t in together)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe", "mixtral_fused", "qwen3_moe"])
+def test_every_block_size_gives_the_same_logits(hf_checkpoint, variant):
+    path = hf_checkpoint(variant)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    base = MoEModel.from_pretrained(path)
+    num_experts = base.config.num_experts
+    reference = base(ids)
+    for block_size in (1, 2, 3, num_experts // 2, num_experts):
+        model = MoEModel.from_pretrained(path, expert_block_size=block_size)
+        blocks = model.executor.blocks[model.config.moe_layers[0]]
+        assert len(blocks) == -(-num_experts // block_size)
+        assert relative_error(model(ids), reference) < 1e-6
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    params = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.9, seed=7, ignore_eos=True)
+    first = model.generate([[1, 2, 3]], params)[0].token_ids
+    again = model.generate([[1, 2, 3]], params)[0].token_ids
+    other = model.generate([[1, 2, 3]], SamplingParams(max_tokens=12, temperature=1.5, seed=8, ignore_eos=True))
+    greedy = model.generate([[1, 2, 3]], max_tokens=12, ignore_eos=True)[0].token_ids
+    assert first == again
+    assert first != other[0].token_ids or first != greedy
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from faasmoe.sampling import Sampler
+
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05]))
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.8, seed=0))
+    drawn = {sampler(logits) for _ in range(300)}
+    assert drawn == {0, 1}
+
+
+def test_stop_token_and_max_tokens(model):
+    free = model.generate([[5, 6]], max_tokens=8, ignore_eos=True)[0]
+    stop_at = free.token_ids[3]
+    stopped = model.generate([[5, 6]], max_tokens=8, stop_token_ids=[stop_at])[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
+    assert free.finish_reason == "length"
+
+
+def test_bad_inputs_are_rejected_clearly(model):
+    with pytest.raises(ValueError, match="token id out of range"):
+        model.generate([[5, 1000]], max_tokens=2)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate([[]], max_tokens=2)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="expert_block_size"):
+        MoEModel.from_pretrained(model.path, expert_block_size=0)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.step([[1] * (model.config.max_position_embeddings + 1)], [model.new_cache()])
