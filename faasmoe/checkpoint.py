@@ -224,23 +224,24 @@ class ExpertLayout:
     def router_name(self, layer: int) -> str:
         return f"{self.moe_prefix(layer)}.gate.weight"
 
-    def load_block(self, layer: int, first: int, count: int, dtype: torch.dtype) -> ExpertWeights:
-        """Experts first..first+count of `layer`, reading only their bytes."""
+    def load_block(
+        self, layer: int, first: int, count: int, dtype: torch.dtype, pin_memory: bool = False
+    ) -> ExpertWeights:
+        """Experts first..first+count of `layer`, reading only their bytes (into pinned memory
+        when asked, so the host-to-device copy that follows can run at full speed)."""
         cfg = self.config
         if not (0 <= first and first + count <= cfg.num_experts and count > 0):
             raise CheckpointError(f"experts {first}..{first + count - 1} out of range 0..{cfg.num_experts - 1}")
         hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
         prefix = self.moe_prefix(layer)
+        gate_up = torch.empty(count, 2 * inter, hidden, dtype=dtype, pin_memory=pin_memory)
+        down = torch.empty(count, hidden, inter, dtype=dtype, pin_memory=pin_memory)
         fused = f"{prefix}.experts.gate_up_proj"
         if self.reader.has(fused):
-            gate_up = self.reader.rows(fused, first, first + count, (cfg.num_experts, 2 * inter, hidden), dtype)
-            down = self.reader.rows(
-                f"{prefix}.experts.down_proj", first, first + count, (cfg.num_experts, hidden, inter), dtype
-            )
-            return ExpertWeights(gate_up.contiguous(), down.contiguous())
+            self._fill_rows(fused, first, (cfg.num_experts, 2 * inter, hidden), gate_up)
+            self._fill_rows(f"{prefix}.experts.down_proj", first, (cfg.num_experts, hidden, inter), down)
+            return ExpertWeights(gate_up, down)
 
-        gate_up = torch.empty(count, 2 * inter, hidden, dtype=dtype)
-        down = torch.empty(count, hidden, inter, dtype=dtype)
         names = ("w1", "w3", "w2") if prefix.endswith("block_sparse_moe") else ("gate_proj", "up_proj", "down_proj")
         for slot, expert in enumerate(range(first, first + count)):
             base = f"{prefix}.experts.{expert}"
@@ -248,6 +249,14 @@ class ExpertLayout:
             self._fill(f"{base}.{names[1]}.weight", gate_up[slot, inter:])
             self._fill(f"{base}.{names[2]}.weight", down[slot])
         return ExpertWeights(gate_up, down)
+
+    def _fill_rows(self, name: str, first: int, shape: tuple[int, ...], dest: torch.Tensor) -> None:
+        """Rows first.. of a fused [E, ...] tensor into `dest`, straight from the file if dtypes match."""
+        self.reader.check_shape(name, shape)
+        if self.reader.entry(name).dtype == dest.dtype:
+            self.reader.read_into(name, dest, first)
+        else:
+            dest.copy_(self.reader.rows(name, first, first + dest.shape[0], shape))
 
     def _fill(self, name: str, dest: torch.Tensor) -> None:
         """Read a tensor into `dest`, straight from the file when no dtype conversion is needed."""

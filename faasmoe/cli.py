@@ -4,31 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from pathlib import Path
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'2GiB' -> 2147483648, '500MB' -> 500000000, '1024' -> 1024 (as HF's max_shard_size)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 500MB, 1048576)")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
-
-
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
+from faasmoe.sizes import format_bytes, parse_size
 
 def _add_model_parser(subparsers: argparse._SubParsersAction) -> None:
     from faasmoe.presets import FAMILIES, PRESETS
@@ -80,9 +60,159 @@ def _model_init(args: argparse.Namespace) -> int:
     )
     weights = sorted(out.glob("model*.safetensors"))
     size = sum(f.stat().st_size for f in weights)
-    print(f"wrote {args.family} ({args.preset}) checkpoint to {out}: {_format_bytes(size)} in "
+    print(f"wrote {args.family} ({args.preset}) checkpoint to {out}: {format_bytes(size)} in "
           f"{len(weights)} safetensors file(s), {time.perf_counter() - start:.1f}s")
     return 0
+
+
+def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    gen = subparsers.add_parser(
+        "generate",
+        help="generate text with the in-process model (every expert resident)",
+        description="Load MODEL_DIR in this process (trunk and all experts) and generate for each --prompt "
+        "as one batch. This is the full-model reference path; `faasmoe serve` is the serverless one.",
+    )
+    gen.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="Hugging Face checkpoint directory")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt; default: 32")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; default: 1.0")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples")
+    gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; default: cpu")
+    gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                     help="compute dtype; default: float32")
+    gen.add_argument("--expert-block-size", type=int, default=None, metavar="K",
+                     help="experts per expert function (block); default: all experts of a layer")
+    gen.set_defaults(handler=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from faasmoe.model import MoEModel
+    from faasmoe.sampling import SamplingParams
+
+    model = MoEModel.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype,
+                                     expert_block_size=args.expert_block_size)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model_dir} has no tokenizer.json; text prompts need one")
+    prompts = args.prompt
+    if args.chat:
+        prompts = [model.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop=args.stop)
+    start = time.perf_counter()
+    results = model.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    for prompt, result in zip(args.prompt, results):
+        print(f"prompt: {prompt!r}\ncompletion ({len(result.token_ids)} tokens, {result.finish_reason}): "
+              f"{result.text!r}\n")
+    generated = sum(len(r.token_ids) for r in results)
+    cfg = model.config
+    print(f"{cfg.family}: {cfg.num_layers} layers, {cfg.num_experts} experts (top-{cfg.top_k}); "
+          f"{generated} tokens in {elapsed:.2f}s ({generated / elapsed:.1f} tokens/s)")
+    return 0
+
+
+def _add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
+    sched = subparsers.add_parser(
+        "scheduler",
+        help="run the scheduler daemon (registry, placement, keep-alive) with an optional local worker pool",
+        description="The FaaSMoE control plane: workers join it with the cluster token, frontends subscribe "
+        "to its routing table. It is never on the per-token path.",
+    )
+    sched.add_argument("--listen", default="127.0.0.1:7070", metavar="HOST:PORT",
+                       help="where workers and frontends reach it (HOST:PORT or unix:/path); default: 127.0.0.1:7070")
+    sched.add_argument("--token", default=None,
+                       help="cluster token (default: $FAASMOE_TOKEN, else a random one that is printed)")
+    sched.add_argument("--workers", type=int, default=None,
+                       help="local worker processes to spawn and supervise; default: one per GPU, else 1")
+    sched.add_argument("--device", default=None,
+                       help="devices of the local pool: cpu, cuda (all GPUs) or a list like cuda:0,cuda:1; "
+                       "default: cuda when available, else cpu")
+    sched.add_argument("--worker-memory", type=parse_size, default=None, metavar="SIZE",
+                       help="expert memory budget of each local worker; default: 90%% of the device's free memory")
+    sched.add_argument("--host-cache", type=parse_size, default=None, metavar="SIZE",
+                       help="host RAM cache per local worker; default: 25%% of available RAM")
+    sched.add_argument("--eviction", choices=("lru", "freq"), default="lru", help="local workers' eviction policy")
+    sched.add_argument("--keep-alive-policy", choices=("fixed", "adaptive"), default="fixed",
+                       help="local workers' keep-alive policy")
+    sched.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="SECONDS",
+                       help="declare a worker dead after this long without a heartbeat; default: 3")
+    sched.set_defaults(handler=_scheduler)
+
+
+def _devices(spec: str | None) -> list[str]:
+    import torch
+
+    if spec is None:
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available here")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [d.strip() for d in spec.split(",") if d.strip()]
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    import secrets
+    import signal
+
+    from runtime.scheduler import Scheduler, SchedulerConfig
+
+    token = args.token or os.environ.get("FAASMOE_TOKEN")
+    if not token:
+        token = secrets.token_urlsafe(24)
+        print(f"cluster token (pass it to `faasmoe worker join`): {token}", flush=True)
+    devices = _devices(args.device)
+    workers = args.workers if args.workers is not None else (len(devices) if devices[0].startswith("cuda") else 1)
+    worker_args = ["--eviction", args.eviction, "--keep-alive-policy", args.keep_alive_policy]
+    config = SchedulerConfig(listen=args.listen, token=token, workers=workers, devices=devices,
+                             worker_memory_bytes=args.worker_memory, host_cache_bytes=args.host_cache,
+                             worker_args=worker_args, heartbeat_timeout_s=args.heartbeat_timeout)
+
+    async def main() -> None:
+        scheduler = Scheduler(config)
+        address = await scheduler.start()
+        print(f"scheduler listening at {address} with {workers} local worker(s) on {', '.join(devices)}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await scheduler.stop()
+
+    _run(main())
+    return 0
+
+
+def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
+    from worker.cli import add_worker_arguments
+
+    worker = subparsers.add_parser("worker", help="worker nodes: join a scheduler")
+    actions = worker.add_subparsers(dest="worker_command", required=True, metavar="ACTION")
+    join = actions.add_parser(
+        "join", help="run a worker on this machine that joins the scheduler at HOST:PORT",
+        description="Serve expert functions from this machine's device for the cluster at HOST:PORT. "
+        "The worker proves the cluster token by HMAC challenge; the token never crosses the wire.",
+    )
+    join.add_argument("scheduler", metavar="HOST:PORT", help="the scheduler's address")
+    add_worker_arguments(join)
+    join.set_defaults(handler=_worker_join)
+
+
+def _worker_join(args: argparse.Namespace) -> int:
+    from worker.cli import run_worker
+
+    return run_worker(args, args.scheduler)
+
+
+def _run(coroutine) -> None:
+    import uvloop
+
+    uvloop.run(coroutine)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_model_parser(subparsers)
+    _add_generate_parser(subparsers)
+    _add_scheduler_parser(subparsers)
+    _add_worker_parser(subparsers)
     return parser
 
 

@@ -91,3 +91,49 @@ def test_bad_inputs_are_rejected_clearly(model):
         MoEModel.from_pretrained(model.path, expert_block_size=0)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.step([[1] * (model.config.max_position_embeddings + 1)], [model.new_cache()])
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    from faasmoe.model_init import init_checkpoint
+
+    path = init_checkpoint(tmp_path_factory.mktemp("tiny") / "m", "qwen2_moe", seed=1, progress=False)
+    return MoEModel.from_pretrained(path)
+
+
+def test_stop_string_cuts_the_text(tiny_with_tokenizer):
+    model = tiny_with_tokenizer
+    free = model.generate(["Once upon a time"], max_tokens=24, ignore_eos=True)[0]
+    assert len(free.text) > 6
+    stop = free.text[3:5]
+    stopped = model.generate(["Once upon a time"], max_tokens=24, ignore_eos=True, stop=[stop])[0]
+    assert stopped.finish_reason == "stop"
+    assert stop not in stopped.text
+    assert free.text.startswith(stopped.text)
+    assert stopped.text == free.text[: free.text.index(stop)]
+
+
+def test_string_prompts_and_chat_template(tiny_with_tokenizer):
+    model = tiny_with_tokenizer
+    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert prompt.endswith("<|im_start|>assistant\n")
+    by_text = model.generate([prompt], max_tokens=5, ignore_eos=True)[0]
+    by_ids = model.generate([model.tokenizer.encode(prompt)], max_tokens=5, ignore_eos=True)[0]
+    assert by_text.token_ids == by_ids.token_ids
+    assert by_text.text == model.tokenizer.decode(by_text.token_ids)
+
+
+def test_generate_cli(tiny_with_tokenizer):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "faasmoe.cli", "generate", str(tiny_with_tokenizer.path), "--prompt", "Hello",
+         "--prompt", "Bye", "--max-tokens", "4", "--chat"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("completion (4 tokens") == 2
+    bad = subprocess.run([sys.executable, "-m", "faasmoe.cli", "generate", "/nonexistent", "--prompt", "x"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no config.json" in bad.stderr

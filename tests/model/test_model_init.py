@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from faasmoe.cli import parse_size
+from faasmoe.sizes import parse_size
 from faasmoe.model_init import init_checkpoint, tensor_specs, zipf_offsets
 from faasmoe.presets import FAMILIES, PRESETS, get_preset
 

@@ -50,3 +50,16 @@ def test_greedy_tokens_match_transformers(hf_checkpoint, variant):
     expected = out[0, len(prompt):].tolist()
     result = MoEModel.from_pretrained(path).generate([prompt], max_tokens=12, ignore_eos=True)[0]
     assert result.token_ids == expected
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("options", [{}, {"expert_format": "fused", "router_skew": 1.0}])
+def test_model_init_output_matches_transformers(tmp_path, family, options):
+    from faasmoe.model_init import init_checkpoint
+
+    path = init_checkpoint(tmp_path / family, family, preset="tiny", seed=3, progress=False, **options)
+    model = MoEModel.from_pretrained(path)
+    ids = torch.tensor([model.tokenizer.encode("Mixture of experts, served as functions.")])
+    with torch.no_grad():
+        expected = load_reference(path)(ids).logits
+    assert relative_error(model(ids), expected) < TOLERANCE

@@ -1,0 +1,217 @@
+"""The runtime's client API for frontends: resolve functions to workers and invoke them.
+
+A `RuntimeClient` keeps the scheduler's pushed routing table and a connection per worker.
+`invoke` takes one layer's calls, sends one message per worker, and returns the outputs in
+call order. Invocations are idempotent, so when a worker dies mid-call (or cannot fit a
+block) its calls are re-placed elsewhere and retried: the caller sees the right result, late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime import protocol as p
+from runtime.transport import RpcChannel, client_handshake, open_connection
+
+log = logging.getLogger("faasmoe.client")
+
+MAX_ATTEMPTS = 3
+RETRYABLE = ("no_memory", "load_failed", "unavailable")
+
+
+class InvokeError(RuntimeError):
+    """Calls that failed on every worker tried."""
+
+
+@dataclass
+class ClientStats:
+    invocations: int = 0  # function calls sent
+    messages: int = 0  # invoke messages sent (one per worker per layer)
+    cold_starts: int = 0
+    retries: int = 0
+    load_s: float = 0.0
+    compute_s: float = 0.0
+    per_worker: dict[str, int] = field(default_factory=dict)
+
+
+class RuntimeClient:
+    """Connection to one cluster: the routing table plus a channel per worker."""
+
+    def __init__(self, scheduler: str, token: str, client_id: str | None = None) -> None:
+        self.scheduler_address = scheduler
+        self.token = token
+        self.client_id = client_id or f"frontend-{uuid.uuid4().hex[:8]}"
+        self.routes: dict[str, list[str]] = {}
+        self.workers: dict[str, p.WorkerInfo] = {}
+        self.version = -1
+        self.stats = ClientStats()
+        self._scheduler: RpcChannel | None = None
+        self._channels: dict[str, RpcChannel] = {}
+        self._connecting: dict[str, asyncio.Task[RpcChannel]] = {}
+        self._routing_ready = asyncio.Event()
+        self._keeper: asyncio.Task[None] | None = None
+
+    # -- scheduler link ----------------------------------------------------------------------
+
+    async def start(self, timeout: float = 30.0) -> RuntimeClient:
+        self._keeper = asyncio.create_task(self._keep_subscribed())
+        async with asyncio.timeout(timeout):
+            await self._routing_ready.wait()
+        return self
+
+    async def _keep_subscribed(self) -> None:
+        """Follow the routing table; on scheduler loss keep the last table and reconnect."""
+        delay = 0.1
+        while True:
+            try:
+                conn = await open_connection(self.scheduler_address)
+                await client_handshake(conn, self.token, "frontend", self.client_id)
+                channel = RpcChannel(conn, self._on_scheduler_message).start()
+                await channel.request(p.Subscribe(0), timeout=10)
+                self._scheduler = channel
+                delay = 0.1
+                await channel.closed.wait()
+                log.warning("lost the scheduler; serving from routing table v%d while reconnecting", self.version)
+            except p.ProtocolError as exc:
+                log.error("scheduler refused us: %s", exc)
+            except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+                pass
+            self._scheduler = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _on_scheduler_message(self, message: p.Message) -> None:
+        if isinstance(message, p.RoutingUpdate) and message.version != self.version:
+            self.version = message.version
+            self.routes = message.functions
+            self.workers = {w.worker_id: w for w in message.workers}
+            for wid in [w for w in self._channels if w not in self.workers]:
+                asyncio.create_task(self._channels.pop(wid).close())
+            self._routing_ready.set()
+
+    async def _scheduler_request(self, message: p.Message) -> p.Message:
+        for _ in range(50):
+            if self._scheduler is not None and not self._scheduler.closed.is_set():
+                return await self._scheduler.request(message, timeout=10)
+            await asyncio.sleep(0.1)
+        raise InvokeError(f"scheduler {self.scheduler_address} unreachable")
+
+    async def cluster_state(self) -> list[p.Stats]:
+        reply = await self._scheduler_request(p.GetStats(0))
+        return reply.workers if isinstance(reply, p.ClusterState) else []
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    async def _channel(self, wid: str) -> RpcChannel:
+        channel = self._channels.get(wid)
+        if channel is not None and not channel.closed.is_set():
+            return channel
+        if wid not in self._connecting:
+            self._connecting[wid] = asyncio.create_task(self._connect(wid))
+        try:
+            return await self._connecting[wid]
+        finally:
+            self._connecting.pop(wid, None)
+
+    async def _connect(self, wid: str) -> RpcChannel:
+        info = self.workers.get(wid)
+        if info is None:
+            raise ConnectionError(f"worker {wid} is not in the routing table")
+        conn = await open_connection(info.address)
+        await client_handshake(conn, self.token, "frontend", self.client_id)
+        channel = RpcChannel(conn).start()
+        self._channels[wid] = channel
+        return channel
+
+    async def resolve(self, spec: p.FunctionSpec, exclude: set[str] = frozenset()) -> str:
+        """A worker for the function: from the table (fewest queued), else ask the scheduler."""
+        candidates = [w for w in self.routes.get(spec.function_id, []) if w not in exclude and w in self.workers]
+        if candidates:
+            return random.choice(candidates)
+        reply = await self._scheduler_request(p.Place(0, spec, sorted(exclude)))
+        if isinstance(reply, p.Error):
+            raise InvokeError(reply.message)
+        assert isinstance(reply, p.Placement)
+        for wid in reply.worker_ids:
+            self.routes.setdefault(spec.function_id, [])
+            if wid not in self.routes[spec.function_id]:
+                self.routes[spec.function_id].append(wid)
+        usable = [w for w in reply.worker_ids if w not in exclude]
+        if not usable:
+            raise InvokeError(f"no worker available for {spec.function_id}")
+        if any(w not in self.workers for w in usable):
+            await asyncio.sleep(0.05)  # the routing push with the new worker is on its way
+        return usable[0]
+
+    # -- invoke ------------------------------------------------------------------------------------
+
+    async def invoke(self, calls: list[p.Call]) -> list[torch.Tensor]:
+        """Run one layer's calls: one message per worker, all in flight at once; outputs in order."""
+        outputs: list[torch.Tensor | None] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        excluded: dict[int, set[str]] = {i: set() for i in todo}
+        for attempt in range(MAX_ATTEMPTS):
+            by_worker: dict[str, list[int]] = {}
+            for i in todo:
+                wid = await self.resolve(calls[i].function, excluded[i])
+                by_worker.setdefault(wid, []).append(i)
+            results = await asyncio.gather(
+                *(self._invoke_on(wid, [calls[i] for i in idx]) for wid, idx in by_worker.items()),
+                return_exceptions=True,
+            )
+            todo = []
+            for (wid, idx), result in zip(by_worker.items(), results):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, (ConnectionError, InvokeError, OSError, TimeoutError)):
+                        raise result
+                    log.warning("calls on %s failed (%s); retrying elsewhere", wid, result)
+                    self._forget(wid, result)
+                    for i in idx:
+                        excluded[i].add(wid)
+                    todo.extend(idx)
+                else:
+                    for i, out in zip(idx, result):
+                        outputs[i] = out
+            if not todo:
+                return outputs  # type: ignore[return-value]
+            self.stats.retries += 1
+            await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # jitter
+        raise InvokeError(f"{len(todo)} calls failed on every worker tried")
+
+    def _forget(self, wid: str, why: BaseException) -> None:
+        if isinstance(why, (ConnectionError, OSError)):
+            channel = self._channels.pop(wid, None)
+            if channel is not None:
+                asyncio.create_task(channel.close())
+
+    async def _invoke_on(self, wid: str, calls: list[p.Call]) -> list[torch.Tensor]:
+        channel = await self._channel(wid)
+        reply = await channel.request(p.Invoke(0, calls))
+        if isinstance(reply, p.Error):
+            if reply.code in RETRYABLE:
+                raise InvokeError(f"{wid}: {reply.message}")
+            raise RuntimeError(f"worker {wid} rejected the call: {reply.code}: {reply.message}")
+        assert isinstance(reply, p.Result)
+        stats = self.stats
+        stats.invocations += len(calls)
+        stats.messages += 1
+        stats.cold_starts += reply.cold_starts
+        stats.load_s += reply.load_s
+        stats.compute_s += reply.compute_s
+        stats.per_worker[wid] = stats.per_worker.get(wid, 0) + len(calls)
+        return reply.outputs
+
+    async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+        if self._scheduler is not None:
+            await self._scheduler.close()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

@@ -1,0 +1,417 @@
+"""The FaaSMoE wire protocol: every message type, its encoding and the join handshake.
+
+Frame: `u32 length | u32 meta_length | msgpack meta | raw tensor bytes`, big-endian lengths.
+The meta is `[type_code, {field: value}]`; a tensor field is a msgpack ext value naming its
+dtype, shape and byte range in the raw part, so tensors travel beside the message, never
+re-encoded, and decode as zero-copy views. Nested message structs are ext values too.
+Nothing outside this module defines messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import os
+import struct
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+import torch
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
+_LENGTHS = struct.Struct(">II")
+_EXT_TENSOR = 1
+_EXT_STRUCT = 2
+
+# Decoded tensors are read-only views of the received frame; torch warns once about that.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+class ProtocolError(Exception):
+    """A frame we refuse: malformed, oversized, unknown type, wrong version or bad auth."""
+
+
+_DTYPES: list[torch.dtype] = [
+    torch.float32, torch.bfloat16, torch.float16, torch.float64,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+]
+_DTYPE_CODE = {dtype: i for i, dtype in enumerate(_DTYPES)}
+
+_REGISTRY: dict[int, type[Message]] = {}
+
+
+@dataclass
+class Message:
+    """Base of every wire struct; subclasses set a unique TYPE code."""
+
+    TYPE: ClassVar[int] = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.TYPE in _REGISTRY:
+            raise TypeError(f"message type code {cls.TYPE} used twice ({_REGISTRY[cls.TYPE].__name__}, {cls.__name__})")
+        _REGISTRY[cls.TYPE] = cls
+
+
+# --- structs nested inside messages ---------------------------------------------------
+
+
+@dataclass
+class FunctionSpec(Message):
+    """An expert function: experts first..first+count-1 of one layer of one checkpoint."""
+
+    TYPE: ClassVar[int] = 1
+    function_id: str
+    model_path: str
+    layer: int
+    first: int
+    count: int
+    dtype: str = "float32"
+    nbytes: int = 0
+    owner: str = ""  # tenant of a private function; "" = shared
+    keep_alive_s: float = 60.0
+
+
+@dataclass
+class WorkerInfo(Message):
+    TYPE: ClassVar[int] = 2
+    worker_id: str
+    address: str
+    device: str
+    pid: int
+    budget_bytes: int
+    host_budget_bytes: int
+    node: str = ""
+
+
+@dataclass
+class ResidentFunction(Message):
+    """A function a worker holds, in which tier, with its use so far."""
+
+    TYPE: ClassVar[int] = 3
+    function: FunctionSpec
+    tier: str  # "device" | "host" | "loading"
+    nbytes: int
+    idle_s: float = 0.0
+    hits: int = 0
+
+
+@dataclass
+class Call(Message):
+    """One function's share of a layer: rows x [n, H] and each row's expert inside the block."""
+
+    TYPE: ClassVar[int] = 4
+    function: FunctionSpec
+    x: torch.Tensor
+    experts: torch.Tensor
+
+
+# --- handshake -----------------------------------------------------------------------
+
+
+@dataclass
+class Challenge(Message):
+    TYPE: ClassVar[int] = 10
+    version: int
+    nonce: bytes
+    server_id: str
+
+
+@dataclass
+class Auth(Message):
+    TYPE: ClassVar[int] = 11
+    version: int
+    role: str  # "worker" | "frontend" | "admin"
+    node_id: str
+    client_nonce: bytes
+    digest: bytes
+
+
+@dataclass
+class Welcome(Message):
+    """The server's proof that it knows the token too (mutual authentication)."""
+
+    TYPE: ClassVar[int] = 12
+    server_id: str
+    digest: bytes
+
+
+# --- requests and replies ----------------------------------------------------------------
+
+
+@dataclass
+class Load(Message):
+    TYPE: ClassVar[int] = 20
+    req_id: int
+    function: FunctionSpec
+
+
+@dataclass
+class Evict(Message):
+    TYPE: ClassVar[int] = 21
+    req_id: int
+    function_id: str
+    reason: str = "scheduler"
+
+
+@dataclass
+class Invoke(Message):
+    """All of one layer's calls for one worker: one message per worker per layer."""
+
+    TYPE: ClassVar[int] = 22
+    req_id: int
+    calls: list[Call]
+
+
+@dataclass
+class Result(Message):
+    TYPE: ClassVar[int] = 23
+    req_id: int
+    outputs: list[torch.Tensor]
+    cold_starts: int = 0
+    load_s: float = 0.0
+    compute_s: float = 0.0
+
+
+@dataclass
+class Error(Message):
+    TYPE: ClassVar[int] = 24
+    req_id: int
+    code: str  # "no_memory" | "bad_request" | "load_failed" | "unavailable" | ...
+    message: str
+
+
+@dataclass
+class Ok(Message):
+    TYPE: ClassVar[int] = 25
+    req_id: int
+
+
+@dataclass
+class GetStats(Message):
+    TYPE: ClassVar[int] = 26
+    req_id: int
+
+
+@dataclass
+class Stats(Message):
+    TYPE: ClassVar[int] = 27
+    req_id: int
+    worker: WorkerInfo
+    resident: list[ResidentFunction]
+    counters: dict[str, float] = field(default_factory=dict)
+    metrics_text: str = ""  # the worker's own Prometheus exposition
+
+
+# --- control plane -------------------------------------------------------------------------
+
+
+@dataclass
+class Heartbeat(Message):
+    TYPE: ClassVar[int] = 30
+    seq: int
+    sent_at: float
+    queue_depth: int = 0
+
+
+@dataclass
+class Register(Message):
+    """A worker joins the scheduler, declaring what it already holds (soft state)."""
+
+    TYPE: ClassVar[int] = 31
+    req_id: int
+    worker: WorkerInfo
+    resident: list[ResidentFunction]
+
+
+@dataclass
+class Residency(Message):
+    """A worker's change of holdings, pushed to the scheduler as it happens."""
+
+    TYPE: ClassVar[int] = 32
+    worker_id: str
+    loaded: list[ResidentFunction]
+    evicted: list[str]
+    reason: str = ""
+
+
+@dataclass
+class Subscribe(Message):
+    TYPE: ClassVar[int] = 33
+    req_id: int
+
+
+@dataclass
+class RoutingUpdate(Message):
+    """Versioned routing table pushed to frontends: function id -> worker ids, and workers."""
+
+    TYPE: ClassVar[int] = 34
+    version: int
+    functions: dict[str, list[str]]
+    workers: list[WorkerInfo]
+
+
+@dataclass
+class Place(Message):
+    """A frontend asks where a function without a placement should run."""
+
+    TYPE: ClassVar[int] = 35
+    req_id: int
+    function: FunctionSpec
+    exclude: list[str] = field(default_factory=list)  # workers that just failed
+
+
+@dataclass
+class Placement(Message):
+    TYPE: ClassVar[int] = 36
+    req_id: int
+    function_id: str
+    worker_ids: list[str]
+
+
+@dataclass
+class ClusterState(Message):
+    """Every live worker's stats, collected by the scheduler for the admin view."""
+
+    TYPE: ClassVar[int] = 37
+    req_id: int
+    workers: list[Stats]
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+
+def encode(message: Message) -> list[bytes | memoryview]:
+    """A message as frame pieces for `writer.writelines` (tensor bytes are not copied)."""
+    buffers: list[memoryview] = []
+    offset = 0
+
+    def default(obj: Any) -> Any:
+        nonlocal offset
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            t = t.contiguous()
+            code = _DTYPE_CODE.get(t.dtype)
+            if code is None:
+                raise ProtocolError(f"cannot send tensors of dtype {t.dtype}")
+            raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            buffers.append(raw)
+            desc = msgpack.packb([code, list(t.shape), offset, raw.nbytes])
+            offset += raw.nbytes
+            return msgpack.ExtType(_EXT_TENSOR, desc)
+        if isinstance(obj, Message):
+            body = msgpack.packb([obj.TYPE, _fields(obj)], default=default, use_bin_type=True)
+            return msgpack.ExtType(_EXT_STRUCT, body)
+        raise ProtocolError(f"cannot encode {type(obj).__name__}")
+
+    meta = msgpack.packb([message.TYPE, _fields(message)], default=default, use_bin_type=True)
+    total = 4 + len(meta) + offset
+    return [_LENGTHS.pack(total, len(meta)), meta, *buffers]
+
+
+def _fields(message: Message) -> dict[str, Any]:
+    return {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+
+
+def frame_length(prefix: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> int:
+    """Bytes that follow the 4-byte length prefix; refuses oversized or empty frames."""
+    (length,) = struct.unpack(">I", prefix)
+    if length > max_frame_bytes:
+        raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_frame_bytes}")
+    if length < 4:
+        raise ProtocolError(f"frame of {length} bytes is too short")
+    return length
+
+
+def decode(body: bytes | bytearray | memoryview) -> Message:
+    """A frame body (everything after the length prefix) -> its message; tensors are views."""
+    view = memoryview(body)
+    if len(view) < 4:
+        raise ProtocolError("frame too short")
+    (meta_length,) = struct.unpack(">I", view[:4])
+    if meta_length > len(view) - 4:
+        raise ProtocolError("meta length exceeds the frame")
+    data = view[4 + meta_length:]
+
+    def ext_hook(code: int, payload: bytes) -> Any:
+        if code == _EXT_TENSOR:
+            return _decode_tensor(payload, data)
+        if code == _EXT_STRUCT:
+            return _build(msgpack.unpackb(payload, ext_hook=ext_hook, raw=False, strict_map_key=False))
+        raise ProtocolError(f"unknown msgpack extension {code}")
+
+    try:
+        meta = msgpack.unpackb(view[4:4 + meta_length], ext_hook=ext_hook, raw=False, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several types for garbage
+        raise ProtocolError(f"malformed frame: {exc}") from exc
+    return _build(meta)
+
+
+def _build(meta: Any) -> Message:
+    if not (isinstance(meta, list) and len(meta) == 2 and isinstance(meta[0], int) and isinstance(meta[1], dict)):
+        raise ProtocolError("malformed message envelope")
+    cls = _REGISTRY.get(meta[0])
+    if cls is None:
+        raise ProtocolError(f"unknown message type {meta[0]}")
+    try:
+        return cls(**meta[1])
+    except TypeError as exc:
+        raise ProtocolError(f"bad fields for {cls.__name__}: {exc}") from exc
+
+
+def _decode_tensor(payload: bytes, data: memoryview) -> torch.Tensor:
+    try:
+        code, shape, offset, nbytes = msgpack.unpackb(payload)
+        dtype = _DTYPES[code]
+    except Exception as exc:
+        raise ProtocolError(f"malformed tensor descriptor: {exc}") from exc
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count * dtype.itemsize != nbytes or offset < 0 or offset + nbytes > len(data) or min(shape, default=0) < 0:
+        raise ProtocolError("tensor descriptor does not match the frame")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(data, dtype=torch.uint8, count=nbytes, offset=offset)
+    return raw.view(dtype).view(shape)
+
+
+# --- join handshake --------------------------------------------------------------------------
+
+
+def _digest(token: str, *parts: bytes | str) -> bytes:
+    mac = hmac.new(token.encode(), digestmod=hashlib.sha256)
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        mac.update(len(data).to_bytes(4, "big") + data)
+    return mac.digest()
+
+
+def new_nonce() -> bytes:
+    return os.urandom(32)
+
+
+def client_digest(token: str, challenge: Challenge, role: str, node_id: str, client_nonce: bytes) -> bytes:
+    """Proof of the token bound to this challenge; the token itself never crosses the wire."""
+    return _digest(token, b"client", challenge.nonce, client_nonce, role, node_id)
+
+
+def server_digest(token: str, challenge: Challenge, auth: Auth) -> bytes:
+    return _digest(token, b"server", challenge.nonce, auth.client_nonce, challenge.server_id)
+
+
+def check_auth(token: str, challenge: Challenge, auth: Auth) -> None:
+    """Raise ProtocolError unless `auth` answers `challenge` with the same token and version."""
+    if auth.version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {auth.version} != {PROTOCOL_VERSION}")
+    expected = client_digest(token, challenge, auth.role, auth.node_id, auth.client_nonce)
+    if not hmac.compare_digest(expected, auth.digest):
+        raise ProtocolError(f"authentication failed for {auth.role} {auth.node_id!r} (wrong cluster token)")

@@ -1,0 +1,246 @@
+"""Asyncio plumbing for the wire protocol: addresses, framed connections, handshake, RPC.
+
+Addresses are `unix:/path/to.sock` (the local pool) or `host:port` (nodes). Every connection
+starts with the HMAC challenge of `runtime.protocol`; a peer that sends anything malformed,
+oversized or unauthenticated is logged and dropped, and the process lives on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from runtime import protocol as p
+
+log = logging.getLogger("faasmoe.transport")
+
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Address:
+    kind: str  # "unix" | "tcp"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        if text.startswith("unix:"):
+            if not text[5:]:
+                raise ValueError(f"bad address {text!r}: unix: needs a path")
+            return cls("unix", path=text[5:])
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"bad address {text!r}: use HOST:PORT or unix:/path")
+        return cls("tcp", host=host.strip("[]") or "127.0.0.1", port=int(port))
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.kind == "unix" else f"{self.host}:{self.port}"
+
+
+class Connection:
+    """One framed, authenticated stream. `recv` raises ProtocolError on a bad frame."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 max_frame_bytes: int = p.DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.max_frame_bytes = max_frame_bytes
+        peer = writer.get_extra_info("peername")
+        self.peer = str(peer) if peer else "unix-peer"
+        self.peer_id = ""  # set by the handshake
+
+    async def recv(self) -> p.Message:
+        prefix = await self.reader.readexactly(4)
+        body = await self.reader.readexactly(p.frame_length(prefix, self.max_frame_bytes))
+        return p.decode(body)
+
+    def send(self, message: p.Message) -> None:
+        self.writer.writelines(p.encode(message))
+
+    async def send_drain(self, message: p.Message) -> None:
+        self.send(message)
+        await self.writer.drain()
+
+    @property
+    def closed(self) -> bool:
+        return self.writer.is_closing()
+
+    async def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+async def open_connection(address: str | Address, max_frame_bytes: int = p.DEFAULT_MAX_FRAME_BYTES) -> Connection:
+    addr = Address.parse(address) if isinstance(address, str) else address
+    if addr.kind == "unix":
+        reader, writer = await asyncio.open_unix_connection(addr.path, limit=1 << 20)
+    else:
+        reader, writer = await asyncio.open_connection(addr.host, addr.port, limit=1 << 20)
+    return Connection(reader, writer, max_frame_bytes)
+
+
+async def start_server(
+    address: str | Address,
+    on_connection: Callable[[Connection], Awaitable[None]],
+    max_frame_bytes: int = p.DEFAULT_MAX_FRAME_BYTES,
+) -> tuple[asyncio.AbstractServer, Address]:
+    """Listen; each accepted stream becomes a Connection handed to `on_connection`.
+
+    Returns the server and the bound address (the real port when 0 was asked for).
+    """
+    addr = Address.parse(address) if isinstance(address, str) else address
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(reader, writer, max_frame_bytes)
+        try:
+            await on_connection(conn)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # peer went away; nothing to report
+        except p.ProtocolError as exc:
+            log.warning("dropping connection from %s: %s", conn.peer, exc)
+        except Exception:
+            log.exception("connection handler failed for %s", conn.peer)
+        finally:
+            await conn.close()
+
+    if addr.kind == "unix":
+        if os.path.exists(addr.path):
+            os.unlink(addr.path)  # a stale socket of a previous run
+        server = await asyncio.start_unix_server(accept, addr.path, limit=1 << 20)
+        return server, addr
+    server = await asyncio.start_server(accept, addr.host, addr.port, limit=1 << 20, family=socket.AF_INET)
+    port = server.sockets[0].getsockname()[1]
+    return server, Address("tcp", host=addr.host, port=port)
+
+
+async def client_handshake(conn: Connection, token: str, role: str, node_id: str) -> p.Welcome:
+    """Answer the server's challenge and check its proof; raises ProtocolError on failure."""
+    async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+        challenge = await conn.recv()
+        if not isinstance(challenge, p.Challenge):
+            raise p.ProtocolError(f"expected a challenge, got {type(challenge).__name__}")
+        if challenge.version != p.PROTOCOL_VERSION:
+            raise p.ProtocolError(f"server speaks protocol {challenge.version}, we speak {p.PROTOCOL_VERSION}")
+        nonce = p.new_nonce()
+        digest = p.client_digest(token, challenge, role, node_id, nonce)
+        auth = p.Auth(p.PROTOCOL_VERSION, role, node_id, nonce, digest)
+        await conn.send_drain(auth)
+        reply = await conn.recv()
+    if isinstance(reply, p.Error):
+        raise p.ProtocolError(f"refused by {challenge.server_id}: {reply.message}")
+    if not isinstance(reply, p.Welcome) or reply.digest != p.server_digest(token, challenge, auth):
+        raise p.ProtocolError("the server could not prove it knows the cluster token")
+    conn.peer_id = challenge.server_id
+    return reply
+
+
+async def server_handshake(conn: Connection, token: str, server_id: str) -> p.Auth:
+    """Challenge a new peer; raises ProtocolError (after telling it why) unless it knows the token."""
+    challenge = p.Challenge(p.PROTOCOL_VERSION, p.new_nonce(), server_id)
+    async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+        await conn.send_drain(challenge)
+        auth = await conn.recv()
+    if not isinstance(auth, p.Auth):
+        raise p.ProtocolError(f"expected auth, got {type(auth).__name__}")
+    try:
+        p.check_auth(token, challenge, auth)
+    except p.ProtocolError as exc:
+        await conn.send_drain(p.Error(0, "unauthenticated", str(exc)))
+        raise
+    await conn.send_drain(p.Welcome(server_id, p.server_digest(token, challenge, auth)))
+    conn.peer_id = auth.node_id
+    return auth
+
+
+class RpcChannel:
+    """Requests with a `req_id` over one connection; replies are matched back by id.
+
+    Messages that are not replies (heartbeats, routing pushes, requests from the peer) go to
+    `on_message`. When the connection drops, every pending request fails with ConnectionError.
+    """
+
+    def __init__(self, conn: Connection, on_message: Callable[[p.Message], Awaitable[None] | None] | None = None) -> None:
+        self.conn = conn
+        self.on_message = on_message
+        self._pending: dict[int, asyncio.Future[p.Message]] = {}
+        self._ids = itertools.count(1)
+        self._reader: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+
+    def start(self) -> RpcChannel:
+        self._reader = asyncio.create_task(self._read_loop())
+        return self
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                message = await self.conn.recv()
+                req_id = getattr(message, "req_id", None)
+                future = self._pending.pop(req_id, None) if isinstance(message, _REPLIES) else None
+                if future is not None:
+                    if not future.done():
+                        future.set_result(message)
+                elif self.on_message is not None:
+                    result = self.on_message(message)
+                    if asyncio.iscoroutine(result):
+                        await result
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except p.ProtocolError as exc:
+            log.warning("dropping connection to %s: %s", self.conn.peer_id or self.conn.peer, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("message handler failed on %s", self.conn.peer_id or self.conn.peer)
+        finally:
+            self._fail_pending()
+            await self.conn.close()
+            self.closed.set()
+
+    def _fail_pending(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"connection to {self.conn.peer_id or self.conn.peer} lost"))
+        self._pending.clear()
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    async def request(self, message: p.Message, timeout: float | None = None) -> p.Message:
+        """Send a message whose `req_id` is set here, and await the reply with that id."""
+        if self.closed.is_set() or self.conn.closed:
+            raise ConnectionError(f"connection to {self.conn.peer_id or self.conn.peer} is closed")
+        message.req_id = self.next_id()  # type: ignore[attr-defined]
+        future: asyncio.Future[p.Message] = asyncio.get_running_loop().create_future()
+        self._pending[message.req_id] = future  # type: ignore[attr-defined]
+        self.conn.send(message)
+        await self.conn.writer.drain()
+        if timeout is None:
+            return await future
+        return await asyncio.wait_for(future, timeout)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        self._fail_pending()
+        await self.conn.close()
+        self.closed.set()
+
+
+# Message types that answer a request (matched by req_id); anything else is unsolicited.
+_REPLIES = (p.Result, p.Error, p.Ok, p.Stats, p.Placement, p.ClusterState)

@@ -1,0 +1,86 @@
+"""Command line of a worker process: the local pool's `python -m worker` and `faasmoe worker join`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import uuid
+
+import torch
+import uvloop
+
+from faasmoe.sizes import parse_size
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default=None,
+                        help="cluster token (default: $FAASMOE_TOKEN); proven by HMAC, never sent")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
+                        help="cuda:N or cpu; default: cuda:0 when CUDA is available, else cpu")
+    parser.add_argument("--memory", type=parse_size, default=None, metavar="SIZE",
+                        help="expert memory budget on the device, e.g. 40GiB; default: 90%% of what is free now")
+    parser.add_argument("--host-cache", type=parse_size, default=None, metavar="SIZE",
+                        help="host RAM cache of evicted blocks (pinned on CUDA), e.g. 64GiB; default: 25%% of "
+                        "available RAM")
+    parser.add_argument("--host-ttl", type=float, default=600.0, metavar="SECONDS",
+                        help="drop a block from the host cache after this long unused; default: 600")
+    parser.add_argument("--listen", default=None,
+                        help="address to serve on: HOST:PORT (port 0 = any) or unix:/path; default: 0.0.0.0:0")
+    parser.add_argument("--id", dest="worker_id", default=None, help="worker id; default: HOST-RANDOM")
+    parser.add_argument("--eviction", choices=("lru", "freq"), default="lru",
+                        help="eviction under the memory budget: lru, or freq (per-layer frequency-weighted)")
+    parser.add_argument("--keep-alive-policy", choices=("fixed", "adaptive"), default="fixed",
+                        help="fixed: each function's keep-alive; adaptive: idle-time histogram per function")
+
+
+def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
+    from worker.worker import Worker, WorkerConfig, default_budget
+
+    token = args.token or os.environ.get("FAASMOE_TOKEN")
+    if not token:
+        raise ValueError("a worker needs the cluster token: --token T or $FAASMOE_TOKEN")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here")
+    import psutil
+
+    config = WorkerConfig(
+        worker_id=args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
+        listen=args.listen or "0.0.0.0:0",
+        device=str(device),
+        budget_bytes=args.memory or default_budget(device),
+        host_budget_bytes=args.host_cache if args.host_cache is not None
+        else int(psutil.virtual_memory().available * 0.25),
+        token=token,
+        scheduler=scheduler,
+        eviction=args.eviction,
+        keep_alive_policy=args.keep_alive_policy,
+        host_ttl_s=args.host_ttl,
+        node=socket.gethostname(),
+    )
+    worker = Worker(config)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    uvloop.run(main())
+    return worker.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m worker`: how the scheduler's local pool starts a worker."""
+    parser = argparse.ArgumentParser(prog="python -m worker", description="A FaaSMoE worker process.")
+    parser.add_argument("--scheduler", default=None, help="scheduler address to register with")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_worker_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_worker(args, args.scheduler)

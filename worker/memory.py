@@ -1,0 +1,277 @@
+"""A worker's memory tiers for expert blocks: device <- host RAM cache <- safetensors on disk.
+
+The device tier holds the blocks that can run, under a byte budget it never exceeds: a load
+that needs room evicts idle blocks chosen by the eviction policy (never one with calls in
+flight), and what cannot fit is refused with a clear error. Evicted blocks drop to the host
+tier (pinned on CUDA, its own budget, LRU), so reloading a recently used block is a memory
+copy instead of a file read. Concurrent cold calls of one block share a single load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from faasmoe.checkpoint import CheckpointReader, ExpertLayout, ExpertWeights
+from faasmoe.config import MoEConfig, parse_dtype
+from faasmoe.experts import ExpertBlock
+from runtime.policies import EvictionPolicy, FunctionKey, KeepAlivePolicy
+from runtime.protocol import FunctionSpec
+
+log = logging.getLogger("faasmoe.worker.memory")
+
+
+class NoMemory(RuntimeError):
+    """A block that cannot be made resident within the budget."""
+
+
+class LoadFailed(RuntimeError):
+    """A block whose weights could not be read (remembered for a while, not retried forever)."""
+
+
+FAILED_LOAD_MEMORY_S = 30.0
+
+
+@dataclass
+class Resident:
+    """A block on the device, with its use so far."""
+
+    spec: FunctionSpec
+    block: ExpertBlock
+    key: FunctionKey
+    loaded_at: float
+    last_used: float
+    source: str  # where the last load came from: "disk" | "host"
+    load_s: float = 0.0
+    hits: int = 0
+    in_flight: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.key.nbytes
+
+
+@dataclass
+class LoadStats:
+    """Cumulative counts a worker reports (and exports as metrics)."""
+
+    cold_starts: dict[str, int] = field(default_factory=lambda: {"disk": 0, "host": 0})
+    evictions: dict[str, int] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=lambda: {"disk": 0.0, "host": 0.0})
+
+
+class HostCache:
+    """Weights of recently evicted blocks in host memory, least recently used out first."""
+
+    def __init__(self, budget_bytes: int, pin: bool) -> None:
+        self.budget_bytes = budget_bytes
+        self.pin = pin
+        self._entries: OrderedDict[str, tuple[ExpertWeights, float]] = OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w, _ in self._entries.values())
+
+    def __contains__(self, function_id: str) -> bool:
+        return function_id in self._entries
+
+    def ids(self) -> list[str]:
+        return list(self._entries)
+
+    def take(self, function_id: str) -> ExpertWeights | None:
+        entry = self._entries.pop(function_id, None)
+        return None if entry is None else entry[0]
+
+    def put(self, function_id: str, weights: ExpertWeights, now: float) -> None:
+        if weights.nbytes > self.budget_bytes:
+            return
+        while self._entries and self.nbytes + weights.nbytes > self.budget_bytes:
+            self._entries.popitem(last=False)
+        self._entries[function_id] = (weights, now)
+
+    def expire(self, older_than: float) -> list[str]:
+        gone = [fid for fid, (_, at) in self._entries.items() if at < older_than]
+        for fid in gone:
+            del self._entries[fid]
+        return gone
+
+
+class ExpertStore:
+    """The device tier: resident expert blocks under a budget, loaded on demand."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        budget_bytes: int,
+        host: HostCache,
+        eviction: EvictionPolicy,
+        keep_alive: Callable[[FunctionSpec], KeepAlivePolicy],
+        max_parallel_loads: int = 2,
+        on_change: Callable[[list[Resident], list[str], str], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self.host = host
+        self.eviction = eviction
+        self.keep_alive = keep_alive
+        self.on_change = on_change or (lambda loaded, evicted, reason: None)
+        self.resident: dict[str, Resident] = {}
+        self.stats = LoadStats()
+        self._loading: dict[str, asyncio.Future[Resident]] = {}
+        self._reserved = 0  # bytes of loads in progress
+        self._load_slots = asyncio.Semaphore(max_parallel_loads)
+        self._models: dict[str, tuple[CheckpointReader, MoEConfig]] = {}
+        self._failed: dict[str, tuple[float, str]] = {}  # recent load failures: retry later, not forever
+
+    # -- accounting ---------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(r.nbytes for r in self.resident.values())
+
+    def loading_ids(self) -> list[str]:
+        return list(self._loading)
+
+    def model(self, path: str) -> tuple[CheckpointReader, MoEConfig]:
+        if path not in self._models:
+            self._models[path] = (CheckpointReader(path), MoEConfig.from_pretrained(path))
+        return self._models[path]
+
+    def block_bytes(self, spec: FunctionSpec) -> int:
+        _, config = self.model(spec.model_path)
+        return spec.count * config.expert_bytes(parse_dtype(spec.dtype))
+
+    # -- acquire / release ----------------------------------------------------------------
+
+    async def acquire(self, spec: FunctionSpec) -> tuple[Resident, bool]:
+        """The resident block for `spec` with one more call in flight; True when this call loaded it."""
+        fid = spec.function_id
+        resident = self.resident.get(fid)
+        cold = False
+        if resident is None:
+            pending = self._loading.get(fid)
+            if pending is not None:
+                resident = await asyncio.shield(pending)
+            else:
+                resident = await self._load(spec)
+                cold = True
+        resident.in_flight += 1
+        resident.hits += 1
+        self.eviction.on_access(resident.key, time.monotonic())
+        return resident, cold
+
+    def release(self, resident: Resident) -> None:
+        now = time.monotonic()
+        resident.in_flight -= 1
+        resident.last_used = now
+        self.keep_alive(resident.spec).on_invoke(resident.key, now)
+
+    async def _load(self, spec: FunctionSpec) -> Resident:
+        fid = spec.function_id
+        failed = self._failed.get(fid)
+        if failed is not None and time.monotonic() - failed[0] < FAILED_LOAD_MEMORY_S:
+            raise LoadFailed(f"loading {fid} failed {time.monotonic() - failed[0]:.0f}s ago: {failed[1]}")
+        future: asyncio.Future[Resident] = asyncio.get_running_loop().create_future()
+        self._loading[fid] = future
+        try:
+            async with self._load_slots:
+                nbytes = self.block_bytes(spec)
+                self._make_room(nbytes, fid)
+                self._reserved += nbytes
+                try:
+                    resident = await self._fetch(spec, nbytes)
+                finally:
+                    self._reserved -= nbytes
+            self.resident[fid] = resident
+            self.on_change([resident], [], "load")
+            future.set_result(resident)
+            return resident
+        except Exception as exc:
+            if not isinstance(exc, NoMemory):
+                self._failed[fid] = (time.monotonic(), str(exc))
+                exc = LoadFailed(f"loading {fid} failed: {exc}")
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody else needs a warning
+            raise exc
+        finally:
+            del self._loading[fid]
+
+    async def _fetch(self, spec: FunctionSpec, nbytes: int) -> Resident:
+        start = time.perf_counter()
+        cached = self.host.take(spec.function_id)
+        source = "host" if cached is not None else "disk"
+        weights = await asyncio.to_thread(self._materialize, spec, cached)
+        seconds = time.perf_counter() - start
+        self.stats.cold_starts[source] += 1
+        self.stats.load_seconds[source] += seconds
+        key = FunctionKey(spec.function_id, spec.layer, weights.nbytes)
+        now = time.monotonic()
+        self.eviction.on_load(key, now, seconds)
+        log.info("loaded %s from %s in %.1f ms (%d bytes)", spec.function_id, source, seconds * 1e3, nbytes)
+        return Resident(spec, ExpertBlock(spec.layer, spec.first, weights), key, now, now, source, seconds)
+
+    def _materialize(self, spec: FunctionSpec, cached: ExpertWeights | None) -> ExpertWeights:
+        """Runs in a thread: host tier or disk -> device (through pinned memory on CUDA)."""
+        if cached is None:
+            reader, config = self.model(spec.model_path)
+            layout = ExpertLayout(reader, config)
+            pin = self.device.type == "cuda"
+            cached = layout.load_block(spec.layer, spec.first, spec.count, parse_dtype(spec.dtype), pin_memory=pin)
+        if self.device.type == "cpu":
+            return cached
+        moved = ExpertWeights(cached.gate_up.to(self.device, non_blocking=True),
+                              cached.down.to(self.device, non_blocking=True))
+        torch.cuda.current_stream(self.device).synchronize()
+        return moved
+
+    # -- eviction ---------------------------------------------------------------------------
+
+    def _make_room(self, nbytes: int, for_id: str) -> None:
+        if nbytes > self.budget_bytes:
+            raise NoMemory(f"{for_id} needs {nbytes} bytes but the worker budget is {self.budget_bytes}")
+        need = self.used_bytes + self._reserved + nbytes - self.budget_bytes
+        if need <= 0:
+            return
+        idle = [r.key for r in self.resident.values() if r.in_flight == 0]
+        victims = self.eviction.victims(idle, need, time.monotonic())
+        if sum(k.nbytes for k in victims) < need:
+            raise NoMemory(
+                f"no room for {for_id} ({nbytes} bytes): {self.used_bytes} of {self.budget_bytes} bytes "
+                f"resident, {len(self.resident) - len(idle)} blocks busy"
+            )
+        for key in victims:
+            self.evict(key.function_id, "memory")
+
+    def evict(self, function_id: str, reason: str) -> bool:
+        """Drop an idle block to the host tier; False if it is absent or busy."""
+        resident = self.resident.get(function_id)
+        if resident is None or resident.in_flight > 0:
+            return False
+        del self.resident[function_id]
+        self.eviction.on_evict(resident.key)
+        weights = resident.block.weights
+        if self.device.type != "cpu":
+            weights = ExpertWeights(weights.gate_up.to("cpu").pin_memory() if self.host.pin else weights.gate_up.cpu(),
+                                    weights.down.to("cpu").pin_memory() if self.host.pin else weights.down.cpu())
+        self.host.put(function_id, weights, time.monotonic())
+        self.stats.evictions[reason] = self.stats.evictions.get(reason, 0) + 1
+        self.on_change([], [function_id], reason)
+        log.info("evicted %s (%s)", function_id, reason)
+        return True
+
+    def expire(self, now: float, host_ttl_s: float) -> list[str]:
+        """Scale idle blocks to zero by their keep-alive; drop host copies older than host_ttl_s."""
+        expired = [
+            fid for fid, r in self.resident.items()
+            if self.keep_alive(r.spec).expired(r.key, r.last_used, now, r.in_flight)
+        ]
+        for fid in expired:
+            self.evict(fid, "keep_alive")
+        self.host.expire(now - host_ttl_s)
+        return expired

@@ -1,0 +1,310 @@
+"""The worker process: owns one device and a memory budget, serves load / evict / invoke / stats.
+
+Frontends and the scheduler connect to the worker's address (Unix socket in the local pool,
+TCP for joined nodes) and authenticate with the cluster token. The worker also dials the
+scheduler, registers what it holds (soft state: a restarted scheduler learns it again), sends
+heartbeats and pushes every residency change. Compute runs in one thread per worker, off the
+event loop, so heartbeats and stats keep flowing during long calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from runtime import protocol as p
+from runtime.metrics import Registry
+from runtime.policies import make_eviction, make_keep_alive
+from runtime.transport import Connection, RpcChannel, client_handshake, open_connection, server_handshake, start_server
+from worker.memory import ExpertStore, HostCache, LoadFailed, NoMemory, Resident
+
+log = logging.getLogger("faasmoe.worker")
+
+HEARTBEAT_S = 1.0
+EXPIRE_CHECK_S = 0.25
+
+
+@dataclass
+class WorkerConfig:
+    worker_id: str
+    listen: str  # "unix:/path" or "host:port" (port 0 = any)
+    device: str
+    budget_bytes: int
+    host_budget_bytes: int
+    token: str
+    scheduler: str | None = None
+    eviction: str = "lru"
+    keep_alive_policy: str = "fixed"
+    host_ttl_s: float = 600.0
+    node: str = ""
+    max_parallel_loads: int = 2
+
+
+def default_budget(device: torch.device, fraction: float = 0.9) -> int:
+    """What the device can hold now: free GPU memory (pynvml, else torch) or available RAM."""
+    if device.type == "cuda":
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            free = pynvml.nvmlDeviceGetMemoryInfo(handle).free
+        except Exception:  # no NVML (containers): ask the CUDA runtime
+            free, _ = torch.cuda.mem_get_info(device)
+        return int(free * fraction)
+    import psutil
+
+    return int(psutil.virtual_memory().available * fraction)
+
+
+class Worker:
+    """One worker process's state and message handlers."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.metrics = Registry()
+        self._define_metrics()
+        self._keep_alive: dict[float, object] = {}
+        self.store = ExpertStore(
+            self.device, config.budget_bytes, HostCache(config.host_budget_bytes, pin=self.device.type == "cuda"),
+            make_eviction(config.eviction), self._keep_alive_for, config.max_parallel_loads, self._on_residency,
+        )
+        # One compute thread: a device runs one call at a time; the loop stays free for I/O.
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"{config.worker_id}-compute")
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._scheduler: RpcChannel | None = None
+        self._queue_depth = 0
+        self.info: p.WorkerInfo | None = None
+        self._stopping = asyncio.Event()
+        self.exit_code = 0
+
+    def _keep_alive_for(self, spec: p.FunctionSpec):
+        ttl = spec.keep_alive_s
+        if ttl not in self._keep_alive:
+            self._keep_alive[ttl] = make_keep_alive(self.config.keep_alive_policy, ttl_s=ttl)
+        return self._keep_alive[ttl]
+
+    def _define_metrics(self) -> None:
+        m = self.metrics
+        labels = ("worker",)
+        self.m_invocations = m.counter("faasmoe_expert_invocations_total", "Expert function calls served", labels)
+        self.m_cold = m.counter("faasmoe_expert_cold_starts_total", "Calls that loaded their function first",
+                                labels + ("source",))
+        self.m_evictions = m.counter("faasmoe_expert_evictions_total", "Functions dropped from the device",
+                                     labels + ("reason",))
+        self.m_resident = m.gauge("faasmoe_resident_expert_bytes", "Expert bytes held, per memory tier",
+                                  labels + ("tier",))
+        self.m_invoke_s = m.histogram("faasmoe_worker_invoke_seconds", "Worker time per invoke message", labels)
+        self.m_load_s = m.histogram("faasmoe_expert_load_seconds", "Time to make a function resident",
+                                    labels + ("source",))
+        self.m_queue = m.gauge("faasmoe_worker_queue_depth", "Invoke messages waiting or running", labels)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        server, address = await start_server(self.config.listen, self._serve_connection)
+        self.info = p.WorkerInfo(
+            worker_id=self.config.worker_id, address=str(address), device=str(self.device), pid=os.getpid(),
+            budget_bytes=self.config.budget_bytes, host_budget_bytes=self.config.host_budget_bytes,
+            node=self.config.node,
+        )
+        log.info("worker %s on %s listening at %s (budget %d bytes)", self.config.worker_id, self.device,
+                 address, self.config.budget_bytes)
+        print(f"worker {self.config.worker_id} listening at {address}", flush=True)
+        tasks = [asyncio.create_task(self._expire_loop())]
+        if self.config.scheduler:
+            tasks.append(asyncio.create_task(self._scheduler_loop()))
+        try:
+            await self._stopping.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            server.close()
+            self._compute.shutdown(wait=False, cancel_futures=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_CHECK_S)
+            self.store.expire(time.monotonic(), self.config.host_ttl_s)
+            self._update_gauges()
+
+    # -- the scheduler link -------------------------------------------------------------------
+
+    async def _scheduler_loop(self) -> None:
+        """Stay registered: reconnect with backoff whenever the scheduler goes away."""
+        delay = 0.2
+        while True:
+            try:
+                conn = await open_connection(self.config.scheduler)
+                await client_handshake(conn, self.config.token, "worker", self.config.worker_id)
+                channel = RpcChannel(conn, lambda m: self._handle_scheduler_message(channel, m)).start()
+                reply = await channel.request(p.Register(0, self.info, self._resident_list()), timeout=10)
+                if isinstance(reply, p.Error):
+                    raise p.ProtocolError(reply.message)
+                self._scheduler = channel
+                delay = 0.2
+                log.info("registered with scheduler %s", self.config.scheduler)
+                seq = 0
+                while not channel.closed.is_set():
+                    seq += 1
+                    await channel.conn.send_drain(p.Heartbeat(seq, time.time(), self._queue_depth))
+                    try:
+                        await asyncio.wait_for(channel.closed.wait(), HEARTBEAT_S)
+                    except TimeoutError:
+                        pass
+                log.warning("lost the scheduler %s; reconnecting", self.config.scheduler)
+            except p.ProtocolError as exc:
+                # A wrong token or version will not fix itself: stop instead of knocking forever.
+                log.error("scheduler %s refused worker %s: %s", self.config.scheduler, self.config.worker_id, exc)
+                print(f"faasmoe: error: scheduler {self.config.scheduler} refused this worker: {exc}", flush=True)
+                self.exit_code = 2
+                self.stop()
+                return
+            except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.debug("scheduler %s unreachable: %s", self.config.scheduler, exc)
+            self._scheduler = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _handle_scheduler_message(self, channel: RpcChannel, message: p.Message) -> None:
+        if isinstance(message, p.Heartbeat):
+            return
+        asyncio.create_task(self._reply(channel.conn, message))
+
+    def _on_residency(self, loaded: list[Resident], evicted: list[str], reason: str) -> None:
+        self._update_gauges()
+        for resident in loaded:  # one load = one cold start, however many calls waited for it
+            self.m_cold.labels(worker=self.config.worker_id, source=resident.source).inc()
+            self.m_load_s.labels(worker=self.config.worker_id, source=resident.source).observe(resident.load_s)
+        for _ in evicted:
+            self.m_evictions.labels(worker=self.config.worker_id, reason=reason).inc()
+        channel = self._scheduler
+        if channel is not None and not channel.closed.is_set():
+            channel.conn.send(p.Residency(self.config.worker_id, [self._describe(r) for r in loaded], evicted, reason))
+
+    def _describe(self, r: Resident) -> p.ResidentFunction:
+        return p.ResidentFunction(r.spec, "device", r.nbytes, time.monotonic() - r.last_used, r.hits)
+
+    def _resident_list(self) -> list[p.ResidentFunction]:
+        return [self._describe(r) for r in self.store.resident.values()]
+
+    def _update_gauges(self) -> None:
+        wid = self.config.worker_id
+        self.m_resident.labels(worker=wid, tier="device").set(self.store.used_bytes)
+        self.m_resident.labels(worker=wid, tier="host").set(self.store.host.nbytes)
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    async def _serve_connection(self, conn: Connection) -> None:
+        await server_handshake(conn, self.config.token, self.config.worker_id)
+        while True:
+            message = await conn.recv()
+            if isinstance(message, p.Heartbeat):
+                conn.send(message)
+                continue
+            asyncio.create_task(self._reply(conn, message))
+
+    async def _reply(self, conn: Connection, message: p.Message) -> None:
+        req_id = getattr(message, "req_id", 0)
+        try:
+            reply = await self.handle(message)
+        except NoMemory as exc:
+            reply = p.Error(req_id, "no_memory", str(exc))
+        except LoadFailed as exc:
+            reply = p.Error(req_id, "load_failed", str(exc))
+        except (ValueError, IndexError, KeyError, TypeError, RuntimeError) as exc:
+            log.warning("bad request %s from %s: %s", type(message).__name__, conn.peer_id, exc)
+            reply = p.Error(req_id, "bad_request", f"{type(exc).__name__}: {exc}")
+        if not conn.closed:
+            conn.send(reply)
+
+    async def handle(self, message: p.Message) -> p.Message:
+        if isinstance(message, p.Invoke):
+            return await self._invoke(message)
+        if isinstance(message, p.Load):
+            resident, _ = await self.store.acquire(message.function)
+            self.store.release(resident)
+            return p.Ok(message.req_id)
+        if isinstance(message, p.Evict):
+            self.store.evict(message.function_id, message.reason)
+            return p.Ok(message.req_id)
+        if isinstance(message, p.GetStats):
+            return self.stats(message.req_id)
+        raise ValueError(f"a worker does not handle {type(message).__name__}")
+
+    def stats(self, req_id: int = 0) -> p.Stats:
+        s = self.store.stats
+        counters: dict[str, float] = {f"cold_starts_{k}": v for k, v in s.cold_starts.items()}
+        counters.update({f"load_seconds_{k}": v for k, v in s.load_seconds.items()})
+        counters.update({f"evictions_{k}": v for k, v in s.evictions.items()})
+        counters.update(device_bytes=self.store.used_bytes, host_bytes=self.store.host.nbytes,
+                        queue_depth=self._queue_depth)
+        host = [p.ResidentFunction(p.FunctionSpec(fid, "", -1, 0, 0), "host", 0) for fid in self.store.host.ids()]
+        return p.Stats(req_id, self.info, self._resident_list() + host, counters, self.metrics.render())
+
+    async def _invoke(self, message: p.Invoke) -> p.Result:
+        start = time.perf_counter()
+        self._queue_depth += 1
+        self.m_queue.labels(worker=self.config.worker_id).set(self._queue_depth)
+        acquired: list[Resident] = []
+        try:
+            specs = {c.function.function_id: c.function for c in message.calls}
+            results = await asyncio.gather(*(self.store.acquire(spec) for spec in specs.values()),
+                                           return_exceptions=True)
+            for result in results:
+                if not isinstance(result, BaseException):
+                    acquired.append(result[0])
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            by_id = {r.spec.function_id: r for r in acquired}
+            cold = sum(1 for _, was_cold in results if was_cold)  # type: ignore[misc]
+            load_s = time.perf_counter() - start
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._compute, self._run_calls, message.calls, by_id)
+            compute_s = time.perf_counter() - start - load_s
+        finally:
+            for resident in acquired:
+                self.store.release(resident)
+            self._queue_depth -= 1
+            self.m_queue.labels(worker=self.config.worker_id).set(self._queue_depth)
+        wid = self.config.worker_id
+        self.m_invocations.labels(worker=wid).inc(len(message.calls))
+        self.m_invoke_s.labels(worker=wid).observe(time.perf_counter() - start)
+        return p.Result(message.req_id, outputs, cold, load_s, compute_s)
+
+    def _run_calls(self, calls: list[p.Call], by_id: dict[str, Resident]) -> list[torch.Tensor]:
+        """Runs in the compute thread: every call of the message, back to back."""
+        with torch.inference_mode():
+            if self._stream is None:
+                return [self._run_one(c, by_id[c.function.function_id]) for c in calls]
+            with torch.cuda.stream(self._stream):
+                outputs = [self._run_one(c, by_id[c.function.function_id]).to("cpu", non_blocking=True)
+                           for c in calls]
+            self._stream.synchronize()
+            return outputs
+
+    def _run_one(self, call: p.Call, resident: Resident) -> torch.Tensor:
+        block = resident.block
+        weights_dtype = block.weights.gate_up.dtype
+        if call.x.dim() != 2 or call.x.shape[1] != block.weights.gate_up.shape[-1]:
+            raise ValueError(f"call to {call.function.function_id}: x has shape {list(call.x.shape)}, "
+                             f"expected [n, {block.weights.gate_up.shape[-1]}]")
+        experts = call.experts
+        if experts.shape != call.x.shape[:1] or (experts.numel() and not 0 <= int(experts.min()) <= int(experts.max()) < block.count):
+            raise ValueError(f"call to {call.function.function_id}: expert indices must be [n] in 0..{block.count - 1}")
+        x = call.x.to(self.device, weights_dtype, non_blocking=True)
+        experts = experts.to(self.device, torch.long, non_blocking=True)
+        return block.forward(x, experts)
