@@ -95,12 +95,19 @@ class RuntimeClient:
                 asyncio.create_task(self._channels.pop(wid).close())
             self._routing_ready.set()
 
-    async def _scheduler_request(self, message: p.Message) -> p.Message:
-        for _ in range(50):
-            if self._scheduler is not None and not self._scheduler.closed.is_set():
-                return await self._scheduler.request(message, timeout=10)
+    async def _scheduler_request(self, message: p.Message, wait_s: float = 10.0) -> p.Message:
+        """A request to the scheduler, waiting out a reconnect (it may be restarting)."""
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            channel = self._scheduler
+            if channel is not None and not channel.closed.is_set():
+                try:
+                    return await channel.request(message, timeout=10)
+                except ConnectionError:
+                    pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise InvokeError(f"scheduler {self.scheduler_address} unreachable")
             await asyncio.sleep(0.1)
-        raise InvokeError(f"scheduler {self.scheduler_address} unreachable")
 
     async def cluster_state(self) -> list[p.Stats]:
         reply = await self._scheduler_request(p.GetStats(0))

@@ -59,7 +59,8 @@ class LocalPool:
 
     async def _spawn(self, slot: PoolSlot) -> asyncio.subprocess.Process:
         args = [sys.executable, "-m", "worker", "--id", self.worker_id(slot.index), "--device", slot.device,
-                "--listen", f"unix:{slot.socket}", "--scheduler", self.scheduler_address, *self.extra_args]
+                "--listen", f"unix:{slot.socket}", "--scheduler", self.scheduler_address,
+                "--parent-pid", str(os.getpid()), *self.extra_args]
         if self.memory_bytes:
             args += ["--memory", str(self.memory_bytes)]
         if self.host_cache_bytes is not None:

@@ -61,6 +61,7 @@ def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
         keep_alive_policy=args.keep_alive_policy,
         host_ttl_s=args.host_ttl,
         node=socket.gethostname(),
+        parent_pid=getattr(args, "parent_pid", None),
     )
     worker = Worker(config)
 
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m worker`: how the scheduler's local pool starts a worker."""
     parser = argparse.ArgumentParser(prog="python -m worker", description="A FaaSMoE worker process.")
     parser.add_argument("--scheduler", default=None, help="scheduler address to register with")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit when this process (the scheduler that spawned us) is gone")
     parser.add_argument("-v", "--verbose", action="store_true")
     add_worker_arguments(parser)
     args = parser.parse_args(argv)

@@ -44,6 +44,7 @@ class WorkerConfig:
     host_ttl_s: float = 600.0
     node: str = ""
     max_parallel_loads: int = 2
+    parent_pid: int | None = None  # local pool: die with the scheduler instead of lingering
 
 
 def default_budget(device: torch.device, fraction: float = 0.9) -> int:
@@ -137,6 +138,9 @@ class Worker:
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(EXPIRE_CHECK_S)
+            if self.config.parent_pid is not None and os.getppid() != self.config.parent_pid:
+                log.warning("parent %d is gone; worker %s exits", self.config.parent_pid, self.config.worker_id)
+                self.stop()
             self.store.expire(time.monotonic(), self.config.host_ttl_s)
             self._update_gauges()
 
