@@ -1,10 +1,17 @@
-"""A CPU matmul for the one shape BLAS handles badly: few rows times a very tall weight.
+"""`linear` for the CPU shapes that BLAS handles badly; everything else goes to F.linear.
 
-The lm_head is [vocab, hidden] (151936 x 2048 for Qwen): with a decode batch of 4-64 rows,
-MKL's sgemm spends most of its time packing the whole weight, and a second OpenMP thread
-makes it slower, not faster. Cutting the weight into cache-sized row chunks and giving
-each core its own half (one intra-op thread per pool thread) measured 2.5-3.4x faster on
-2 cores for batches of 4-64 rows; every output is still one full-length dot product.
+Two cases, both measured on the 2-core AVX2 machines we test on (see bench/decode.py):
+
+* fp32, a few rows against a tall weight (the 151936x2048 lm_head at decode batch 4-64):
+  MKL's sgemm packs the whole weight per call and a second OpenMP thread makes it slower.
+  Cache-sized row chunks, split across cores (one intra-op thread per pool thread): 2.5-3.4x.
+* bf16/fp16 weights with 8+ rows (4+ for big weights): without native bf16 instructions the
+  half-precision GEMM costs grow linearly with the rows (x3 at 16 rows, x5.5 at 64). Widening
+  one cache-sized chunk of the weight at a time and running an fp32 GEMM on it is 3-5x faster,
+  with the same fp32 accumulation the half-precision kernel uses.
+
+Every output element stays one full-length dot product, so results match F.linear up to
+summation order.
 """
 
 from __future__ import annotations
@@ -12,11 +19,15 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
-CHUNK_ROWS = 512  # 512 x 2048 fp32 = 4 MiB: a chunk and its packed copy stay in cache
-MIN_WEIGHT_ELEMENTS = 8_000_000  # below ~32 MiB fp32, plain F.linear is as fast
-MAX_INPUT_ROWS = 128  # above this (prefill), the GEMM is compute-bound and BLAS does well
+CHUNK_ROWS = 512  # 512 x 2048 fp32 = 4 MiB: a chunk (and its packed copy) stays in cache
+MIN_PARALLEL_ELEMENTS = 8_000_000  # below ~32 MiB fp32 a single GEMM call is as fast
+MAX_FP32_CHUNKED_ROWS = 128  # above this (prefill) the fp32 GEMM is compute-bound and BLAS does well
+MIN_WIDENED_ROWS = 8  # half-precision: below this the native kernel wins (it is bandwidth-bound)
+MIN_WIDENED_ROWS_BIG = 4
 
+_HALF = (torch.bfloat16, torch.float16)
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -31,34 +42,44 @@ def _get_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x [M, K], weight [N, K], bias), faster on CPU for the two shapes above."""
+    if x.device.type != "cpu" or x.dim() != 2:
+        return F.linear(x, weight, bias)
+    rows = x.shape[0]
+    big = weight.numel() >= MIN_PARALLEL_ELEMENTS and weight.shape[0] >= 4 * CHUNK_ROWS
+    if weight.dtype in _HALF:
+        if rows >= (MIN_WIDENED_ROWS_BIG if big else MIN_WIDENED_ROWS):
+            return _chunked(x, weight, bias, widen=True, parallel=big)
+    elif big and rows <= MAX_FP32_CHUNKED_ROWS:
+        return _chunked(x, weight, bias, widen=False, parallel=True)
+    return F.linear(x, weight, bias)
+
+
 @torch.inference_mode()  # grad mode is per thread; these are never differentiated
-def _rows(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, start: int, stop: int) -> None:
+def _rows(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, start: int, stop: int, widen: bool) -> None:
     for s in range(start, stop, CHUNK_ROWS):
         e = min(s + CHUNK_ROWS, stop)
-        torch.mm(x, weight[s:e].t(), out=out[:, s:e])
+        chunk = weight[s:e]
+        if widen:
+            out[:, s:e] = torch.mm(x, chunk.float().t())
+        else:
+            torch.mm(x, chunk.t(), out=out[:, s:e])
 
 
-def tall_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x [M, K], weight [N, K], bias) for any shape; chunked and parallel when it pays.
-
-    Measured on 2 cores (M=16): lm_head 151936x2048 2.9x, 11264x2048 1.5x, 6144x2048 1.8x
-    faster; at 2048 rows or fewer it loses, so those keep F.linear.
-    """
-    use_chunks = (
-        x.device.type == "cpu"
-        and x.dim() == 2
-        and weight.numel() >= MIN_WEIGHT_ELEMENTS
-        and weight.shape[0] >= 4 * CHUNK_ROWS
-        and x.shape[0] <= MAX_INPUT_ROWS
-    )
-    if not use_chunks:
-        return torch.nn.functional.linear(x, weight, bias)
-    rows = weight.shape[0]
-    out = torch.empty(x.shape[0], rows, dtype=x.dtype)
-    pool = _get_pool()
-    parts = pool._max_workers
-    step = -(-rows // parts)
-    futures = [pool.submit(_rows, x, weight, out, i * step, min(rows, (i + 1) * step)) for i in range(parts)]
-    for future in futures:
-        future.result()
+def _chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, widen: bool,
+             parallel: bool) -> torch.Tensor:
+    n = weight.shape[0]
+    out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    xs = x.float() if widen else x
+    if not parallel:
+        _rows(xs, weight, out, 0, n, widen)
+    else:
+        pool = _get_pool()
+        parts = pool._max_workers
+        step = -(-n // parts)
+        futures = [pool.submit(_rows, xs, weight, out, i * step, min(n, (i + 1) * step), widen)
+                   for i in range(parts)]
+        for future in futures:
+            future.result()
     return out if bias is None else out.add_(bias)

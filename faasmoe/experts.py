@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from faasmoe.checkpoint import ExpertWeights
+from faasmoe.cpu_matmul import linear
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class ExpertBlock:
         for expert, n in enumerate(counts):
             if n:
                 rows = slice(start, start + n)
-                gate, up = F.linear(grouped[rows], gate_up[expert]).chunk(2, dim=-1)
-                out[rows] = F.linear(F.silu(gate) * up, down[expert])
+                gate, up = linear(grouped[rows], gate_up[expert]).chunk(2, dim=-1)
+                out[rows] = linear(F.silu(gate) * up, down[expert])
                 start += n
         result = torch.empty_like(out)
         result[order] = out

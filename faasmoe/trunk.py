@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from faasmoe.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.config import MoEConfig
-from faasmoe.cpu_matmul import tall_linear
+from faasmoe.cpu_matmul import linear
 from faasmoe.experts import Routing, route
 from faasmoe.kv_cache import KVCache
 from faasmoe.layers import apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
@@ -162,11 +162,11 @@ class Trunk:
         return state.residual + (expert_out + state.shared_out)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return tall_linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
+        return linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
 
     def _attention(self, i: int, x: torch.Tensor, batch: StepBatch, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cfg, w = self.config, self.layers[i]
-        qkv = tall_linear(x, w.qkv, w.qkv_bias)
+        qkv = linear(x, w.qkv, w.qkv_bias)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         n = x.shape[0]
         if cfg.qk_norm == "full":
@@ -187,4 +187,4 @@ class Trunk:
             keys, values = cache.update(i, k[rows], v[rows])
             out[rows] = causal_attention(q[rows].transpose(0, 1), keys, values, cache.length).transpose(0, 1)
             start += t
-        return tall_linear(out.reshape(n, cfg.q_size), w.o, w.o_bias)
+        return linear(out.reshape(n, cfg.q_size), w.o, w.o_bias)
