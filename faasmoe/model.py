@@ -7,6 +7,7 @@ full-model baseline. Handing the same trunk a remote executor gives the FaaSMoE 
 from __future__ import annotations
 
 import logging
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ from faasmoe.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.config import MoEConfig, parse_dtype
 from faasmoe.experts import ExpertBlock, ExpertExecutor, LocalExpertExecutor
 from faasmoe.kv_cache import KVCache
-from faasmoe.trunk import StepBatch, Trunk
+from faasmoe.trunk import LayerState, StepBatch, Trunk
 
 if TYPE_CHECKING:
     from faasmoe.generation import GenerationResult
@@ -45,6 +46,24 @@ def load_expert_blocks(
         ]
         for layer in cfg.moe_layers
     }
+
+
+LayerRequest = tuple[int, LayerState]
+
+
+def decoder_layers(trunk: Trunk, ids: torch.Tensor, batch: StepBatch) -> Generator[LayerRequest, torch.Tensor, torch.Tensor]:
+    """The decoder stack as a generator: yields each MoE layer's expert work, receives its output.
+
+    The math lives here once; `MoEModel` drives it with a synchronous executor, the serving
+    engine drives it from the event loop with remote experts. Returns the final hidden states.
+    """
+    h = trunk.embed_tokens(ids)
+    rope = trunk.rope(batch)
+    for i in range(trunk.config.num_layers):
+        state = trunk.attend(i, h, batch, rope)
+        expert_out = (yield i, state) if state.routing is not None else None
+        h = trunk.finish(state, expert_out)
+    return h
 
 
 class MoEModel:
@@ -135,17 +154,15 @@ class MoEModel:
         return self.trunk.logits(h)
 
     def forward_hidden(self, ids: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        """The decoder stack over a packed batch: trunk halves around each layer's experts."""
-        trunk = self.trunk
-        h = trunk.embed_tokens(ids)
-        rope = trunk.rope(batch)
-        for i in range(self.config.num_layers):
-            state = trunk.attend(i, h, batch, rope)
-            expert_out = None
-            if state.routing is not None:
-                expert_out = self.executor.run_layer(i, state.moe_input, state.routing)
-            h = trunk.finish(state, expert_out)
-        return h
+        """The decoder stack over a packed batch, experts run by this model's executor."""
+        layers = decoder_layers(self.trunk, ids, batch)
+        request = next(layers)
+        try:
+            while True:
+                layer, state = request
+                request = layers.send(self.executor.run_layer(layer, state.moe_input, state.routing))
+        except StopIteration as done:
+            return done.value
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward of `input_ids` [B, T] -> logits [B, T, V] (no padding)."""

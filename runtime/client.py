@@ -40,6 +40,15 @@ class ClientStats:
     per_worker: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class InvokeMeter:
+    """What one `invoke` cost, for the caller's own accounting (the client's stats are global)."""
+
+    cold_starts: int = 0
+    compute_s: float = 0.0
+    messages: int = 0
+
+
 class RuntimeClient:
     """Connection to one cluster: the routing table plus a channel per worker."""
 
@@ -158,7 +167,7 @@ class RuntimeClient:
 
     # -- invoke ------------------------------------------------------------------------------------
 
-    async def invoke(self, calls: list[p.Call]) -> list[torch.Tensor]:
+    async def invoke(self, calls: list[p.Call], meter: InvokeMeter | None = None) -> list[torch.Tensor]:
         """Run one layer's calls: one message per worker, all in flight at once; outputs in order."""
         outputs: list[torch.Tensor | None] = [None] * len(calls)
         todo = list(range(len(calls)))
@@ -169,7 +178,7 @@ class RuntimeClient:
                 wid = await self.resolve(calls[i].function, excluded[i])
                 by_worker.setdefault(wid, []).append(i)
             results = await asyncio.gather(
-                *(self._invoke_on(wid, [calls[i] for i in idx]) for wid, idx in by_worker.items()),
+                *(self._invoke_on(wid, [calls[i] for i in idx], meter) for wid, idx in by_worker.items()),
                 return_exceptions=True,
             )
             todo = []
@@ -197,7 +206,7 @@ class RuntimeClient:
             if channel is not None:
                 asyncio.create_task(channel.close())
 
-    async def _invoke_on(self, wid: str, calls: list[p.Call]) -> list[torch.Tensor]:
+    async def _invoke_on(self, wid: str, calls: list[p.Call], meter: InvokeMeter | None) -> list[torch.Tensor]:
         channel = await self._channel(wid)
         reply = await channel.request(p.Invoke(0, calls))
         if isinstance(reply, p.Error):
@@ -212,6 +221,10 @@ class RuntimeClient:
         stats.load_s += reply.load_s
         stats.compute_s += reply.compute_s
         stats.per_worker[wid] = stats.per_worker.get(wid, 0) + len(calls)
+        if meter is not None:
+            meter.cold_starts += reply.cold_starts
+            meter.compute_s += reply.compute_s
+            meter.messages += 1
         return reply.outputs
 
     async def close(self) -> None:

@@ -251,3 +251,26 @@ class Registry:
         with self._lock:
             metrics = list(self._metrics.values())
         return "".join(line + "\n" for m in metrics for line in m.render())
+
+
+def merge_expositions(texts: list[str]) -> str:
+    """Several processes' expositions as one: each family's HELP/TYPE once, then all its samples.
+
+    Prometheus requires a family's samples to be contiguous; the scheduler serves its own
+    metrics and every worker's (each labelled with its worker id) on one endpoint.
+    """
+    families: dict[str, list[str]] = {}
+    headers: dict[str, list[str]] = {}
+    for text in texts:
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                family = line.split(" ", 3)[2]
+                if family not in headers:
+                    headers[family] = []
+                    families[family] = []
+                if len(headers[family]) < 2 and line not in headers[family]:
+                    headers[family].append(line)
+            elif line and not line.startswith("#"):
+                families.setdefault(family, []).append(line)
+    return "".join(line + "\n" for name in families for line in (*headers.get(name, []), *families[name]))

@@ -216,6 +216,7 @@ class Heartbeat(Message):
     seq: int
     sent_at: float
     queue_depth: int = 0
+    hot: list[str] = field(default_factory=list)  # functions with calls queued behind others
 
 
 @dataclass

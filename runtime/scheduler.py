@@ -36,6 +36,7 @@ class SchedulerConfig:
     worker_args: list[str] = field(default_factory=list)  # extra flags for local workers
     heartbeat_timeout_s: float = 3.0
     socket_dir: Path | None = None
+    max_replicas: int = 4  # of one hot function
 
 
 @dataclass
@@ -144,6 +145,8 @@ class Scheduler:
         record.last_seen = time.monotonic()
         if isinstance(message, p.Heartbeat):
             record.view.queue_depth = message.queue_depth
+            for fid in message.hot:
+                self._replicate(fid)
         elif isinstance(message, p.Residency):
             for resident in message.loaded:
                 self._hold(record, resident)
@@ -199,6 +202,31 @@ class Scheduler:
         self.m_placements.inc()
         self._publish()
         return p.Placement(request.req_id, fid, chosen)
+
+    def _replicate(self, fid: str) -> None:
+        """A function with calls queued up gets one more replica, where memory allows."""
+        holders = set(self.routes().get(fid, []))
+        spec = next((self.workers[w].specs[fid] for w in holders if fid in self.workers[w].specs), None)
+        if spec is None or len(holders) >= self.config.max_replicas:
+            return
+        roomy = [r.view for r in self.workers.values() if r.view.free_bytes >= spec.nbytes]
+        chosen = self.placement.choose(fid, spec.nbytes, roomy, holders)
+        if not chosen:
+            return
+        wid = chosen[0]
+        self.pending.setdefault(fid, {})[wid] = time.monotonic()
+        log.info("replicating hot function %s to %s (%d replicas)", fid, wid, len(holders) + 1)
+        asyncio.create_task(self._preload(wid, spec))
+        self._publish()
+
+    async def _preload(self, wid: str, spec: p.FunctionSpec) -> None:
+        record = self.workers.get(wid)
+        if record is None:
+            return
+        try:
+            await record.channel.request(p.Load(0, spec), timeout=120)
+        except (ConnectionError, TimeoutError) as exc:
+            log.warning("preloading %s on %s failed: %s", spec.function_id, wid, exc)
 
     def routes(self) -> dict[str, list[str]]:
         table: dict[str, list[str]] = {}

@@ -28,6 +28,7 @@ log = logging.getLogger("faasmoe.worker")
 
 HEARTBEAT_S = 1.0
 EXPIRE_CHECK_S = 0.25
+HOT_QUEUED_CALLS = 2  # calls of one function waiting behind others: worth a replica
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Worker:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._scheduler: RpcChannel | None = None
         self._queue_depth = 0
+        self._queued: dict[str, int] = {}  # function -> calls waiting for the compute thread
         self.info: p.WorkerInfo | None = None
         self._stopping = asyncio.Event()
         self.exit_code = 0
@@ -163,7 +165,7 @@ class Worker:
                 seq = 0
                 while not channel.closed.is_set():
                     seq += 1
-                    await channel.conn.send_drain(p.Heartbeat(seq, time.time(), self._queue_depth))
+                    await channel.conn.send_drain(p.Heartbeat(seq, time.time(), self._queue_depth, self._hot()))
                     try:
                         await asyncio.wait_for(channel.closed.wait(), HEARTBEAT_S)
                     except TimeoutError:
@@ -197,6 +199,9 @@ class Worker:
         channel = self._scheduler
         if channel is not None and not channel.closed.is_set():
             channel.conn.send(p.Residency(self.config.worker_id, [self._describe(r) for r in loaded], evicted, reason))
+
+    def _hot(self) -> list[str]:
+        return [fid for fid, n in self._queued.items() if n >= HOT_QUEUED_CALLS]
 
     def _describe(self, r: Resident) -> p.ResidentFunction:
         return p.ResidentFunction(r.spec, "device", r.nbytes, time.monotonic() - r.last_used, r.hits)
@@ -276,8 +281,16 @@ class Worker:
             by_id = {r.spec.function_id: r for r in acquired}
             cold = sum(1 for _, was_cold in results if was_cold)  # type: ignore[misc]
             load_s = time.perf_counter() - start
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self._compute, self._run_calls, message.calls, by_id)
+            for fid in by_id:
+                self._queued[fid] = self._queued.get(fid, 0) + 1
+            try:
+                outputs = await asyncio.get_running_loop().run_in_executor(
+                    self._compute, self._run_calls, message.calls, by_id)
+            finally:
+                for fid in by_id:
+                    self._queued[fid] -= 1
+                    if not self._queued[fid]:
+                        del self._queued[fid]
             compute_s = time.perf_counter() - start - load_s
         finally:
             for resident in acquired:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
-import mmap
-import os
 import shutil
 from pathlib import Path
 
@@ -17,38 +14,7 @@ from faasmoe.checkpoint import CheckpointError, CheckpointReader, ExpertLayout
 from faasmoe.config import ConfigError, MoEConfig
 from faasmoe.model import MoEModel
 
-# --- page-cache accounting: which bytes of a file did we actually read? -----------------
-
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-
-
-def drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # dirty pages of a freshly written file cannot be dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def page_cache_bytes(path: Path) -> int:
-    """Bytes of `path` resident in the page cache (mincore over a fresh mapping)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    page = os.sysconf("SC_PAGE_SIZE")
-    pages = (size + page - 1) // page
-    vector = (ctypes.c_ubyte * pages)()
-    buffer = (ctypes.c_char * size).from_buffer(mapping)
-    try:
-        if _libc.mincore(ctypes.addressof(buffer), size, vector) != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-    finally:
-        del buffer
-        mapping.close()
-    return sum(v & 1 for v in vector) * page
-
+from ..pagecache import drop_page_cache, page_cache_bytes
 
 @pytest.fixture(scope="module")
 def wide_checkpoints(tmp_path_factory):

@@ -7,7 +7,9 @@ tiny checkpoint. Every test stops what it starts.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import urllib.request
 import struct
 import time
 
@@ -84,7 +86,8 @@ async def counters(client: RuntimeClient) -> dict[str, dict[str, float]]:
 
 
 async def test_cold_then_warm_invoke_over_a_local_pool(model_dir):
-    sched, address = start_scheduler("--workers", "2", "--worker-memory", "64MiB")
+    http_port = free_port()
+    sched, address = start_scheduler("--workers", "2", "--worker-memory", "64MiB", "--http", f"127.0.0.1:{http_port}")
     client = None
     try:
         client = await connect(address, 2)
@@ -100,7 +103,19 @@ async def test_cold_then_warm_invoke_over_a_local_pool(model_dir):
         assert all(torch.equal(a, b) for a, b in zip(outputs, again))
         held = await resident(client)
         assert set().union(*held.values()) == {c.function.function_id for c in calls}
-        assert "faasmoe_expert_cold_starts_total" in (await client.cluster_state())[0].metrics_text
+        text = await asyncio.to_thread(_get, f"http://127.0.0.1:{http_port}/metrics")
+        samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+        assert sum(float(line.split()[-1]) for line in samples
+                   if line.startswith("faasmoe_expert_cold_starts_total{")) == 4
+        assert sum(float(line.split()[-1]) for line in samples
+                   if line.startswith("faasmoe_expert_invocations_total{")) == 8
+        for name in ("faasmoe_resident_expert_bytes", "faasmoe_worker_invoke_seconds", "faasmoe_expert_load_seconds",
+                     "faasmoe_worker_queue_depth", "faasmoe_expert_evictions_total", "faasmoe_scheduler_workers"):
+            assert text.count(f"# TYPE {name} ") == 1, name  # one family, both workers' samples inside
+        assert 'faasmoe_resident_expert_bytes{worker="local-0",tier="device"}' in text
+        cluster = json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{http_port}/cluster"))
+        assert sorted(w["id"] for w in cluster["workers"]) == ["local-0", "local-1"]
+        assert sum(len(w["resident"]) for w in cluster["workers"]) == 4
     finally:
         if client:
             await client.close()
@@ -245,6 +260,11 @@ async def test_scheduler_restart_workers_reregister_without_reloading(model_dir)
         sched.stop()
 
 
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read().decode()
+
+
 def _send_raw(address: str, data: bytes) -> None:
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as s:
@@ -280,4 +300,35 @@ async def test_garbage_frames_do_not_crash_anything(model_dir):
         if client:
             await client.close()
         worker.stop()
+        sched.stop()
+
+
+async def test_hot_function_gets_a_replica(model_dir):
+    sched, address = start_scheduler()
+    workers = [join_worker(address, f"w-rep{i}") for i in range(2)]
+    client = None
+    try:
+        client = await connect(address, 2)
+        fn = spec(model_dir, 0, 3)
+        await client.invoke([call(fn)])
+        assert len(client.routes[fn.function_id]) == 1
+        heavy = call(fn, rows=60_000, seed=4)
+        deadline = time.monotonic() + 30
+        while len(client.routes.get(fn.function_id, [])) < 2:  # keep calls queued up until it replicates
+            assert time.monotonic() < deadline, "a hot function was never replicated"
+            await asyncio.gather(*(client.invoke([heavy]) for _ in range(6)))
+        deadline = time.monotonic() + 30
+        while set((await resident(client)).keys()) != {"w-rep0", "w-rep1"} or not all(
+                fn.function_id in fns for fns in (await resident(client)).values()):
+            assert time.monotonic() < deadline, "the replica was never loaded"
+            await asyncio.sleep(0.2)
+        before = dict(client.stats.per_worker)
+        await asyncio.gather(*(client.invoke([call(fn, seed=i)]) for i in range(40)))
+        served = {w: client.stats.per_worker.get(w, 0) - before.get(w, 0) for w in ("w-rep0", "w-rep1")}
+        assert all(n > 0 for n in served.values()), served  # both replicas take calls
+    finally:
+        if client:
+            await client.close()
+        for w in workers:
+            w.stop()
         sched.stop()

@@ -1,0 +1,243 @@
+"""Continuous batching for one served model, on the event loop.
+
+Every step advances all running sequences together: waiting requests join with their whole
+prompt (prefill) next to the running ones' single new token (decode), in one packed batch.
+Trunk math runs on a compute thread; each MoE layer's expert work is awaited from the
+executor (remote workers: one message per worker per layer), so many models step
+concurrently on one loop and the loop never blocks on torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from faasmoe.experts import Routing
+from faasmoe.generation import Sequence
+from faasmoe.kv_cache import KVCache
+from faasmoe.model import decoder_layers
+from faasmoe.requests import Finished, GenerationRequest, TokenEvent, Usage
+from faasmoe.text import Tokenizer
+from faasmoe.trunk import StepBatch, Trunk
+
+log = logging.getLogger("faasmoe.engine")
+
+
+class AsyncExpertExecutor(Protocol):
+    """Runs one layer's routed experts and returns their weighted sum, asynchronously."""
+
+    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor: ...
+
+
+@dataclass
+class StepCost:
+    """Expert work of one step, split among its sequences by their share of the tokens."""
+
+    invocations: int = 0
+    compute_s: float = 0.0
+    cold_starts: int = 0
+    touched_bytes: int = 0  # bytes of the distinct functions the step used
+
+
+class MeteredExecutor(Protocol):
+    def take_step_cost(self) -> StepCost: ...
+
+
+@dataclass
+class _Running:
+    request: GenerationRequest
+    seq: Sequence
+    usage: Usage
+    streamed: int = 0  # characters of seq.text already sent
+    first_token_at: float | None = None
+
+
+class ModelEngine:
+    """The batching loop of one model deployment."""
+
+    def __init__(
+        self,
+        name: str,
+        trunk: Callable[[], Trunk],
+        executor: AsyncExpertExecutor,
+        tokenizer: Tokenizer,
+        compute: ThreadPoolExecutor,
+        max_batch_tokens: int = 4096,
+        max_running: int = 64,
+        on_finish: Callable[[GenerationRequest, Finished, _Running], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._trunk = trunk
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.compute = compute
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running = max_running
+        self.on_finish = on_finish
+        self.waiting: deque[GenerationRequest] = deque()
+        self.running: list[_Running] = []
+        self.steps = 0
+        self.last_active = time.monotonic()
+        self._last_step_s = 0.0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> None:
+        self.waiting.append(request)
+        self.last_active = time.monotonic()
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop(), name=f"engine-{self.name}")
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    async def drain(self) -> None:
+        while self.busy:
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.busy:
+                self._wake.clear()
+                await self._wake.wait()
+            self._admit()
+            self._drop_cancelled()
+            if not self.running:
+                continue
+            try:
+                await self._step()
+            except Exception as exc:  # a failed step fails its requests, not the server
+                log.exception("step of %s failed", self.name)
+                for r in self.running:
+                    self._finish(r, "error", str(exc))
+                self.running = []
+
+    def _admit(self) -> None:
+        budget = self.max_batch_tokens - len(self.running)
+        while self.waiting and len(self.running) < self.max_running:
+            request = self.waiting[0]
+            if request.cancelled:
+                self.waiting.popleft()
+                continue
+            need = len(request.prompt_token_ids)
+            if need > budget and self.running:
+                break  # next step: a long prompt waits for room rather than starving decodes
+            self.waiting.popleft()
+            budget -= need
+            trunk = self._trunk()
+            cfg = trunk.config
+            cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, trunk.dtype, trunk.device,
+                            len(request.prompt_token_ids) + request.params.max_tokens)
+            seq = Sequence(request.prompt_token_ids, request.params, cache, self.tokenizer,
+                           self.tokenizer.eos_token_ids)
+            self.running.append(_Running(request, seq, Usage(prompt_tokens=len(request.prompt_token_ids))))
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self.running if r.request.cancelled]:
+            self._finish(r, "cancelled")
+        self.running = [r for r in self.running if not r.request.cancelled]
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    async def _step(self) -> None:
+        batch = list(self.running)
+        trunk = self._trunk()
+        new_tokens = [r.seq.pending for r in batch]
+        lengths = [len(t) for t in new_tokens]
+        ids = torch.tensor([t for seq in new_tokens for t in seq], dtype=torch.long, device=trunk.device)
+        step = StepBatch.build([r.seq.cache for r in batch], lengths, trunk.device)
+        logits = await self._forward(trunk, ids, step, lengths)
+        cost = self.executor.take_step_cost() if hasattr(self.executor, "take_step_cost") else StepCost()
+        for r, n in zip(batch, lengths):
+            r.seq.cache.commit(n)
+        self.steps += 1
+        self.last_active = time.monotonic()
+        total = sum(lengths)
+        rows = logits.float()
+        want_top = [r for r in batch if r.request.logprobs]
+        log_probs = torch.log_softmax(rows, dim=-1) if want_top else None
+        for i, (r, n) in enumerate(zip(batch, lengths)):
+            share = n / total
+            u = r.usage
+            u.expert_invocations += cost.invocations * share
+            u.expert_compute_s += cost.compute_s * share
+            u.cold_starts += cost.cold_starts * share
+            u.resident_byte_seconds += cost.touched_bytes * share * self._last_step_s
+            token = r.seq.accept(rows[i])
+            u.completion_tokens += 1
+            if r.first_token_at is None:
+                r.first_token_at = time.time()
+            top = None
+            if log_probs is not None and r.request.logprobs:
+                values, indices = torch.topk(log_probs[i], r.request.logprobs)
+                top = {int(t): float(v) for t, v in zip(indices, values)}
+            r.request.events.put_nowait(TokenEvent(token, self._stream_text(r), r.seq.logprobs[-1], top))
+            if r.seq.finished:
+                self._finish(r, r.seq.finish_reason or "stop")
+        self.running = [r for r in self.running if not r.seq.finished and not r.request.cancelled]
+
+    async def _forward(self, trunk: Trunk, ids: torch.Tensor, step: StepBatch, lengths: list[int]) -> torch.Tensor:
+        """Drive the shared decoder generator: trunk halves on the compute thread, experts awaited."""
+        started = time.perf_counter()
+        layers = decoder_layers(trunk, ids, step)
+        done, value = await self._run(_advance, layers, None)
+        while not done:
+            layer, state = value
+            expert_out = await self.executor.run_layer(layer, state.moe_input, state.routing)
+            done, value = await self._run(_advance, layers, expert_out)
+        last = torch.tensor(lengths, device=trunk.device).cumsum(0) - 1
+        logits = await self._run(trunk.logits, value[last])
+        self._last_step_s = time.perf_counter() - started
+        return logits
+
+    def _stream_text(self, r: _Running) -> str:
+        """New text that is safe to send: held back while it could still be a stop string's start."""
+        text = r.seq.text
+        if r.seq.finished:
+            upto = len(text)
+        else:
+            hold = max((len(s) - 1 for s in r.seq.params.stop), default=0)
+            upto = max(r.streamed, len(text) - hold)
+        delta = text[r.streamed:upto]
+        r.streamed = upto
+        return delta
+
+    def _finish(self, r: _Running, reason: str, error: str | None = None) -> None:
+        finished = Finished(reason, r.seq.text, r.usage, error)
+        if self.on_finish is not None:
+            try:
+                self.on_finish(r.request, finished, r)
+            except Exception:  # metering must not take the request down with it
+                log.exception("on_finish failed for %s", r.request.request_id)
+        r.request.events.put_nowait(finished)
+
+
+def _advance(layers, value):
+    """One generator step on the compute thread; StopIteration cannot cross a Future, so wrap it."""
+    try:
+        return False, layers.send(value)
+    except StopIteration as stop:
+        return True, stop.value
