@@ -367,6 +367,70 @@ def _run(coroutine) -> None:
     uvloop.run(coroutine)
 
 
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dirs", metavar="MODEL_DIR", nargs="*", type=Path,
+                        help="Hugging Face checkpoint directories to serve as shared models (named by directory)")
+    parser.add_argument("--config", type=Path, default=None, help="TOML file declaring models, tenants and server")
+    parser.add_argument("--host", default=None, help="HTTP host; default: 127.0.0.1")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port; default: 8000 (0 = any free port)")
+    parser.add_argument("--api-key", default=None,
+                        help="single-tenant quick start: the one accepted key (also the admin key unless "
+                        "--admin-key); with no key and no tenants the server listens on loopback only")
+    parser.add_argument("--admin-key", default=None, help="key for /admin/cluster")
+    parser.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS",
+                        help="expert functions scale to zero after this long idle; default: 60")
+    parser.add_argument("--expert-block-size", type=int, default=None, metavar="K",
+                        help="experts per expert function; default: all experts of a layer in one function")
+    parser.add_argument("--trunk-keep-alive", type=float, default=None, metavar="SECONDS",
+                        help="unload an idle model's trunk after this long (0 = never, the default)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="compute dtype of trunk and experts; default: float32")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="SQLite file for tenants and the usage ledger; default: $FAASMOE_STATE or ./faasmoe.db")
+    parser.add_argument("--token", default=None, help="cluster token; default: $FAASMOE_TOKEN or a random one")
+
+
+def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="all in one: scheduler, local worker pool and the OpenAI-compatible frontend",
+        description="Serve MoE models with per-expert scale to zero: a scheduler and a local worker pool in "
+        "this process tree, and an OpenAI-compatible HTTP API. Ctrl-C drains in-flight requests and exits.",
+    )
+    _add_serve_arguments(serve)
+    serve.add_argument("--workers", type=int, default=None,
+                       help="local worker processes; default: one per GPU, else 1")
+    serve.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
+    serve.add_argument("--worker-memory", type=parse_size, default=None, metavar="SIZE",
+                       help="expert memory budget per worker; default: 90%% of the device's free memory")
+    serve.add_argument("--eviction", choices=("lru", "freq"), default="lru",
+                       help="workers' eviction policy under the memory budget; default: lru")
+    serve.set_defaults(handler=_serve)
+
+    frontend = subparsers.add_parser(
+        "frontend", help="the OpenAI-compatible frontend alone, for a scheduler running elsewhere",
+        description="Serve models through an existing scheduler's workers (split deployment).",
+    )
+    _add_serve_arguments(frontend)
+    frontend.add_argument("--scheduler", required=True, metavar="HOST:PORT", help="the scheduler's address")
+    frontend.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from faasmoe.serve import ServeOptions, serve
+
+    opts = ServeOptions(
+        model_dirs=args.model_dirs, config=args.config, host=args.host, port=args.port,
+        workers=getattr(args, "workers", None), device=getattr(args, "device", None), api_key=args.api_key,
+        admin_key=args.admin_key, keep_alive=args.keep_alive, expert_block_size=args.expert_block_size,
+        trunk_keep_alive=args.trunk_keep_alive, dtype=args.dtype, state=args.state,
+        worker_memory=getattr(args, "worker_memory", None), scheduler=getattr(args, "scheduler", None),
+        token=args.token, eviction=getattr(args, "eviction", "lru"),
+    )
+    import uvloop
+
+    return uvloop.run(serve(opts))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faasmoe", description="Serverless Mixture-of-Experts serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -377,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_parser(subparsers)
     _add_tenant_parser(subparsers)
     _add_usage_parser(subparsers)
+    _add_serve_parser(subparsers)
     return parser
 
 

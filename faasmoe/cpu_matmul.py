@@ -16,6 +16,8 @@ summation order.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -42,12 +44,32 @@ def _get_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def _in_pool() -> bool:
+    return threading.current_thread().name.startswith("faasmoe-matmul")
+
+
+def run_parallel(tasks: list[Callable[[], None]]) -> None:
+    """Run independent tasks on the per-core pool and wait (inline when already on it)."""
+    if len(tasks) < 2 or _in_pool():
+        for task in tasks:
+            task()
+        return
+    for future in [_get_pool().submit(_inference, task) for task in tasks]:
+        future.result()
+
+
+@torch.inference_mode()
+def _inference(task: Callable[[], None]) -> None:
+    task()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x [M, K], weight [N, K], bias), faster on CPU for the two shapes above."""
     if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight, bias)
     rows = x.shape[0]
-    big = weight.numel() >= MIN_PARALLEL_ELEMENTS and weight.shape[0] >= 4 * CHUNK_ROWS
+    # On a pool thread already (experts run in parallel): no nested fan-out, one core each.
+    big = weight.numel() >= MIN_PARALLEL_ELEMENTS and weight.shape[0] >= 4 * CHUNK_ROWS and not _in_pool()
     if weight.dtype in _HALF:
         if rows >= (MIN_WIDENED_ROWS_BIG if big else MIN_WIDENED_ROWS):
             return _chunked(x, weight, bias, widen=True, parallel=big)

@@ -9,13 +9,14 @@ plan and the block math, so they produce the same numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from faasmoe.checkpoint import ExpertWeights
-from faasmoe.cpu_matmul import linear
+from faasmoe.cpu_matmul import linear, run_parallel
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,22 @@ class ExpertBlock:
         counts = torch.bincount(local_expert, minlength=self.count).tolist()
         grouped = x[order]
         out = torch.empty_like(grouped)
-        start = 0
         gate_up, down = self.weights.gate_up, self.weights.down
+
+        def expert_mlp(expert: int, rows: slice) -> None:
+            gate, up = linear(grouped[rows], gate_up[expert]).chunk(2, dim=-1)
+            out[rows] = linear(F.silu(gate) * up, down[expert])
+
+        tasks, start = [], 0
         for expert, n in enumerate(counts):
             if n:
-                rows = slice(start, start + n)
-                gate, up = linear(grouped[rows], gate_up[expert]).chunk(2, dim=-1)
-                out[rows] = linear(F.silu(gate) * up, down[expert])
+                tasks.append(partial(expert_mlp, expert, slice(start, start + n)))
                 start += n
+        if x.device.type == "cpu":
+            run_parallel(tasks)  # decode is memory-bound: every core streams a different expert
+        else:
+            for task in tasks:
+                task()
         result = torch.empty_like(out)
         result[order] = out
         return result

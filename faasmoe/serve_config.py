@@ -276,7 +276,8 @@ def _cross_check(r: _Reader, models: list[ModelSpec], tenants: list[TenantSpec])
             if model == ALL_MODELS:
                 continue
             if model not in by_name:
-                raise r.error(f"tenants[{i}].models", f"unknown model {model!r}; models: {', '.join(by_name) or 'none'}")
+                known = ", ".join(by_name) or "none declared"
+                raise r.error(f"tenants[{i}].models", f"unknown model {model!r} (models: {known})")
             if by_name[model].private and by_name[model].owner != t.name:
                 raise r.error(f"tenants[{i}].models", f"{model!r} is private to tenant {by_name[model].owner!r}")
         for key in t.api_keys:

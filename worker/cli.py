@@ -10,16 +10,13 @@ import signal
 import socket
 import uuid
 
-import torch
-import uvloop
-
 from faasmoe.sizes import parse_size
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None,
                         help="cluster token (default: $FAASMOE_TOKEN); proven by HMAC, never sent")
-    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", default=None,
                         help="cuda:N or cpu; default: cuda:0 when CUDA is available, else cpu")
     parser.add_argument("--memory", type=parse_size, default=None, metavar="SIZE",
                         help="expert memory budget on the device, e.g. 40GiB; default: 90%% of what is free now")
@@ -38,12 +35,15 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
+    import torch  # here, not at import: `faasmoe --help` and friends should not wait for torch
+    import uvloop
+
     from worker.worker import Worker, WorkerConfig, default_budget
 
     token = args.token or os.environ.get("FAASMOE_TOKEN")
     if not token:
         raise ValueError("a worker needs the cluster token: --token T or $FAASMOE_TOKEN")
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
     import psutil
