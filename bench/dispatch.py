@@ -7,7 +7,7 @@ A real `faasmoe scheduler` and two real `faasmoe worker join` processes (one on 
 socket, one on TCP loopback) serve Qwen1.5-MoE-shaped expert blocks; this process is the
 frontend. Each iteration sends one layer's calls (one message to one worker) and waits for
 the outputs. The in-process baseline runs the same blocks on the same rows here. Overhead =
-round trip - in-process compute, p50 and p99. Prints a table, writes JSON to bench/results/.
+round trip minus the worker-side compute time, p50 and p99. Prints a table, writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,7 +33,7 @@ from faasmoe.checkpoint import CheckpointReader, ExpertLayout  # noqa: E402
 from faasmoe.config import MoEConfig  # noqa: E402
 from faasmoe.experts import ExpertBlock  # noqa: E402
 from runtime import protocol as p  # noqa: E402
-from runtime.client import RuntimeClient  # noqa: E402
+from runtime.client import FunctionCall, InvokeMeter, RuntimeClient  # noqa: E402
 from tests.processes import faasmoe, free_port  # noqa: E402
 
 TOKEN = "bench-dispatch"
@@ -50,7 +51,7 @@ def checkpoint(args: argparse.Namespace) -> Path:
     return init_checkpoint(path, "qwen2_moe", preset="qwen1.5-moe-a2.7b", layers=1, dtype="bfloat16")
 
 
-def make_calls(path: Path, tokens: int, top_k: int, functions: int, block: int, dtype: str) -> list[p.Call]:
+def make_calls(path: Path, tokens: int, top_k: int, functions: int, block: int, dtype: str) -> list[FunctionCall]:
     config = MoEConfig.from_pretrained(path)
     layer = config.moe_layers[0]
     g = torch.Generator().manual_seed(0)
@@ -60,11 +61,11 @@ def make_calls(path: Path, tokens: int, top_k: int, functions: int, block: int, 
         spec = p.FunctionSpec(f"bench/{layer}/{f}", str(path), layer, f * block, block, dtype,
                               block * config.expert_bytes(getattr(torch, dtype)), "", 3600.0)
         x = torch.randn(rows, config.hidden_size, generator=g).to(getattr(torch, dtype))
-        calls.append(p.Call(spec, x, torch.randint(0, block, (rows,), generator=g)))
+        calls.append(FunctionCall(spec, x, torch.randint(0, block, (rows,), generator=g)))
     return calls
 
 
-def in_process(path: Path, calls: list[p.Call], iterations: int) -> list[float]:
+def in_process(path: Path, calls: list[FunctionCall], iterations: int) -> list[float]:
     config = MoEConfig.from_pretrained(path)
     layout = ExpertLayout(CheckpointReader(path), config)
     blocks = [ExpertBlock(c.function.layer, c.function.first,
@@ -81,22 +82,26 @@ def in_process(path: Path, calls: list[p.Call], iterations: int) -> list[float]:
     return times
 
 
-async def remote(scheduler: str, calls: list[p.Call], iterations: int) -> list[float]:
+async def remote(scheduler: str, calls: list[FunctionCall], iterations: int) -> tuple[list[float], list[float]]:
+    """Round-trip times, and the same minus the worker's own compute time (the dispatch overhead)."""
     client = await RuntimeClient(scheduler, TOKEN).start()
     while not client.workers:
         await asyncio.sleep(0.05)
-    times = []
+    times, overheads = [], []
     for i in range(iterations + 20):  # the first calls load the blocks: warm-up
+        meter = InvokeMeter()
         start = time.perf_counter()
-        await client.invoke(calls)
+        await client.invoke(calls, meter)
+        elapsed = time.perf_counter() - start
         if i >= 20:
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
+            overheads.append(elapsed - meter.compute_s)
     assert client.stats.messages == iterations + 20, "one message per layer per worker"
     await client.close()
-    return times
+    return times, overheads
 
 
-def measure_transport(listen: str, calls: list[p.Call], iterations: int) -> list[float]:
+def measure_transport(listen: str, calls: list[FunctionCall], iterations: int) -> tuple[list[float], list[float]]:
     """A scheduler and one worker serving on `listen`; this process is the frontend."""
     port = free_port()
     env = {"OMP_NUM_THREADS": "1"}
@@ -107,11 +112,56 @@ def measure_transport(listen: str, calls: list[p.Call], iterations: int) -> list
         worker = faasmoe("worker", "join", f"127.0.0.1:{port}", "--token", TOKEN, "--id", "bench", "--device",
                          "cpu", "--memory", "8GiB", "--listen", listen, env=env)
         worker.wait_for("listening at")
-        return asyncio.run(remote(f"127.0.0.1:{port}", calls, iterations))
+        return uvloop.run(remote(f"127.0.0.1:{port}", calls, iterations))
     finally:
         if worker is not None:
             worker.stop()
         sched.stop()
+
+
+ECHO_SERVER = r"""
+import asyncio, sys, uvloop
+async def handle(r, w):
+    while True:
+        try:
+            n = int.from_bytes(await r.readexactly(4), "big")
+            data = await r.readexactly(n)
+        except asyncio.IncompleteReadError:
+            return
+        w.write(n.to_bytes(4, "big") + data)
+async def main():
+    server = await asyncio.start_unix_server(handle, sys.argv[1])
+    print("ready", flush=True)
+    await server.serve_forever()
+uvloop.run(main())
+"""
+
+
+def echo_floor(sock: Path, request_bytes: int, reply_bytes: int, iterations: int) -> list[float]:
+    """The same bytes through a bare uvloop echo process: what any Python design pays here."""
+    import subprocess
+
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(sock)], stdout=subprocess.PIPE, text=True)
+    server.stdout.readline()
+
+    async def run() -> list[float]:
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        payload = os.urandom(max(request_bytes, reply_bytes))
+        times = []
+        for i in range(iterations + 20):
+            start = time.perf_counter()
+            writer.write(len(payload).to_bytes(4, "big") + payload)
+            await writer.drain()
+            await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
+            if i >= 20:
+                times.append(time.perf_counter() - start)
+        writer.close()
+        return times
+
+    try:
+        return uvloop.run(run())
+    finally:
+        server.kill()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -137,25 +187,30 @@ def main() -> None:
     calls = make_calls(path, args.tokens, args.top_k, args.functions, args.block, args.dtype)
 
     sock = Path(tempfile.mkdtemp(prefix="faasmoe-bench-")) / "w.sock"
-    results = {"in-process": in_process(path, calls, args.iterations)}
-    results["unix"] = measure_transport(f"unix:{sock}", calls, args.iterations)
-    results["tcp"] = measure_transport("127.0.0.1:0", calls, args.iterations)
-    local = results["in-process"]
+    local = in_process(path, calls, args.iterations)
+    remote_runs = {"unix": measure_transport(f"unix:{sock}", calls, args.iterations),
+                   "tcp": measure_transport("127.0.0.1:0", calls, args.iterations)}
+    frame = sum(c.x.nbytes for c in calls)
+    floor = echo_floor(sock.parent / "echo.sock", frame, frame, args.iterations)
 
-    base_p50 = statistics.median(local)
-    rows = []
-    for name, times in results.items():
-        p50, p99 = statistics.median(times), pct(times, 99)
-        rows.append(dict(path=name, p50_us=p50 * 1e6, p99_us=p99 * 1e6,
-                         overhead_p50_us=(p50 - base_p50) * 1e6 if name != "in-process" else 0.0))
+    rows = [dict(path="in-process", p50_us=statistics.median(local) * 1e6, p99_us=pct(local, 99) * 1e6,
+                 overhead_p50_us=0.0, overhead_p99_us=0.0)]
+    for name, (times, overheads) in remote_runs.items():
+        rows.append(dict(path=name, p50_us=statistics.median(times) * 1e6, p99_us=pct(times, 99) * 1e6,
+                         overhead_p50_us=statistics.median(overheads) * 1e6, overhead_p99_us=pct(overheads, 99) * 1e6))
+    rows.append(dict(path="bare uvloop echo, same bytes (floor)", p50_us=statistics.median(floor) * 1e6,
+                     p99_us=pct(floor, 99) * 1e6, overhead_p50_us=statistics.median(floor) * 1e6,
+                     overhead_p99_us=pct(floor, 99) * 1e6))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     rows_per_call = args.tokens * args.top_k // args.functions
     print(f"\nOne layer's round trip: {args.functions} functions x {rows_per_call} rows, hidden "
           f"{calls[0].x.shape[1]}, {args.dtype}, {args.iterations} iterations ({machine})")
-    print("| path | p50 µs | p99 µs | overhead p50 µs |")
-    print("|---|---|---|---|")
+    print("overhead = round trip - the worker's expert compute time (serialisation, sockets, event loops, thread hop)")
+    print("| path | round trip p50 µs | p99 µs | overhead p50 µs | overhead p99 µs |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['path']} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['overhead_p50_us']:.0f} |")
+        print(f"| {r['path']} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['overhead_p50_us']:.0f} "
+              f"| {r['overhead_p99_us']:.0f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(machine=machine, args=vars(args), rows=rows), indent=2))

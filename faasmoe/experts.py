@@ -37,6 +37,10 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, normalize: bool) ->
     return Routing(experts=experts, weights=weights)
 
 
+# Below this many weight bytes per expert, handing experts to other cores costs more than it saves.
+PARALLEL_MIN_BYTES = 4 * 1024 * 1024
+
+
 class ExpertBlock:
     """`count` consecutive experts of one layer: the unit that is loaded, evicted and invoked."""
 
@@ -77,7 +81,7 @@ class ExpertBlock:
             if n:
                 tasks.append(partial(expert_mlp, expert, slice(start, start + n)))
                 start += n
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and self.weights.nbytes >= PARALLEL_MIN_BYTES * self.count:
             run_parallel(tasks)  # decode is memory-bound: every core streams a different expert
         else:
             for task in tasks:

@@ -101,6 +101,9 @@ class PreparedPrompt:
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
            "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user", "stop_token_ids",
            "ignore_eos"}
+# vLLM's extra sampling options that clients send with their neutral value: accepted only as that.
+_NEUTRAL_EXTRAS: dict[str, tuple] = {"top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,),
+                                     "skip_special_tokens": (True,), "include_stop_str_in_output": (False,)}
 _COMPLETION_ONLY = {"prompt", "echo", "best_of", "suffix"}
 _CHAT_ONLY = {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
               "function_call", "parallel_tool_calls", "response_format", "metadata", "store", "service_tier",
@@ -301,7 +304,11 @@ def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_
 
 
 def _reject_unknown(body: dict, known: set[str]) -> None:
-    unknown = sorted(set(body) - known)
+    for name, neutral in _NEUTRAL_EXTRAS.items():
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) != isinstance(neutral[0], bool) or value not in neutral):
+            raise invalid(f"{name} is not supported; send {json.dumps(neutral[0])} or leave it out.", name)
+    unknown = sorted(set(body) - known - set(_NEUTRAL_EXTRAS))
     if unknown:
         raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
 

@@ -13,7 +13,7 @@ from faasmoe.engine import StepCost
 from faasmoe.experts import DispatchPlan, LocalExpertExecutor, Routing
 from faasmoe.model import block_ranges
 from runtime import protocol as p
-from runtime.client import InvokeMeter, RuntimeClient
+from runtime.client import FunctionCall, InvokeMeter, RuntimeClient
 
 
 def function_id(model: str, layer: int, block: int, owner: str = "") -> str:
@@ -45,7 +45,7 @@ class RemoteExpertExecutor:
 
     async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         plan = DispatchPlan(routing, self.block_size)
-        calls = [p.Call(self.specs[(layer, c.block)], plan.inputs(x, c), c.local_experts) for c in plan.calls]
+        calls = [FunctionCall(self.specs[(layer, c.block)], plan.inputs(x, c), c.local_experts) for c in plan.calls]
         meter = InvokeMeter()
         outputs = await self.client.invoke(calls, meter)
         cost = self._cost

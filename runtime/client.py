@@ -41,6 +41,15 @@ class ClientStats:
 
 
 @dataclass
+class FunctionCall:
+    """One function's share of a layer, as the caller sees it: its spec, rows and experts."""
+
+    function: p.FunctionSpec
+    x: torch.Tensor
+    experts: torch.Tensor
+
+
+@dataclass
 class InvokeMeter:
     """What one `invoke` cost, for the caller's own accounting (the client's stats are global)."""
 
@@ -62,6 +71,7 @@ class RuntimeClient:
         self.stats = ClientStats()
         self._scheduler: RpcChannel | None = None
         self._channels: dict[str, RpcChannel] = {}
+        self._known: dict[str, set[str]] = {}  # worker -> function ids whose spec it has been sent
         self._connecting: dict[str, asyncio.Task[RpcChannel]] = {}
         self._routing_ready = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
@@ -143,6 +153,7 @@ class RuntimeClient:
         await client_handshake(conn, self.token, "frontend", self.client_id)
         channel = RpcChannel(conn).start()
         self._channels[wid] = channel
+        self._known[wid] = set()  # a new connection may be a restarted worker
         return channel
 
     async def resolve(self, spec: p.FunctionSpec, exclude: set[str] = frozenset()) -> str:
@@ -167,7 +178,7 @@ class RuntimeClient:
 
     # -- invoke ------------------------------------------------------------------------------------
 
-    async def invoke(self, calls: list[p.Call], meter: InvokeMeter | None = None) -> list[torch.Tensor]:
+    async def invoke(self, calls: list[FunctionCall], meter: InvokeMeter | None = None) -> list[torch.Tensor]:
         """Run one layer's calls: one message per worker, all in flight at once; outputs in order."""
         outputs: list[torch.Tensor | None] = [None] * len(calls)
         todo = list(range(len(calls)))
@@ -206,9 +217,21 @@ class RuntimeClient:
             if channel is not None:
                 asyncio.create_task(channel.close())
 
-    async def _invoke_on(self, wid: str, calls: list[p.Call], meter: InvokeMeter | None) -> list[torch.Tensor]:
+    async def _invoke_on(self, wid: str, calls: list[FunctionCall], meter: InvokeMeter | None) -> list[torch.Tensor]:
         channel = await self._channel(wid)
-        reply = await channel.request(p.Invoke(0, calls))
+        known = self._known.setdefault(wid, set())
+        ids = [c.function.function_id for c in calls]
+        rows = [c.x.shape[0] for c in calls]
+        x = calls[0].x if len(calls) == 1 else torch.cat([c.x for c in calls])
+        experts = calls[0].experts if len(calls) == 1 else torch.cat([c.experts for c in calls])
+        specs = {c.function.function_id: c.function for c in calls if c.function.function_id not in known}
+        reply = await channel.request(p.Invoke(0, ids, rows, x, experts, list(specs.values())))
+        if isinstance(reply, p.Error) and reply.code == "unknown_function":  # it forgot (restart): tell it all
+            known.clear()
+            specs = {c.function.function_id: c.function for c in calls}
+            reply = await channel.request(p.Invoke(0, ids, rows, x, experts, list(specs.values())))
+        if isinstance(reply, p.Result):
+            known.update(specs)
         if isinstance(reply, p.Error):
             if reply.code in RETRYABLE:
                 raise InvokeError(f"{wid}: {reply.message}")
@@ -225,7 +248,7 @@ class RuntimeClient:
             meter.cold_starts += reply.cold_starts
             meter.compute_s += reply.compute_s
             meter.messages += 1
-        return reply.outputs
+        return list(reply.output.split(rows))
 
     async def close(self) -> None:
         if self._keeper is not None:

@@ -1,9 +1,10 @@
 """The FaaSMoE wire protocol: every message type, its encoding and the join handshake.
 
 Frame: `u32 length | u32 meta_length | msgpack meta | raw tensor bytes`, big-endian lengths.
-The meta is `[type_code, {field: value}]`; a tensor field is a msgpack ext value naming its
-dtype, shape and byte range in the raw part, so tensors travel beside the message, never
-re-encoded, and decode as zero-copy views. Nested message structs are ext values too.
+The meta is a msgpack map of the message's fields plus its type code; a tensor field is a
+msgpack ext value naming its dtype, shape and byte range in the raw part, so tensors travel
+beside the message, never re-encoded, and decode as zero-copy views. Nested structs are maps
+with their own type code.
 Nothing outside this module defines messages.
 """
 
@@ -24,8 +25,8 @@ import torch
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
 _LENGTHS = struct.Struct(">II")
+_TENSOR_HEAD = struct.Struct("<BBQQ")  # dtype code, ndim, offset, nbytes; then ndim x u64 shape
 _EXT_TENSOR = 1
-_EXT_STRUCT = 2
 
 # Decoded tensors are read-only views of the received frame; torch warns once about that.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -100,16 +101,6 @@ class ResidentFunction(Message):
     hits: int = 0
 
 
-@dataclass
-class Call(Message):
-    """One function's share of a layer: rows x [n, H] and each row's expert inside the block."""
-
-    TYPE: ClassVar[int] = 4
-    function: FunctionSpec
-    x: torch.Tensor
-    experts: torch.Tensor
-
-
 # --- handshake -----------------------------------------------------------------------
 
 
@@ -160,18 +151,31 @@ class Evict(Message):
 
 @dataclass
 class Invoke(Message):
-    """All of one layer's calls for one worker: one message per worker per layer."""
+    """All of one layer's calls for one worker: one message per worker per layer.
+
+    Call i is `rows[i]` consecutive rows of `x` [sum(rows), H] for function `function_ids[i]`,
+    each row with its expert index inside that block in `experts` [sum(rows)]. Packing the
+    calls into two tensors keeps the per-message cost flat however many functions it holds.
+    `specs` describes functions this worker has not been told about yet; the per-token path
+    sends only ids (a worker that lacks a spec answers `unknown_function`).
+    """
 
     TYPE: ClassVar[int] = 22
     req_id: int
-    calls: list[Call]
+    function_ids: list[str]
+    rows: list[int]
+    x: torch.Tensor
+    experts: torch.Tensor
+    specs: list[FunctionSpec] = field(default_factory=list)
 
 
 @dataclass
 class Result(Message):
+    """The unweighted expert outputs [sum(rows), H], in the order of the invoke's rows."""
+
     TYPE: ClassVar[int] = 23
     req_id: int
-    outputs: list[torch.Tensor]
+    output: torch.Tensor
     cold_starts: int = 0
     load_s: float = 0.0
     compute_s: float = 0.0
@@ -294,30 +298,53 @@ def encode(message: Message) -> list[bytes | memoryview]:
     def default(obj: Any) -> Any:
         nonlocal offset
         if isinstance(obj, torch.Tensor):
-            t = obj.detach()
+            t = obj
+            if t.requires_grad:
+                t = t.detach()
             if t.device.type != "cpu":
                 t = t.cpu()
-            t = t.contiguous()
+            if not t.is_contiguous():
+                t = t.contiguous()
             code = _DTYPE_CODE.get(t.dtype)
             if code is None:
                 raise ProtocolError(f"cannot send tensors of dtype {t.dtype}")
-            raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            raw = _raw_bytes(t)
             buffers.append(raw)
-            desc = msgpack.packb([code, list(t.shape), offset, raw.nbytes])
+            shape = t.shape
+            desc = _TENSOR_HEAD.pack(code, len(shape), offset, raw.nbytes) + struct.pack(f"<{len(shape)}Q", *shape)
             offset += raw.nbytes
             return msgpack.ExtType(_EXT_TENSOR, desc)
         if isinstance(obj, Message):
-            body = msgpack.packb([obj.TYPE, _fields(obj)], default=default, use_bin_type=True)
-            return msgpack.ExtType(_EXT_STRUCT, body)
+            return _struct(obj)  # a plain map that msgpack keeps walking (no nested packb)
         raise ProtocolError(f"cannot encode {type(obj).__name__}")
 
-    meta = msgpack.packb([message.TYPE, _fields(message)], default=default, use_bin_type=True)
+    meta = msgpack.packb(_struct(message), default=default, use_bin_type=True)
     total = 4 + len(meta) + offset
     return [_LENGTHS.pack(total, len(meta)), meta, *buffers]
 
 
-def _fields(message: Message) -> dict[str, Any]:
-    return {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_TYPE_KEY = "\x00t"  # marks a map as a message struct; not a valid field name
+
+
+def _struct(message: Message) -> dict[str, Any]:
+    names = _FIELD_NAMES.get(type(message))
+    if names is None:
+        names = _FIELD_NAMES[type(message)] = tuple(f.name for f in dataclasses.fields(message))
+    fields = {name: getattr(message, name) for name in names}
+    fields[_TYPE_KEY] = message.TYPE
+    return fields
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (numpy has no bfloat16: view it as int16 first)."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    elif t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return memoryview(t.numpy()).cast("B")
 
 
 def frame_length(prefix: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> int:
@@ -343,41 +370,46 @@ def decode(body: bytes | bytearray | memoryview) -> Message:
     def ext_hook(code: int, payload: bytes) -> Any:
         if code == _EXT_TENSOR:
             return _decode_tensor(payload, data)
-        if code == _EXT_STRUCT:
-            return _build(msgpack.unpackb(payload, ext_hook=ext_hook, raw=False, strict_map_key=False))
         raise ProtocolError(f"unknown msgpack extension {code}")
 
     try:
-        meta = msgpack.unpackb(view[4:4 + meta_length], ext_hook=ext_hook, raw=False, strict_map_key=False)
+        message = msgpack.unpackb(view[4:4 + meta_length], ext_hook=ext_hook, object_hook=_build, raw=False,
+                                  strict_map_key=False)
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several types for garbage
         raise ProtocolError(f"malformed frame: {exc}") from exc
-    return _build(meta)
-
-
-def _build(meta: Any) -> Message:
-    if not (isinstance(meta, list) and len(meta) == 2 and isinstance(meta[0], int) and isinstance(meta[1], dict)):
+    if not isinstance(message, Message):
         raise ProtocolError("malformed message envelope")
-    cls = _REGISTRY.get(meta[0])
+    return message
+
+
+def _build(fields: dict[str, Any]) -> Any:
+    code = fields.pop(_TYPE_KEY, None)
+    if code is None:
+        return fields  # an ordinary map field (e.g. counters)
+    cls = _REGISTRY.get(code)
     if cls is None:
-        raise ProtocolError(f"unknown message type {meta[0]}")
+        raise ProtocolError(f"unknown message type {code}")
     try:
-        return cls(**meta[1])
+        return cls(**fields)
     except TypeError as exc:
         raise ProtocolError(f"bad fields for {cls.__name__}: {exc}") from exc
 
 
 def _decode_tensor(payload: bytes, data: memoryview) -> torch.Tensor:
     try:
-        code, shape, offset, nbytes = msgpack.unpackb(payload)
+        code, ndim, offset, nbytes = _TENSOR_HEAD.unpack_from(payload)
+        shape = struct.unpack_from(f"<{ndim}Q", payload, _TENSOR_HEAD.size)
+        if len(payload) != _TENSOR_HEAD.size + 8 * ndim:
+            raise ValueError("trailing bytes")
         dtype = _DTYPES[code]
     except Exception as exc:
         raise ProtocolError(f"malformed tensor descriptor: {exc}") from exc
     count = 1
     for dim in shape:
         count *= dim
-    if count * dtype.itemsize != nbytes or offset < 0 or offset + nbytes > len(data) or min(shape, default=0) < 0:
+    if count * dtype.itemsize != nbytes or offset + nbytes > len(data):
         raise ProtocolError("tensor descriptor does not match the frame")
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)

@@ -149,6 +149,15 @@ class ExpertStore:
 
     # -- acquire / release ----------------------------------------------------------------
 
+    def try_acquire(self, function_id: str) -> Resident | None:
+        """The resident block with one more call in flight, or None if it needs a load."""
+        resident = self.resident.get(function_id)
+        if resident is not None:
+            resident.in_flight += 1
+            resident.hits += 1
+            self.eviction.on_access(resident.key, time.monotonic())
+        return resident
+
     async def acquire(self, spec: FunctionSpec) -> tuple[Resident, bool]:
         """The resident block for `spec` with one more call in flight; True when this call loaded it."""
         fid = spec.function_id

@@ -29,6 +29,9 @@ log = logging.getLogger("faasmoe.worker")
 HEARTBEAT_S = 1.0
 EXPIRE_CHECK_S = 0.25
 HOT_QUEUED_CALLS = 2  # calls of one function waiting behind others: worth a replica
+# A thread hop costs ~0.1 ms here; calls predicted to take less than this run on the loop
+# itself (heartbeats wait at most this long), longer ones on the compute thread.
+INLINE_COMPUTE_S = 0.002
 
 
 @dataclass
@@ -86,6 +89,8 @@ class Worker:
         self._scheduler: RpcChannel | None = None
         self._queue_depth = 0
         self._queued: dict[str, int] = {}  # function -> calls waiting for the compute thread
+        self._specs: dict[str, p.FunctionSpec] = {}  # every function a frontend has described to us
+        self._row_cost: dict[str, float] = {}  # measured compute seconds per row, per function (EWMA)
         self.info: p.WorkerInfo | None = None
         self._stopping = asyncio.Event()
         self.exit_code = 0
@@ -243,6 +248,7 @@ class Worker:
         if isinstance(message, p.Invoke):
             return await self._invoke(message)
         if isinstance(message, p.Load):
+            self._specs[message.function.function_id] = message.function
             resident, _ = await self.store.acquire(message.function)
             self.store.release(resident)
             return p.Ok(message.req_id)
@@ -263,65 +269,95 @@ class Worker:
         host = [p.ResidentFunction(p.FunctionSpec(fid, "", -1, 0, 0), "host", 0) for fid in self.store.host.ids()]
         return p.Stats(req_id, self.info, self._resident_list() + host, counters, self.metrics.render())
 
-    async def _invoke(self, message: p.Invoke) -> p.Result:
+    async def _invoke(self, message: p.Invoke) -> p.Result | p.Error:
         start = time.perf_counter()
+        for spec in message.specs:
+            self._specs[spec.function_id] = spec
+        if len(message.function_ids) != len(message.rows) or sum(message.rows) != message.x.shape[0] or \
+                message.experts.shape != message.x.shape[:1]:
+            raise ValueError("invoke: function_ids, rows, x and experts do not line up")
+        ids = set(message.function_ids)
+        unknown = sorted(fid for fid in ids if fid not in self._specs)
+        if unknown:
+            return p.Error(message.req_id, "unknown_function", f"no spec for {', '.join(unknown)}")
         self._queue_depth += 1
         self.m_queue.labels(worker=self.config.worker_id).set(self._queue_depth)
         acquired: list[Resident] = []
+        cold = 0
         try:
-            specs = {c.function.function_id: c.function for c in message.calls}
-            results = await asyncio.gather(*(self.store.acquire(spec) for spec in specs.values()),
-                                           return_exceptions=True)
-            for result in results:
-                if not isinstance(result, BaseException):
-                    acquired.append(result[0])
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+            for fid in ids:  # warm blocks are taken synchronously; only cold ones wait for a load
+                resident = self.store.try_acquire(fid)
+                if resident is not None:
+                    acquired.append(resident)
+            missing = [self._specs[fid] for fid in ids if fid not in {r.spec.function_id for r in acquired}]
+            if missing:
+                results = await asyncio.gather(*(self.store.acquire(spec) for spec in missing),
+                                               return_exceptions=True)
+                for result in results:
+                    if not isinstance(result, BaseException):
+                        acquired.append(result[0])
+                        cold += result[1]
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
             by_id = {r.spec.function_id: r for r in acquired}
-            cold = sum(1 for _, was_cold in results if was_cold)  # type: ignore[misc]
             load_s = time.perf_counter() - start
-            for fid in by_id:
-                self._queued[fid] = self._queued.get(fid, 0) + 1
-            try:
-                outputs = await asyncio.get_running_loop().run_in_executor(
-                    self._compute, self._run_calls, message.calls, by_id)
-            finally:
+            if self._predicted_s(message) < INLINE_COMPUTE_S and not self._queued:
+                output, compute_s = self._run_calls(message, by_id)
+            else:
                 for fid in by_id:
-                    self._queued[fid] -= 1
-                    if not self._queued[fid]:
-                        del self._queued[fid]
-            compute_s = time.perf_counter() - start - load_s
+                    self._queued[fid] = self._queued.get(fid, 0) + 1
+                try:
+                    output, compute_s = await asyncio.get_running_loop().run_in_executor(
+                        self._compute, self._run_calls, message, by_id)
+                finally:
+                    for fid in by_id:
+                        self._queued[fid] -= 1
+                        if not self._queued[fid]:
+                            del self._queued[fid]
+            self._learn_cost(message, compute_s)
         finally:
             for resident in acquired:
                 self.store.release(resident)
             self._queue_depth -= 1
             self.m_queue.labels(worker=self.config.worker_id).set(self._queue_depth)
         wid = self.config.worker_id
-        self.m_invocations.labels(worker=wid).inc(len(message.calls))
+        self.m_invocations.labels(worker=wid).inc(len(message.function_ids))
         self.m_invoke_s.labels(worker=wid).observe(time.perf_counter() - start)
-        return p.Result(message.req_id, outputs, cold, load_s, compute_s)
+        return p.Result(message.req_id, output, cold, load_s, compute_s)
 
-    def _run_calls(self, calls: list[p.Call], by_id: dict[str, Resident]) -> list[torch.Tensor]:
-        """Runs in the compute thread: every call of the message, back to back."""
+    def _predicted_s(self, message: p.Invoke) -> float:
+        return sum(self._row_cost.get(fid, float("inf")) * max(n, 1) for fid, n in zip(message.function_ids, message.rows))
+
+    def _learn_cost(self, message: p.Invoke, seconds: float) -> None:
+        per_row = seconds / max(1, sum(message.rows))
+        for fid in message.function_ids:
+            old = self._row_cost.get(fid)
+            self._row_cost[fid] = per_row if old is None else 0.8 * old + 0.2 * per_row
+
+    def _run_calls(self, message: p.Invoke, by_id: dict[str, Resident]) -> tuple[torch.Tensor, float]:
+        """Runs in the compute thread: every call of the message, back to back; and the seconds it took."""
+        start = time.perf_counter()
+        xs, experts = message.x.split(message.rows), message.experts.split(message.rows)
         with torch.inference_mode():
             if self._stream is None:
-                return [self._run_one(c, by_id[c.function.function_id]) for c in calls]
-            with torch.cuda.stream(self._stream):
-                outputs = [self._run_one(c, by_id[c.function.function_id]).to("cpu", non_blocking=True)
-                           for c in calls]
-            self._stream.synchronize()
-            return outputs
+                outputs = [self._run_one(fid, x, e, by_id[fid]) for fid, x, e in zip(message.function_ids, xs, experts)]
+                output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            else:
+                with torch.cuda.stream(self._stream):
+                    outputs = [self._run_one(fid, x, e, by_id[fid])
+                               for fid, x, e in zip(message.function_ids, xs, experts)]
+                    output = torch.cat(outputs).to("cpu", non_blocking=True)
+                self._stream.synchronize()
+        return output, time.perf_counter() - start
 
-    def _run_one(self, call: p.Call, resident: Resident) -> torch.Tensor:
+    def _run_one(self, fid: str, x: torch.Tensor, experts: torch.Tensor, resident: Resident) -> torch.Tensor:
         block = resident.block
-        weights_dtype = block.weights.gate_up.dtype
-        if call.x.dim() != 2 or call.x.shape[1] != block.weights.gate_up.shape[-1]:
-            raise ValueError(f"call to {call.function.function_id}: x has shape {list(call.x.shape)}, "
-                             f"expected [n, {block.weights.gate_up.shape[-1]}]")
-        experts = call.experts
-        if experts.shape != call.x.shape[:1] or (experts.numel() and not 0 <= int(experts.min()) <= int(experts.max()) < block.count):
-            raise ValueError(f"call to {call.function.function_id}: expert indices must be [n] in 0..{block.count - 1}")
-        x = call.x.to(self.device, weights_dtype, non_blocking=True)
+        weights = block.weights.gate_up
+        if x.dim() != 2 or x.shape[1] != weights.shape[-1]:
+            raise ValueError(f"call to {fid}: x has shape {list(x.shape)}, expected [n, {weights.shape[-1]}]")
+        if experts.numel() and not 0 <= int(experts.min()) <= int(experts.max()) < block.count:
+            raise ValueError(f"call to {fid}: expert indices must be in 0..{block.count - 1}")
+        x = x.to(self.device, weights.dtype, non_blocking=True)
         experts = experts.to(self.device, torch.long, non_blocking=True)
         return block.forward(x, experts)

@@ -20,7 +20,7 @@ from faasmoe.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.config import MoEConfig
 from faasmoe.experts import ExpertBlock
 from runtime import protocol as p
-from runtime.client import RuntimeClient
+from runtime.client import FunctionCall, RuntimeClient
 
 from ..processes import faasmoe, free_port
 
@@ -41,12 +41,12 @@ def spec(model_dir, layer: int, block: int, keep_alive_s: float = 60.0) -> p.Fun
                           BLOCK * config.expert_bytes(torch.float32), "", keep_alive_s)
 
 
-def call(fn: p.FunctionSpec, rows: int = 6, seed: int = 0) -> p.Call:
+def call(fn: p.FunctionSpec, rows: int = 6, seed: int = 0) -> FunctionCall:
     g = torch.Generator().manual_seed(seed)
-    return p.Call(fn, torch.randn(rows, 64, generator=g), torch.randint(0, BLOCK, (rows,), generator=g))
+    return FunctionCall(fn, torch.randn(rows, 64, generator=g), torch.randint(0, BLOCK, (rows,), generator=g))
 
 
-def expected(model_dir, c: p.Call) -> torch.Tensor:
+def expected(model_dir, c: FunctionCall) -> torch.Tensor:
     config = MoEConfig.from_pretrained(model_dir)
     weights = ExpertLayout(CheckpointReader(model_dir), config).load_block(
         c.function.layer, c.function.first, c.function.count, torch.float32)
@@ -292,7 +292,7 @@ async def test_garbage_frames_do_not_crash_anything(model_dir):
         fn = spec(model_dir, 0, 2)
         out = await client.invoke([call(fn)])
         assert torch.equal(out[0], expected(model_dir, call(fn)))
-        bad = p.Call(fn, torch.randn(3, 17), torch.zeros(3, dtype=torch.long))  # wrong hidden size
+        bad = FunctionCall(fn, torch.randn(3, 17), torch.zeros(3, dtype=torch.long))  # wrong hidden size
         with pytest.raises(RuntimeError, match="bad_request"):
             await client.invoke([bad])
         assert worker.alive()

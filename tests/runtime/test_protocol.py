@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from runtime import protocol as p
+
+T = p._TYPE_KEY
 from runtime.transport import Address, client_handshake, open_connection, server_handshake, start_server
 
 
@@ -26,18 +28,19 @@ def roundtrip(message: p.Message) -> p.Message:
 def test_tensor_roundtrip_every_dtype(dtype):
     source = (torch.randn(5, 7) * 50).to(dtype)
     spec = p.FunctionSpec("m/1/0", "/models/m", 1, 0, 4)
-    message = p.Invoke(7, [p.Call(spec, source, torch.arange(5)), p.Call(spec, source[:0], torch.arange(0))])
+    message = p.Invoke(7, ["m/1/0"], [5], source, torch.arange(5), [spec])
     decoded = roundtrip(message)
     assert isinstance(decoded, p.Invoke) and decoded.req_id == 7
-    assert decoded.calls[0].x.dtype == dtype and torch.equal(decoded.calls[0].x, source)
-    assert decoded.calls[0].function == spec
-    assert decoded.calls[1].x.shape == (0, 7)
+    assert decoded.x.dtype == dtype and torch.equal(decoded.x, source)
+    assert decoded.specs == [spec] and decoded.function_ids == ["m/1/0"] and decoded.rows == [5]
+    empty = roundtrip(p.Result(1, source[:0]))
+    assert empty.output.shape == (0, 7) and empty.output.dtype == dtype
 
 
 def test_decoded_tensors_are_views_of_the_frame():
     x = torch.randn(16, 2048).to(torch.bfloat16)
-    frame = bytearray(b"".join(bytes(piece) for piece in p.encode(p.Result(1, [x]))))
-    out = p.decode(memoryview(frame)[4:]).outputs[0]
+    frame = bytearray(b"".join(bytes(piece) for piece in p.encode(p.Result(1, x))))
+    out = p.decode(memoryview(frame)[4:]).output
     assert torch.equal(out, x)
     frame[-2:] = b"\x00\x00"  # change the frame: the decoded tensor sees it, so no copy was made
     assert out.view(-1)[-1].item() == 0
@@ -45,8 +48,8 @@ def test_decoded_tensors_are_views_of_the_frame():
 
 def test_non_contiguous_and_scalar_tensors():
     x = torch.randn(4, 6).t()
-    decoded = roundtrip(p.Result(1, [x, torch.tensor(3.5)]))
-    assert torch.equal(decoded.outputs[0], x) and decoded.outputs[1].item() == 3.5
+    assert torch.equal(roundtrip(p.Result(1, x)).output, x)
+    assert roundtrip(p.Result(1, torch.tensor(3.5))).output.item() == 3.5
 
 
 def test_every_message_type_roundtrips():
@@ -69,13 +72,20 @@ def test_every_message_type_roundtrips():
     b"\x00\x00",  # shorter than the meta length field
     struct.pack(">I", 100) + b"abc",  # meta length beyond the frame
     struct.pack(">I", 3) + b"\xc1\xc1\xc1",  # msgpack garbage
-    struct.pack(">I", 4) + msgpack.packb([999, {}]),  # unknown type
-    struct.pack(">I", len(m := msgpack.packb([p.Ok.TYPE, {"nope": 1}]))) + m,  # unknown field
-    struct.pack(">I", len(m := msgpack.packb("hello"))) + m,  # not an envelope
-    struct.pack(">I", len(m := msgpack.packb([p.Result.TYPE, {"req_id": 1, "outputs": [
-        msgpack.ExtType(1, msgpack.packb([0, [1000], 0, 4000]))]}]))) + m,  # tensor beyond the frame
-    struct.pack(">I", len(m := msgpack.packb([p.Result.TYPE, {"req_id": 1, "outputs": [
-        msgpack.ExtType(1, msgpack.packb([77, [1], 0, 4]))]}]))) + m + b"xxxx",  # unknown dtype
+    struct.pack(">I", len(m := msgpack.packb({T: 999}))) + m,  # unknown type
+    struct.pack(">I", len(m := msgpack.packb({T: p.Ok.TYPE, "nope": 1}))) + m,  # unknown field
+    struct.pack(">I", len(m := msgpack.packb("hello"))) + m,  # not a message
+    struct.pack(">I", len(m := msgpack.packb({"req_id": 1}))) + m,  # a map without a type
+    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output": 
+        msgpack.ExtType(1, struct.pack("<BBQQQ", 0, 1, 0, 4000, 1000))}))) + m,  # tensor beyond the frame
+    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output": 
+        msgpack.ExtType(1, struct.pack("<BBQQQ", 77, 1, 0, 4, 1))}))) + m + b"xxxx",  # unknown dtype
+    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output": 
+        msgpack.ExtType(1, struct.pack("<BBQQQ", 0, 1, 0, 4, 2))}))) + m + b"xxxx",  # shape != bytes
+    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output": 
+        msgpack.ExtType(1, b"\x00\x01")}))) + m,  # truncated descriptor
+    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output": 
+        msgpack.ExtType(9, b"")}))) + m,  # unknown extension
 ])
 def test_malformed_frames_raise_protocol_error(body):
     with pytest.raises(p.ProtocolError):
