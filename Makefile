@@ -26,7 +26,7 @@ $(TINY_MODEL)/config.json: | install
 	$(VENV)/bin/faasmoe model init $(TINY_MODEL) --family qwen2_moe --preset tiny --seed 0
 
 run: install $(TINY_MODEL)/config.json
-	$(VENV)/bin/faasmoe generate $(TINY_MODEL) --prompt "Hello, experts!" --max-tokens 24 --chat
+	$(PY) -m faasmoe.demo --model $(TINY_MODEL)
 
 test: install
 	$(PY) -m pytest -q

@@ -122,24 +122,29 @@ class ModelEngine:
             if not self.busy:
                 self._wake.clear()
                 await self._wake.wait()
-            self._admit()
-            self._drop_cancelled()
-            if not self.running:
-                continue
             try:
+                self._admit()
+                self._drop_cancelled()
+                if not self.running:
+                    await asyncio.sleep(0)  # only cancelled ones were waiting: let the loop breathe
+                    continue
                 await self._step()
             except Exception as exc:  # a failed step fails its requests, not the server
                 log.exception("step of %s failed", self.name)
                 for r in self.running:
                     self._finish(r, "error", str(exc))
                 self.running = []
+                while self.waiting and not self.running:  # e.g. the trunk cannot load: fail them too
+                    request = self.waiting.popleft()
+                    request.events.put_nowait(Finished("error", "", Usage(len(request.prompt_token_ids)), str(exc)))
 
     def _admit(self) -> None:
         budget = self.max_batch_tokens - len(self.running)
         while self.waiting and len(self.running) < self.max_running:
             request = self.waiting[0]
-            if request.cancelled:
+            if request.cancelled:  # gone before it started: nothing was spent on it
                 self.waiting.popleft()
+                request.events.put_nowait(Finished("cancelled", "", Usage(len(request.prompt_token_ids))))
                 continue
             need = len(request.prompt_token_ids)
             if need > budget and self.running:

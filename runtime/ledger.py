@@ -74,9 +74,9 @@ class UsageRecord:
     model: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    expert_invocations: int = 0
+    expert_invocations: float = 0.0  # a share of batched calls: fractions add up across requests
     expert_compute_s: float = 0.0
-    cold_starts: int = 0
+    cold_starts: float = 0.0
     resident_byte_seconds: float = 0.0
     started_at: float = 0.0
     finished_at: float = 0.0
@@ -102,9 +102,9 @@ CREATE TABLE IF NOT EXISTS usage (
     model TEXT NOT NULL,
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
-    expert_invocations INTEGER NOT NULL,
+    expert_invocations REAL NOT NULL,
     expert_compute_s REAL NOT NULL,
-    cold_starts INTEGER NOT NULL,
+    cold_starts REAL NOT NULL,
     resident_byte_seconds REAL NOT NULL,
     started_at REAL NOT NULL,
     finished_at REAL NOT NULL,

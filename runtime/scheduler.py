@@ -95,12 +95,12 @@ class Scheduler:
         self._stopping.set()
         self._monitor.cancel()
         self._server.close()
+        if self.pool is not None:
+            await self.pool.stop()  # workers first, so none of them sees its scheduler vanish
         for record in list(self.workers.values()):
             await record.channel.close()
         for conn in list(self.subscribers):
             await conn.close()
-        if self.pool is not None:
-            await self.pool.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -259,8 +259,12 @@ class Scheduler:
             return
         for placed in self.pending.values():
             placed.pop(wid, None)
-        self.m_dead.inc()
-        log.warning("worker %s dropped: %s (%d functions re-placed on demand)", wid, why, len(record.view.device_ids))
+        if self._stopping.is_set():
+            log.info("worker %s left: %s", wid, why)
+        else:
+            self.m_dead.inc()
+            log.warning("worker %s dropped: %s (%d functions re-placed on demand)", wid, why,
+                        len(record.view.device_ids))
         asyncio.create_task(record.channel.close())
         self._publish()
 

@@ -107,6 +107,8 @@ async def start_server(
             await on_connection(conn)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # peer went away; nothing to report
+        except asyncio.CancelledError:
+            pass  # shutting down: a cancelled handler must not end this callback's task cancelled
         except p.ProtocolError as exc:
             log.warning("dropping connection from %s: %s", conn.peer, exc)
         except Exception:
