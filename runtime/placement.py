@@ -22,6 +22,7 @@ class WorkerView:
     host_ids: set[str] = field(default_factory=set)
     used_bytes: int = 0
     queue_depth: int = 0
+    pending: int = 0  # functions placed here that have not reported loaded yet
 
     @property
     def free_bytes(self) -> int:
@@ -40,7 +41,7 @@ class CacheAwarePlacement:
             function_id not in worker.host_ids,
             worker.free_bytes < nbytes,
             worker.queue_depth,
-            len(worker.device_ids),
+            len(worker.device_ids) + worker.pending,
             self.rng.random(),
         )
 

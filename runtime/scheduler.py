@@ -193,6 +193,9 @@ class Scheduler:
         if held:
             return p.Placement(request.req_id, fid, held)
         nbytes = request.function.nbytes
+        for record in self.workers.values():  # count placements in flight, or a burst lands on one worker
+            wid = record.info.worker_id
+            record.view.pending = sum(1 for placed in self.pending.values() if wid in placed)
         chosen = self.placement.choose(fid, nbytes, live, set(request.exclude))
         if not chosen:
             return p.Error(request.req_id, "unavailable",
