@@ -404,6 +404,9 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="expert memory budget per worker; default: 90%% of the device's free memory")
     serve.add_argument("--eviction", choices=("lru", "freq"), default="lru",
                        help="workers' eviction policy under the memory budget; default: lru")
+    serve.add_argument("--experts", choices=("remote", "in-process"), default="remote",
+                       help="remote: expert functions on the worker pool (FaaSMoE); in-process: every expert "
+                       "resident in this process, no workers (the full-model baseline). Default: remote")
     serve.set_defaults(handler=_serve)
 
     frontend = subparsers.add_parser(
@@ -424,7 +427,7 @@ def _serve(args: argparse.Namespace) -> int:
         admin_key=args.admin_key, keep_alive=args.keep_alive, expert_block_size=args.expert_block_size,
         trunk_keep_alive=args.trunk_keep_alive, dtype=args.dtype, state=args.state,
         worker_memory=getattr(args, "worker_memory", None), scheduler=getattr(args, "scheduler", None),
-        token=args.token, eviction=getattr(args, "eviction", "lru"),
+        token=args.token, eviction=getattr(args, "eviction", "lru"), experts=getattr(args, "experts", "remote"),
     )
     import uvloop
 

@@ -21,9 +21,12 @@ from pathlib import Path
 
 from aiohttp import web
 
+from faasmoe.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.deployments import Deployment, DeploymentSpec, Deployments
+from faasmoe.experts import LocalExpertExecutor
 from faasmoe.limits import Admission
-from faasmoe.remote import RemoteExpertExecutor
+from faasmoe.model import load_expert_blocks
+from faasmoe.remote import InProcessExpertExecutor, RemoteExpertExecutor
 from faasmoe.serve_config import ModelSpec, ServeConfig
 from runtime.client import RuntimeClient
 from runtime.ledger import UsageLedger
@@ -56,6 +59,7 @@ class ServeOptions:
     scheduler: str | None = None  # `frontend`: an existing scheduler
     token: str | None = None
     eviction: str = "lru"
+    experts: str = "remote"  # "remote": expert functions on workers; "in-process": all resident here (baseline)
 
 
 def merged_config(opts: ServeOptions) -> ServeConfig:
@@ -131,7 +135,9 @@ class FrontendProcess:
         self.ledger = UsageLedger(self._state_path())
         token = self.opts.token or os.environ.get("FAASMOE_TOKEN") or secrets.token_urlsafe(24)
         address = self.opts.scheduler
-        if address is None:
+        if self.opts.experts == "in-process":
+            pass  # the full-model baseline: no scheduler, no workers
+        elif address is None:
             from faasmoe.cli import _devices
 
             devices = _devices(s.device)
@@ -141,7 +147,8 @@ class FrontendProcess:
                 worker_memory_bytes=self.opts.worker_memory, worker_args=["--eviction", self.opts.eviction]))
             address = str(await self.scheduler.start())
             await self.scheduler.wait_for_workers(workers, timeout=120)
-        self.client = await RuntimeClient(address, token, "frontend").start()
+        if self.opts.experts != "in-process":
+            self.client = await RuntimeClient(address, token, "frontend").start()
         for model in self.config.models:
             self.deployments.add(self._deployment(model))
         self.deployments.start()
@@ -169,7 +176,11 @@ class FrontendProcess:
             trunk_keep_alive_s=model.trunk_keep_alive, dtype=model.dtype or "float32", device=device,
         )
 
-        def executor(dep: Deployment) -> RemoteExpertExecutor:
+        def executor(dep: Deployment):
+            if self.client is None:  # in process: every expert resident in this process
+                blocks = load_expert_blocks(ExpertLayout(CheckpointReader(spec.path), dep.config), dep.block_size,
+                                            dep.dtype, dep.device)
+                return InProcessExpertExecutor(LocalExpertExecutor(blocks, dep.block_size), self.compute)
             owner = spec.owner if spec.sharing == "private" else ""
             return RemoteExpertExecutor(self.client, spec.name, spec.path, dep.config, dep.block_size, dep.dtype,
                                         spec.keep_alive_s, owner)
@@ -179,6 +190,8 @@ class FrontendProcess:
     async def _worker_stats(self) -> list:
         if self.scheduler is not None:
             return await self.scheduler.worker_stats()
+        if self.client is None:
+            return []
         return await self.client.cluster_state()
 
     async def runtime_metrics(self) -> str:
@@ -199,6 +212,12 @@ class FrontendProcess:
                     for d in self.deployments.by_name.values()}
         for name, ids in prefixes.items():
             per_model[name]["functions"] = len(ids)
+        for d in self.deployments.by_name.values():
+            local = getattr(d.executor, "local", None)
+            if local is not None:  # in-process baseline: every expert is resident, here
+                per_model[d.name].update(functions=sum(len(b) for b in local.blocks.values()),
+                                         resident_functions=sum(len(b) for b in local.blocks.values()),
+                                         resident_bytes=local.nbytes)
         for s in stats:
             device = [r for r in s.resident if r.tier == "device"]
             workers.append({
