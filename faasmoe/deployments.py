@@ -79,6 +79,11 @@ class Deployment:
                      self._trunk.nbytes)
         return self._trunk
 
+    def resident_expert_bytes(self) -> int:
+        """Expert bytes this model holds on workers now, as the routing table tells (0 in process)."""
+        measure = getattr(self.executor, "resident_bytes", None)
+        return measure() if measure is not None else 0
+
     @property
     def trunk_bytes(self) -> int:
         return self._trunk.nbytes if self._trunk is not None else 0

@@ -62,6 +62,11 @@ class RemoteExpertExecutor:
         cost, self._cost, self._touched = self._cost, StepCost(), set()
         return cost
 
+    def resident_bytes(self) -> int:
+        """Bytes of this model's functions that some worker holds (or is loading), per the routing table."""
+        routes = self.client.routes
+        return sum(spec.nbytes * len(routes.get(spec.function_id, ())) for spec in self.specs.values())
+
 
 class InProcessExpertExecutor:
     """Every expert resident in this process (the full-model baseline), run on the compute thread."""

@@ -211,6 +211,7 @@ def _admit(request: web.Request, deployment: Deployment, tenant: Tenant, gen: Ge
         metrics.rejected.labels(tenant=tenant.name, code="overloaded").inc()
         raise ApiError(503, f"The model {deployment.name} has {ctx.max_waiting} requests queued; retry shortly.",
                        "server_error", code="overloaded", headers={"Retry-After": "1"})
+    _check_memory_quota(ctx, deployment, tenant, metrics)
     decision = ctx.admission.admit(tenant, len(gen.prompt_token_ids), gen.params.max_tokens)
     if not decision.ok:
         metrics.rejected.labels(tenant=tenant.name, code=decision.code or "rejected").inc()
@@ -219,6 +220,23 @@ def _admit(request: web.Request, deployment: Deployment, tenant: Tenant, gen: Ge
                        headers=headers)
     return InFlightRequest(gen, deployment, tenant, decision.charged, ctx.admission, ctx.ledger, metrics,
                            request.app[BACKGROUND])
+
+
+def _check_memory_quota(ctx: FrontendContext, deployment: Deployment, tenant: Tenant, metrics) -> None:
+    """A tenant's private models may keep at most its quota of expert bytes resident.
+
+    Over it, new requests wait (429) until idle experts scale to zero: at most one keep-alive.
+    """
+    if deployment.spec.sharing != "private" or tenant.memory_quota_bytes <= 0:
+        return
+    owned = [d for d in ctx.deployments.by_name.values() if d.spec.sharing == "private" and d.spec.owner == tenant.name]
+    resident = sum(d.resident_expert_bytes() for d in owned)
+    if resident >= tenant.memory_quota_bytes:
+        metrics.rejected.labels(tenant=tenant.name, code="memory_quota_exceeded").inc()
+        wait = max(1, int(deployment.spec.keep_alive_s))
+        raise ApiError(429, f"Tenant {tenant.name}'s private models hold {resident} bytes of experts, at or over its "
+                       f"memory quota of {tenant.memory_quota_bytes}; retry after idle experts scale down.",
+                       "rate_limit_exceeded", code="memory_quota_exceeded", headers={"Retry-After": str(wait)})
 
 
 def _closed(request: web.Request) -> Callable[[], bool]:

@@ -128,6 +128,8 @@ class ExpertStore:
         self._load_slots = asyncio.Semaphore(max_parallel_loads)
         self._models: dict[str, tuple[CheckpointReader, MoEConfig]] = {}
         self._failed: dict[str, tuple[float, str]] = {}  # recent load failures: retry later, not forever
+        # Scaled to zero but predicted back (adaptive keep-alive): function -> (spec, reload at, last call).
+        self.prewarms: dict[str, tuple[FunctionSpec, float, float]] = {}
 
     # -- accounting ---------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class ExpertStore:
     async def acquire(self, spec: FunctionSpec) -> tuple[Resident, bool]:
         """The resident block for `spec` with one more call in flight; True when this call loaded it."""
         fid = spec.function_id
+        self.prewarms.pop(fid, None)  # it came back on its own
         resident = self.resident.get(fid)
         cold = False
         if resident is None:
@@ -276,11 +279,28 @@ class ExpertStore:
 
     def expire(self, now: float, host_ttl_s: float) -> list[str]:
         """Scale idle blocks to zero by their keep-alive; drop host copies older than host_ttl_s."""
-        expired = [
-            fid for fid, r in self.resident.items()
-            if self.keep_alive(r.spec).expired(r.key, r.last_used, now, r.in_flight)
-        ]
-        for fid in expired:
-            self.evict(fid, "keep_alive")
+        expired = []
+        for fid, r in list(self.resident.items()):
+            policy = self.keep_alive(r.spec)
+            if policy.expired(r.key, r.last_used, now, r.in_flight) and self.evict(fid, "keep_alive"):
+                expired.append(fid)
+                at = policy.prewarm_at(r.key, r.last_used)
+                if at is not None and at > now:
+                    self.prewarms[fid] = (r.spec, at, r.last_used)
         self.host.expire(now - host_ttl_s)
         return expired
+
+    def due_prewarms(self, now: float) -> list[tuple[FunctionSpec, float]]:
+        """Functions whose predicted next call is close: (spec, their last real call)."""
+        due = [(spec, last) for fid, (spec, at, last) in self.prewarms.items()
+               if at <= now and fid not in self.resident and fid not in self._loading]
+        for spec, _ in due:
+            del self.prewarms[spec.function_id]
+        return due
+
+    async def prewarm(self, spec: FunctionSpec, last_call: float) -> None:
+        """Load ahead of a predicted call; the keep-alive still counts from the last real call."""
+        if spec.function_id in self.resident or spec.function_id in self._loading:
+            return
+        resident = await self._load(spec)
+        resident.last_used = last_call

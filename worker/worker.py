@@ -142,13 +142,23 @@ class Worker:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def _prewarm(self, spec: p.FunctionSpec, last_call: float) -> None:
+        try:
+            await self.store.prewarm(spec, last_call)
+            log.info("pre-warmed %s ahead of its predicted next call", spec.function_id)
+        except Exception as exc:  # a failed guess costs nothing but the log line
+            log.warning("pre-warming %s failed: %s", spec.function_id, exc)
+
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(EXPIRE_CHECK_S)
             if self.config.parent_pid is not None and os.getppid() != self.config.parent_pid:
                 log.warning("parent %d is gone; worker %s exits", self.config.parent_pid, self.config.worker_id)
                 self.stop()
-            self.store.expire(time.monotonic(), self.config.host_ttl_s)
+            now = time.monotonic()
+            self.store.expire(now, self.config.host_ttl_s)
+            for spec, last_call in self.store.due_prewarms(now):
+                asyncio.create_task(self._prewarm(spec, last_call))
             self._update_gauges()
 
     # -- the scheduler link -------------------------------------------------------------------

@@ -47,6 +47,7 @@ def server(models, tmp_path_factory):
                    f'owner = "acme"\nexpert_block_size = 8\n')
     tenants = (
         f'[[tenants]]\nname = "acme"\nmodels = ["*"]\napi_keys = ["{KEYS["acme"]}"]\nadmin = true\n'
+        f'memory_quota = "1KiB"\n'
         f'[[tenants]]\nname = "globex"\nmodels = ["*"]\napi_keys = ["{KEYS["globex"]}"]\n'
         f'[[tenants]]\nname = "tight"\nmodels = ["qwen2_moe"]\ntokens_per_minute = 40\nmax_concurrent = 1\n'
         f'api_keys = ["{KEYS["tight"]}"]\n'
@@ -126,6 +127,14 @@ def test_errors_and_private_models(server):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client(server).completions.create(model="qwen2_moe", prompt="x", max_tokens=-3)
     assert client(server, "acme").completions.create(model="acme-private", prompt="x", max_tokens=2).usage
+
+
+def test_private_memory_quota(server):
+    # acme's quota (1 KiB) is below one expert block: once its private model holds experts, it waits.
+    with pytest.raises(openai.RateLimitError, match="memory quota") as err:
+        client(server, "acme").completions.create(model="acme-private", prompt="again", max_tokens=2)
+    assert int(err.value.response.headers["Retry-After"]) >= 1
+    assert client(server, "acme").completions.create(model="qwen2_moe", prompt="shared", max_tokens=2).usage
 
 
 def test_tenant_limits_answer_429_with_retry_after(server):

@@ -1,0 +1,82 @@
+"""The serving engine in process: batching across requests, trunk keep-alive, failures."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from faasmoe.checkpoint import CheckpointReader, ExpertLayout
+from faasmoe.deployments import Deployment, DeploymentSpec, Deployments
+from faasmoe.experts import LocalExpertExecutor
+from faasmoe.model import MoEModel, load_expert_blocks
+from faasmoe.remote import InProcessExpertExecutor
+from faasmoe.requests import Finished, GenerationRequest
+from faasmoe.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from faasmoe.model_init import init_checkpoint
+
+    return init_checkpoint(tmp_path_factory.mktemp("engine") / "tiny", "olmoe", seed=4, progress=False)
+
+
+def deployment(model_dir, **spec) -> Deployment:
+    compute = ThreadPoolExecutor(1)
+
+    def local(dep: Deployment) -> InProcessExpertExecutor:
+        blocks = load_expert_blocks(ExpertLayout(CheckpointReader(model_dir), dep.config), dep.block_size,
+                                    torch.float32, torch.device("cpu"))
+        return InProcessExpertExecutor(LocalExpertExecutor(blocks, dep.block_size), compute)
+
+    return Deployment(DeploymentSpec("tiny", model_dir, expert_block_size=4, **spec), local, compute)
+
+
+async def run(dep: Deployment, prompt: list[int], tokens: int = 6) -> tuple[list[int], Finished]:
+    request = GenerationRequest("tiny", prompt, SamplingParams(max_tokens=tokens, ignore_eos=True))
+    dep.engine.submit(request)
+    out = []
+    while True:
+        event = await request.events.get()
+        if isinstance(event, Finished):
+            return out, event
+        out.append(event.token_id)
+
+
+async def test_concurrent_requests_share_steps_and_match_the_model(model_dir):
+    dep = deployment(model_dir)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5], [42]]
+    results = await asyncio.gather(*(run(dep, p, 8) for p in prompts))
+    expected = MoEModel.from_pretrained(model_dir, expert_block_size=4).generate(prompts, max_tokens=8, ignore_eos=True)
+    assert [tokens for tokens, _ in results] == [r.token_ids for r in expected]
+    assert dep.engine.steps == 8  # one prefill+decode step per token, shared by all three
+    await dep.engine.stop()
+
+
+async def test_idle_trunk_unloads_and_reloads(model_dir):
+    dep = deployment(model_dir, trunk_keep_alive_s=0.2)
+    deployments = Deployments()
+    deployments.add(dep)
+    deployments.start()
+    first, _ = await run(dep, [4, 5, 6])
+    deadline = asyncio.get_running_loop().time() + 5
+    while dep.trunk_bytes:
+        assert asyncio.get_running_loop().time() < deadline, "the idle trunk stayed loaded"
+        await asyncio.sleep(0.1)
+    again, _ = await run(dep, [4, 5, 6])
+    assert again == first and dep.trunk_loads == 2
+    await deployments.stop()
+
+
+async def test_cancelled_waiting_request_is_finished(model_dir):
+    dep = deployment(model_dir)
+    request = GenerationRequest("tiny", [1, 2], SamplingParams(max_tokens=4))
+    request.cancel()
+    dep.engine.submit(request)
+    finished = await asyncio.wait_for(request.events.get(), 10)
+    assert isinstance(finished, Finished) and finished.finish_reason == "cancelled"
+    assert not dep.engine.busy
+    await dep.engine.stop()
