@@ -31,12 +31,6 @@ from faasmoe.trunk import StepBatch, Trunk
 log = logging.getLogger("faasmoe.engine")
 
 
-class AsyncExpertExecutor(Protocol):
-    """Runs one layer's routed experts and returns their weighted sum, asynchronously."""
-
-    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor: ...
-
-
 @dataclass
 class StepCost:
     """Expert work of one step, split among its sequences by their share of the tokens."""
@@ -47,7 +41,12 @@ class StepCost:
     touched_bytes: int = 0  # bytes of the distinct functions the step used
 
 
-class MeteredExecutor(Protocol):
+class AsyncExpertExecutor(Protocol):
+    """Runs one layer's routed experts and returns their weighted sum, asynchronously, and
+    reports what the expert work of the step so far cost (for metering)."""
+
+    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor: ...
+
     def take_step_cost(self) -> StepCost: ...
 
 
@@ -72,7 +71,6 @@ class ModelEngine:
         compute: ThreadPoolExecutor,
         max_batch_tokens: int = 4096,
         max_running: int = 64,
-        on_finish: Callable[[GenerationRequest, Finished, _Running], None] | None = None,
     ) -> None:
         self.name = name
         self._trunk = trunk
@@ -81,7 +79,6 @@ class ModelEngine:
         self.compute = compute
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
-        self.on_finish = on_finish
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[_Running] = []
         self.steps = 0
@@ -175,7 +172,7 @@ class ModelEngine:
         ids = torch.tensor([t for seq in new_tokens for t in seq], dtype=torch.long, device=trunk.device)
         step = StepBatch.build([r.seq.cache for r in batch], lengths, trunk.device)
         logits = await self._forward(trunk, ids, step, lengths)
-        cost = self.executor.take_step_cost() if hasattr(self.executor, "take_step_cost") else StepCost()
+        cost = self.executor.take_step_cost()
         for r, n in zip(batch, lengths):
             r.seq.cache.commit(n)
         self.steps += 1
@@ -231,13 +228,8 @@ class ModelEngine:
         return delta
 
     def _finish(self, r: _Running, reason: str, error: str | None = None) -> None:
-        finished = Finished(reason, r.seq.text, r.usage, error)
-        if self.on_finish is not None:
-            try:
-                self.on_finish(r.request, finished, r)
-            except Exception:  # metering must not take the request down with it
-                log.exception("on_finish failed for %s", r.request.request_id)
-        r.request.events.put_nowait(finished)
+        """The request's last event; the HTTP side meters it from there."""
+        r.request.events.put_nowait(Finished(reason, r.seq.text, r.usage, error))
 
 
 def _advance(layers, value):
