@@ -138,7 +138,7 @@ class FrontendProcess:
         if self.opts.experts == "in-process":
             pass  # the full-model baseline: no scheduler, no workers
         elif address is None:
-            from faasmoe.cli import _devices
+            from faasmoe.cli_cluster import _devices
 
             devices = _devices(s.device)
             workers = s.workers if s.workers is not None else (len(devices) if devices[0].startswith("cuda") else 1)
