@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 log = logging.getLogger("faasmoe.pool")
 
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
@@ -61,10 +63,17 @@ class LocalPool:
         args = [sys.executable, "-m", "worker", "--id", self.worker_id(slot.index), "--device", slot.device,
                 "--listen", f"unix:{slot.socket}", "--scheduler", self.scheduler_address,
                 "--parent-pid", str(os.getpid()), *self.extra_args]
-        if self.memory_bytes:
-            args += ["--memory", str(self.memory_bytes)]
-        if self.host_cache_bytes is not None:
-            args += ["--host-cache", str(self.host_cache_bytes)]
+        memory = self.memory_bytes
+        if memory is None and slot.device == "cpu":
+            # CPU workers share one RAM: each gets its share, not 90% of all of it.
+            cpu_slots = sum(1 for s in self.slots if s.device == "cpu")
+            memory = int(psutil.virtual_memory().available * 0.9 / cpu_slots)
+        if memory:
+            args += ["--memory", str(memory)]
+        host_cache = self.host_cache_bytes
+        if host_cache is None:  # the pool's workers share the host's RAM for their caches too
+            host_cache = int(psutil.virtual_memory().available * 0.25 / len(self.slots))
+        args += ["--host-cache", str(host_cache)]
         # The token travels in the environment, not argv, so `ps` does not show it.
         env = {**os.environ, "FAASMOE_TOKEN": self.token}
         return await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.DEVNULL)
