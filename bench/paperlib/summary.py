@@ -1,0 +1,103 @@
+"""Turn one run's raw observations into the per-setup object of paper.json."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from bench.paperlib.loadgen import RequestResult
+from bench.paperlib.probe import FunctionUse, ResidencySample
+from bench.paperlib.sampler import Sample
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * pct / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def latency_stats(results: list[RequestResult], duration_s: float) -> dict:
+    ok = [r for r in results if r.ok]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    itl = [g for r in ok for g in r.itl_s]
+    tokens = sum(r.tokens for r in ok)
+    return {
+        "requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
+        "output_tokens": tokens,
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+        "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+        "e2e_p50_s": percentile([r.e2e_s for r in ok if r.e2e_s is not None], 50),
+        "throughput_tok_s": tokens / duration_s if duration_s > 0 else None,
+    }
+
+
+@dataclass
+class Window:
+    """The measured window, in wall time."""
+
+    start: float
+    end: float
+
+    def holds(self, t: float) -> bool:
+        return self.start <= t <= self.end
+
+
+def process_stats(samples: list[Sample], window: Window, group: str | None = None) -> dict:
+    inside = [s for s in samples if window.holds(s.t)] or samples[-1:]
+    rss = [s.rss.get(group, 0) if group else s.rss_total for s in inside]
+    cpu = [s.cpu.get(group, 0.0) if group else s.cpu_total for s in inside]
+    out = {"rss_bytes_mean": _mean(rss), "rss_bytes_peak": max(rss, default=None),
+           "cpu_percent_mean": _mean(cpu), "cpu_percent_peak": max(cpu, default=None), "samples": len(inside)}
+    gpu = [s.gpu_bytes for s in inside if s.gpu_bytes is not None]
+    if gpu and group is None:
+        out.update(gpu_bytes_mean=_mean(gpu), gpu_bytes_peak=max(gpu))
+    return out
+
+
+def residency_stats(samples: list[ResidencySample], window: Window, tenant: str | None = None) -> dict:
+    inside = [s for s in samples if window.holds(s.t)] or samples[-1:]
+    values = [s.per_tenant.get(tenant, 0) if tenant else s.resident_bytes for s in inside]
+    if tenant and not any(tenant in s.per_tenant for s in inside):
+        return {"resident_expert_bytes_mean": None, "resident_expert_bytes_peak": None}
+    return {"resident_expert_bytes_mean": _mean(values), "resident_expert_bytes_peak": max(values, default=None)}
+
+
+def timeline(samples: list[Sample], residency: list[ResidencySample], window: Window) -> dict:
+    """Series for the memory-over-time plot, seconds from the window's start."""
+    return {
+        "t_s": [round(s.t - window.start, 2) for s in samples],
+        "rss_bytes": [s.rss_total for s in samples],
+        "cpu_percent": [round(s.cpu_total, 1) for s in samples],
+        "gpu_bytes": [s.gpu_bytes for s in samples] if any(s.gpu_bytes is not None for s in samples) else None,
+        "resident_t_s": [round(s.t - window.start, 2) for s in residency],
+        "resident_expert_bytes": [s.resident_bytes for s in residency],
+        "window_s": round(window.end - window.start, 2),
+    }
+
+
+def heat_map(functions: dict[str, FunctionUse], probes: int, num_layers: int, num_experts: int,
+             block_size: int) -> dict | None:
+    """Layer x expert matrices: fraction of probes resident (any tenant's copy) and hits of the
+    function holding the expert (a block's hits are shown on each of its experts)."""
+    if not functions or probes <= 0:
+        return None
+    resident = [[0.0] * num_experts for _ in range(num_layers)]
+    hits = [[0] * num_experts for _ in range(num_layers)]
+    for fid, use in functions.items():
+        _, layer, block = fid.rsplit("/", 2)
+        layer, block = int(layer), int(block)
+        if layer >= num_layers:
+            continue
+        for e in range(block * block_size, min(num_experts, (block + 1) * block_size)):
+            resident[layer][e] = max(resident[layer][e], use.resident_samples / probes)
+            hits[layer][e] += use.hits
+    return {"resident_fraction": resident, "hits": hits, "block_size": block_size, "probes": probes}
