@@ -80,8 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep-blocks", default="1,4,10,20,30,60")
     parser.add_argument("--sweep-keep-alives", default="1,10,60,adaptive")
     parser.add_argument("--sweep-skews", default="0,0.15,0.5,1.0,1.5")
-    parser.add_argument("--sweep-memory-fraction", type=float, default=0.35,
-                        help="eviction sweep: worker budget as a fraction of all expert bytes (default 0.35)")
+    parser.add_argument("--sweep-memory-fraction", type=float, default=0.6,
+                        help="eviction sweep (a 2-layer model at least): worker budget as a fraction of all expert "
+                        "bytes, at least 1.1 layers' worth (default 0.6)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--prefix", default="paper", help="output file names: PREFIX.md, PREFIX.json, PREFIX_*.png")
     parser.add_argument("--models-root", type=Path, default=ROOT / "models")
@@ -227,11 +228,18 @@ def run_sweeps(args, options: SetupOptions, size, facts, results: list[dict], pl
                     points.append((f"keep-alive={v}s", float(v), dataclasses.replace(
                         options, keep_alive_s=float(v), keep_alive_policy="fixed")))
         elif name == "eviction":
-            budget = int(args.sweep_memory_fraction * facts.layers * facts.layer_expert_bytes)
-            budget = max(budget, options.block_size * facts.expert_bytes)
+            # A worker must hold one whole layer's routed blocks at once (a prefill touches them all,
+            # and one invoke message acquires every block it calls), so the budget sits between one
+            # layer's experts and all of them: that needs a model of 2 layers or more.
+            ev_size = dataclasses.replace(size, layers=max(2, size.layers)) if size.layers else size
+            ev_facts = checkpoints.model_facts(ev_size, args.skew, options.dtype)
+            total = ev_facts.layers * ev_facts.layer_expert_bytes
+            budget = max(int(args.sweep_memory_fraction * total), int(1.1 * ev_facts.layer_expert_bytes))
+            model_dir = checkpoints.ensure_checkpoint(ev_size, args.skew, args.models_root)
             for e in ("lru", "freq"):  # a long keep-alive: the budget, not the timer, decides
-                points.append((f"eviction={e}", e, dataclasses.replace(
-                    options, eviction=e, worker_memory=budget, keep_alive_s=600.0)))
+                points.append((f"eviction={e} ({ev_facts.layers} layers, budget {budget / total:.0%} of experts)", e,
+                               dataclasses.replace(options, model_dir=model_dir, eviction=e, worker_memory=budget,
+                                                   keep_alive_s=600.0)))
         elif name == "skew":
             for s in args.sweep_skews.split(","):
                 model_dir = checkpoints.ensure_checkpoint(size, float(s), args.models_root)
@@ -243,7 +251,12 @@ def run_sweeps(args, options: SetupOptions, size, facts, results: list[dict], pl
                 print(f"  sweep {label}: the main faasmoe-shared run", flush=True)
             else:
                 print(f"running sweep {label} ...", flush=True)
-                row = run(plan("faasmoe-shared", opts, label), workdir)
+                try:
+                    row = run(plan("faasmoe-shared", opts, label), workdir)
+                except Exception as exc:  # one broken point must not lose the others
+                    print(f"  sweep {label} failed: {exc}", flush=True)
+                    rows.append({"sweep": name, "value": value, "label": label, "error": str(exc)[-600:]})
+                    continue
             row = {k: v for k, v in row.items() if k not in ("timeline", "heat_map")}
             row["sweep"], row["value"] = name, value
             rows.append(row)
@@ -257,7 +270,7 @@ def calibration_rows(args, model_dir: Path, schedule, results: list[dict], sweep
     source = next((r for r in results if r["setup"] == "faasmoe-shared"), results[0] if results else None)
     rows = [calibrate.calibrate(model_dir, args.skew, schedule, source["token_ids"] if source else None)]
     for row in sweeps.get("skew", []):
-        if row["value"] != args.skew:
+        if row["value"] != args.skew and "error" not in row:
             ckpt = checkpoints.checkpoint_dir(checkpoints.SIZES[args.mode] if not args.layers else
                                               dataclasses.replace(checkpoints.SIZES[args.mode], layers=args.layers),
                                               row["value"], args.models_root)

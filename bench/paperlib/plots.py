@@ -41,7 +41,7 @@ def memory_over_time(doc: dict, path: Path) -> Path:
 
 def block_size(doc: dict, path: Path) -> Path | None:
     """Memory and latency of faasmoe-shared against experts per function."""
-    rows = sorted(doc.get("sweeps", {}).get("block", []), key=lambda r: r["value"])
+    rows = sorted((r for r in doc.get("sweeps", {}).get("block", []) if "error" not in r), key=lambda r: r["value"])
     if not rows:
         return None
     x = [r["value"] for r in rows]

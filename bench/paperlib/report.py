@@ -180,7 +180,9 @@ SWEEP_TITLES = {"block": "expert block size (experts per function)", "keep-alive
 
 
 def sweep_table(name: str, rows: list[dict]) -> str:
-    body = [[r["value"], gib(r["rss_bytes_mean"]), gib(r["rss_bytes_peak"]), gib(r["resident_expert_bytes_mean"]),
+    failed = [[r["value"], f"failed: {r['error'].splitlines()[-1][:150]}"] + [""] * 9 for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    body = failed + [[r["value"], gib(r["rss_bytes_mean"]), gib(r["rss_bytes_peak"]), gib(r["resident_expert_bytes_mean"]),
              num(r["cpu_percent_mean"], ".0f"), f"{ms(r['ttft_p50_s'])} / {ms(r['ttft_p99_s'])}",
              f"{ms(r['itl_p50_s'])} / {ms(r['itl_p99_s'])}", num(r["throughput_tok_s"]), r["cold_starts"],
              ", ".join(f"{k} {v}" for k, v in sorted(r.get("evictions", {}).items())) or "-",
@@ -281,6 +283,8 @@ def markdown(doc: dict) -> str:
         ]
     for name, rows in doc.get("sweeps", {}).items():
         parts += ["", f"## Sweep: {SWEEP_TITLES.get(name, name)} (faasmoe-shared)", "", sweep_table(name, rows)]
+        if name == "eviction" and rows:
+            parts += ["", f"Run on its own checkpoint: {rows[0]['label'].partition(' ')[2]}."]
         if name == "block":
             parts += ["", f"Paper: {PUBLISHED['block_size_optimum']}."]
     if doc.get("calibration"):
