@@ -100,10 +100,6 @@ class ModelEngine:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
-    async def drain(self) -> None:
-        while self.busy:
-            await asyncio.sleep(0.02)
-
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
