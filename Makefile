@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 TINY_MODEL ?= models/tiny-qwen2_moe
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-paper clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test: install
 
 bench: install
 	$(PY) bench/decode.py
+
+PAPER_ARGS ?=
+bench-paper: install
+	$(PY) bench/paper.py $(PAPER_ARGS)
 
 clean:
 	rm -rf $(VENV) models .pytest_cache

@@ -62,10 +62,11 @@ def setups_table(setups: list[dict]) -> str:
             f"{ms(s['ttft_p50_s'])} / {ms(s['ttft_p99_s'])}", f"{ms(s['itl_p50_s'])} / {ms(s['itl_p99_s'])}",
             ratio(s["itl_p50_s"], base["itl_p50_s"]) if base else "-",
             num(s["throughput_tok_s"]), s["cold_starts"], f"{s['completed']}/{s['requests']}",
+            num(s.get("other_cpu_percent_mean"), ".0f"),
         ])
     return table(["setup", "RSS mean", "RSS peak", "memory vs baseline", "CPU % mean",
                   "resident experts", "GPU mem", "TTFT p50/p99 ms", "ITL p50/p99 ms", "ITL p50 vs baseline",
-                  "tok/s", "cold starts", "completed"], rows)
+                  "tok/s", "cold starts", "completed", "other CPU %"], rows)
 
 
 def tenants_table(setups: list[dict]) -> str:
@@ -180,15 +181,16 @@ SWEEP_TITLES = {"block": "expert block size (experts per function)", "keep-alive
 
 
 def sweep_table(name: str, rows: list[dict]) -> str:
-    failed = [[r["value"], f"failed: {r['error'].splitlines()[-1][:150]}"] + [""] * 9 for r in rows if "error" in r]
+    failed = [[r["value"], f"failed: {r['error'].splitlines()[-1][:150]}"] + [""] * 10 for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]
     body = failed + [[r["value"], gib(r["rss_bytes_mean"]), gib(r["rss_bytes_peak"]), gib(r["resident_expert_bytes_mean"]),
              num(r["cpu_percent_mean"], ".0f"), f"{ms(r['ttft_p50_s'])} / {ms(r['ttft_p99_s'])}",
              f"{ms(r['itl_p50_s'])} / {ms(r['itl_p99_s'])}", num(r["throughput_tok_s"]), r["cold_starts"],
              ", ".join(f"{k} {v}" for k, v in sorted(r.get("evictions", {}).items())) or "-",
-             f"{r['completed']}/{r['requests']}"] for r in rows]
+             f"{r['completed']}/{r['requests']}", num(r.get("other_cpu_percent_mean"), ".0f")] for r in rows]
     return table([SWEEP_TITLES.get(name, name), "RSS mean", "RSS peak", "resident experts", "CPU %",
-                  "TTFT p50/p99 ms", "ITL p50/p99 ms", "tok/s", "cold starts", "evictions", "completed"], body)
+                  "TTFT p50/p99 ms", "ITL p50/p99 ms", "tok/s", "cold starts", "evictions", "completed",
+                  "other CPU %"], body)
 
 
 def calibration_table(rows: list[dict]) -> str:
@@ -242,7 +244,8 @@ def markdown(doc: dict) -> str:
         f"- workload: {meta['workload']}; {meta['requests']} requests, the same in every setup",
         "- measured: the window from the first scheduled send to the last token; RSS and CPU % summed over "
         "every process of the setup (psutil, every 0.5 s; CPU 100% = one core busy); TTFT and ITL on the "
-        "client, streaming; cold starts from the workers' counters",
+        "client, streaming; cold starts from the workers' counters. 'other CPU %' is the rest of the machine "
+        "(this benchmark's client, and any other job: a high value means the run was disturbed)",
         "",
         "## Setups",
         "",

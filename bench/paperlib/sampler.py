@@ -17,12 +17,14 @@ import psutil
 
 @dataclass
 class Sample:
-    """One moment: wall time, RSS bytes and CPU % per group, GPU bytes (None off CUDA)."""
+    """One moment: wall time, RSS bytes and CPU % per group, GPU bytes (None off CUDA), and the
+    whole machine's CPU % (this benchmark's client and anything else running count there too)."""
 
     t: float
     rss: dict[str, int]
     cpu: dict[str, float]
     gpu_bytes: int | None = None
+    machine_cpu: float = 0.0
 
     @property
     def rss_total(self) -> int:
@@ -133,4 +135,5 @@ class ProcessSampler:
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     self._procs.pop(proc.pid, None)
         gpu = self.gpu.used_by(pids) if self.gpu is not None else None
-        return Sample(time.time(), rss, cpu, gpu)
+        machine = psutil.cpu_percent(None) * (psutil.cpu_count() or 1)  # since the previous sample
+        return Sample(time.time(), rss, cpu, gpu, machine)

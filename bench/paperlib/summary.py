@@ -57,6 +57,8 @@ def process_stats(samples: list[Sample], window: Window, group: str | None = Non
     cpu = [s.cpu.get(group, 0.0) if group else s.cpu_total for s in inside]
     out = {"rss_bytes_mean": _mean(rss), "rss_bytes_peak": max(rss, default=None),
            "cpu_percent_mean": _mean(cpu), "cpu_percent_peak": max(cpu, default=None), "samples": len(inside)}
+    if group is None:  # the rest of the machine: the load generator, and other jobs that disturb a run
+        out["other_cpu_percent_mean"] = _mean([max(0.0, s.machine_cpu - s.cpu_total) for s in inside])
     gpu = [s.gpu_bytes for s in inside if s.gpu_bytes is not None]
     if gpu and group is None:
         out.update(gpu_bytes_mean=_mean(gpu), gpu_bytes_peak=max(gpu))
