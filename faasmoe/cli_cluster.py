@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from faasmoe.sizes import parse_size
+from faasmoe.sizes import parse_size, parse_size_or_zero
 
 
 def _add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def _add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
                        "default: cuda when available, else cpu")
     sched.add_argument("--worker-memory", type=parse_size, default=None, metavar="SIZE",
                        help="expert memory budget of each local worker; default: 90%% of the device's free memory")
-    sched.add_argument("--host-cache", type=parse_size, default=None, metavar="SIZE",
+    sched.add_argument("--host-cache", type=parse_size_or_zero, default=None, metavar="SIZE",
                        help="host RAM cache per local worker; default: 25%% of available RAM")
     sched.add_argument("--eviction", choices=("lru", "freq"), default="lru", help="local workers' eviction policy")
     sched.add_argument("--keep-alive-policy", choices=("fixed", "adaptive"), default="fixed",

@@ -5,17 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from faasmoe.sizes import format_bytes, parse_size
+from faasmoe.sizes import format_bytes, parse_size_or_zero
 
 
 def _default_state() -> Path:
     import os
 
     return Path(os.environ.get("FAASMOE_STATE", "faasmoe.db"))
-
-
-def _quota(text: str) -> int:
-    return 0 if text.strip() == "0" else parse_size(text)
 
 
 def _add_tenant_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +27,7 @@ def _add_tenant_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="requests in flight at once; default: 0 (unlimited)")
     add.add_argument("--tokens-per-minute", type=int, default=0, metavar="N",
                      help="prompt + completion tokens per minute; default: 0 (unlimited)")
-    add.add_argument("--memory-quota", type=_quota, default=0, metavar="SIZE",
+    add.add_argument("--memory-quota", type=parse_size_or_zero, default=0, metavar="SIZE",
                      help="resident memory of its private models (e.g. 2GiB); default: 0 (unlimited)")
     add.add_argument("--admin", action="store_true", help="may call the /admin endpoints")
     add.set_defaults(handler=_tenant_add)

@@ -18,6 +18,11 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def parse_size_or_zero(text: str) -> int:
+    """parse_size, where 0 is allowed and means "none" (a host cache or quota switched off)."""
+    return 0 if text.strip() in ("0", "0B", "0b") else parse_size(text)
+
+
 def format_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB"):

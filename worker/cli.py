@@ -10,7 +10,7 @@ import signal
 import socket
 import uuid
 
-from faasmoe.sizes import parse_size
+from faasmoe.sizes import parse_size, parse_size_or_zero
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cuda:N or cpu; default: cuda:0 when CUDA is available, else cpu")
     parser.add_argument("--memory", type=parse_size, default=None, metavar="SIZE",
                         help="expert memory budget on the device, e.g. 40GiB; default: 90%% of what is free now")
-    parser.add_argument("--host-cache", type=parse_size, default=None, metavar="SIZE",
+    parser.add_argument("--host-cache", type=parse_size_or_zero, default=None, metavar="SIZE",
                         help="host RAM cache of evicted blocks (pinned on CUDA), e.g. 64GiB; default: 25%% of "
                         "available RAM")
     parser.add_argument("--host-ttl", type=float, default=600.0, metavar="SECONDS",
