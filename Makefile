@@ -26,9 +26,10 @@ $(TINY_MODEL)/config.json: | install
 	$(VENV)/bin/faasmoe model init $(TINY_MODEL) --family qwen2_moe --preset tiny --seed 0
 
 run: install $(TINY_MODEL)/config.json
-	$(PY) -m faasmoe.demo --model $(TINY_MODEL)
+	$(PY) examples/demo.py --model $(TINY_MODEL)
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: install

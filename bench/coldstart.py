@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.dispatch import checkpoint  # noqa: E402
-from faasmoe.checkpoint import CheckpointReader, ExpertLayout  # noqa: E402
-from faasmoe.config import MoEConfig  # noqa: E402
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout  # noqa: E402
+from faasmoe.model.config import MoEConfig  # noqa: E402
 from runtime import protocol as p  # noqa: E402
 from runtime.policies import make_eviction, make_keep_alive  # noqa: E402
 from tests.pagecache import drop_page_cache, page_cache_bytes  # noqa: E402

@@ -25,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from faasmoe.model import MoEModel  # noqa: E402
-from faasmoe.model_init import init_checkpoint  # noqa: E402
+from faasmoe.model.moe_model import MoEModel  # noqa: E402
+from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint  # noqa: E402
 
 
 def build_checkpoint(args: argparse.Namespace) -> Path:

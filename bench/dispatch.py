@@ -29,9 +29,9 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from faasmoe.checkpoint import CheckpointReader, ExpertLayout  # noqa: E402
-from faasmoe.config import MoEConfig  # noqa: E402
-from faasmoe.experts import ExpertBlock  # noqa: E402
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout  # noqa: E402
+from faasmoe.model.config import MoEConfig  # noqa: E402
+from faasmoe.model.experts import ExpertBlock  # noqa: E402
 from runtime import protocol as p  # noqa: E402
 from runtime.client import FunctionCall, InvokeMeter, RuntimeClient  # noqa: E402
 from tests.processes import faasmoe, free_port  # noqa: E402
@@ -44,7 +44,7 @@ def checkpoint(args: argparse.Namespace) -> Path:
                       ROOT / "models" / "bench-qwen1.5-moe-a2.7b-1l"):
         if candidate and (Path(candidate) / "config.json").exists():
             return Path(candidate)
-    from faasmoe.model_init import init_checkpoint
+    from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
     path = ROOT / "models" / "bench-qwen1.5-moe-a2.7b-1l"
     print(f"building a 1-layer Qwen1.5-MoE-A2.7B-shaped checkpoint in {path} ...", flush=True)

@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 def parity(device: str, models_root: Path) -> dict:
     import torch
 
-    from faasmoe.model import MoEModel
-    from faasmoe.model_init import init_checkpoint
+    from faasmoe.engine.offline import generate
+    from faasmoe.model.moe_model import MoEModel
+    from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
     path = models_root / "gpu-check-tiny-qwen2_moe"
     if not (path / "config.json").exists():
@@ -44,7 +45,7 @@ def parity(device: str, models_root: Path) -> dict:
         model = MoEModel.from_pretrained(path, device=where, dtype=torch.float32, expert_block_size=4)
         with torch.inference_mode():
             logits[where] = model(prompts.to(where)).float().cpu()
-        tokens[where] = [r.token_ids for r in model.generate(prompts.tolist(), max_tokens=16, ignore_eos=True)]
+        tokens[where] = [r.token_ids for r in generate(model, prompts.tolist(), max_tokens=16, ignore_eos=True)]
         del model
     diff = (logits["cpu"] - logits[device]).abs()
     out.update(max_abs_diff=float(diff.max()), max_rel_diff=float((diff / logits["cpu"].abs().clamp_min(1e-3)).max()),
@@ -74,9 +75,8 @@ async def _timed_batch(endpoint, prompts: list[list[int]], max_tokens: int) -> f
 
 
 def decode(device: str, model_dir: Path, batches: list[int], max_tokens: int, threads: int | None) -> dict:
-    import random
-
     import os
+    import random
 
     from bench.paperlib.setups import SetupOptions, auto_threads, start_setup
 

@@ -136,7 +136,7 @@ def main() -> None:
     if args.quick:
         args.clients, args.seconds, args.dtype = 3, 15, "float32"
         if not args.model_dir:
-            from faasmoe.model_init import init_checkpoint
+            from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
             args.model_dir = str(init_checkpoint(ROOT / "models" / "bench-tiny", "qwen2_moe", progress=False))
     path = checkpoint(args)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime import protocol as p
-from runtime.transport import RpcChannel, client_handshake, open_connection
+from runtime.transport import RpcChannel, dial, stay_connected
 
-log = logging.getLogger("faasmoe.client")
+log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 RETRYABLE = ("no_memory", "load_failed", "unavailable")
@@ -86,24 +86,23 @@ class RuntimeClient:
 
     async def _keep_subscribed(self) -> None:
         """Follow the routing table; on scheduler loss keep the last table and reconnect."""
-        delay = 0.1
+        connect = lambda: dial(self.scheduler_address, self.token, "frontend", self.client_id,
+                               lambda _, message: self._on_scheduler_message(message))
         while True:
             try:
-                conn = await open_connection(self.scheduler_address)
-                await client_handshake(conn, self.token, "frontend", self.client_id)
-                channel = RpcChannel(conn, self._on_scheduler_message).start()
-                await channel.request(p.Subscribe(0), timeout=10)
-                self._scheduler = channel
-                delay = 0.1
-                await channel.closed.wait()
-                log.warning("lost the scheduler; serving from routing table v%d while reconnecting", self.version)
-            except p.ProtocolError as exc:
-                log.error("scheduler refused us: %s", exc)
-            except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-                pass
+                await stay_connected(connect, self._subscribed, f"scheduler {self.scheduler_address}")
+            except p.ProtocolError as exc:  # a frontend keeps serving its last table; knock again later
+                log.error("scheduler %s refused us: %s", self.scheduler_address, exc)
+                await asyncio.sleep(2.0)
+
+    async def _subscribed(self, channel: RpcChannel) -> None:
+        await channel.request(p.Subscribe(0), timeout=10)
+        self._scheduler = channel
+        try:
+            await channel.closed.wait()
+        finally:
             self._scheduler = None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        log.warning("lost the scheduler; serving from routing table v%d while reconnecting", self.version)
 
     def _on_scheduler_message(self, message: p.Message) -> None:
         if isinstance(message, p.RoutingUpdate) and message.version != self.version:
@@ -149,15 +148,14 @@ class RuntimeClient:
         info = self.workers.get(wid)
         if info is None:
             raise ConnectionError(f"worker {wid} is not in the routing table")
-        conn = await open_connection(info.address)
-        await client_handshake(conn, self.token, "frontend", self.client_id)
-        channel = RpcChannel(conn).start()
+        channel = await dial(info.address, self.token, "frontend", self.client_id)
         self._channels[wid] = channel
         self._known[wid] = set()  # a new connection may be a restarted worker
         return channel
 
     async def resolve(self, spec: p.FunctionSpec, exclude: set[str] = frozenset()) -> str:
-        """A worker for the function: from the table (fewest queued), else ask the scheduler."""
+        """A worker for the function: one of its replicas in the table at random (spreads load), else the
+        scheduler's placement."""
         candidates = [w for w in self.routes.get(spec.function_id, []) if w not in exclude and w in self.workers]
         if candidates:
             return random.choice(candidates)

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from runtime.cluster import workers_json
 from runtime.metrics import CONTENT_TYPE, merge_expositions
 from runtime.scheduler import Scheduler
 from runtime.transport import Address
 
 
 def cluster_json(scheduler: Scheduler, stats: list) -> dict:
-    return {
-        "routing_version": scheduler.version,
-        "workers": [
-            {
-                "id": s.worker.worker_id, "pid": s.worker.pid, "address": s.worker.address,
-                "device": s.worker.device, "budget_bytes": s.worker.budget_bytes,
-                "resident_bytes": int(s.counters.get("device_bytes", 0)),
-                "host_cache_bytes": int(s.counters.get("host_bytes", 0)),
-                "resident": sorted(r.function.function_id for r in s.resident if r.tier == "device"),
-            }
-            for s in stats
-        ],
-    }
+    return {"routing_version": scheduler.version, "workers": workers_json(stats)}
 
 
 async def start_http(scheduler: Scheduler, address: str) -> web.AppRunner:

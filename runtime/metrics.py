@@ -10,7 +10,7 @@ import bisect
 import math
 import re
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # 50 µs (a warm expert call on a GPU) .. 30 s (a cold load from disk, a long request).

@@ -14,8 +14,9 @@ import heapq
 import itertools
 import math
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol
+from typing import Protocol
 
 _MiB = float(1 << 20)
 
@@ -249,7 +250,7 @@ class LRUEviction:
 
     def victims(self, candidates: list[FunctionKey], need_bytes: int, now: float) -> list[FunctionKey]:
         old, young = _by_age(candidates, self._loaded, now, self.min_age_s)
-        lru = lambda k: (self._last.get(k.function_id, -math.inf), k.function_id)  # noqa: E731
+        lru = lambda k: (self._last.get(k.function_id, -math.inf), k.function_id)
         return _take([*sorted(old, key=lru), *sorted(young, key=lru)], need_bytes)
 
 

@@ -9,9 +9,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
+import torch
 
-log = logging.getLogger("faasmoe.pool")
+from runtime.budgets import device_budget, host_cache_budget
+
+log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -66,13 +68,12 @@ class LocalPool:
         memory = self.memory_bytes
         if memory is None and slot.device == "cpu":
             # CPU workers share one RAM: each gets its share, not 90% of all of it.
-            cpu_slots = sum(1 for s in self.slots if s.device == "cpu")
-            memory = int(psutil.virtual_memory().available * 0.9 / cpu_slots)
+            memory = device_budget(torch.device("cpu"), sharers=sum(1 for s in self.slots if s.device == "cpu"))
         if memory:
             args += ["--memory", str(memory)]
         host_cache = self.host_cache_bytes
         if host_cache is None:  # the pool's workers share the host's RAM for their caches too
-            host_cache = int(psutil.virtual_memory().available * 0.25 / len(self.slots))
+            host_cache = host_cache_budget(sharers=len(self.slots))
         args += ["--host-cache", str(host_cache)]
         # The token travels in the environment, not argv, so `ps` does not show it.
         env = {**os.environ, "FAASMOE_TOKEN": self.token}

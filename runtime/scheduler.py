@@ -22,7 +22,7 @@ from runtime.placement import CacheAwarePlacement, WorkerView
 from runtime.pool import LocalPool
 from runtime.transport import Address, Connection, RpcChannel, server_handshake, start_server
 
-log = logging.getLogger("faasmoe.scheduler")
+log = logging.getLogger(__name__)
 
 
 @dataclass

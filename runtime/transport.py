@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from runtime import protocol as p
 
-log = logging.getLogger("faasmoe.transport")
+log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -246,3 +246,46 @@ class RpcChannel:
 
 # Message types that answer a request (matched by req_id); anything else is unsolicited.
 _REPLIES = (p.Result, p.Error, p.Ok, p.Stats, p.Placement, p.ClusterState)
+
+
+async def dial(address: str, token: str, role: str, node_id: str,
+               on_message: Callable[[RpcChannel, p.Message], Awaitable[None] | None] | None = None) -> RpcChannel:
+    """Connect, prove the token and start an RPC channel; `on_message(channel, message)` gets pushes."""
+    conn = await open_connection(address)
+    try:
+        await client_handshake(conn, token, role, node_id)
+    except BaseException:
+        await conn.close()
+        raise
+    channel = RpcChannel(conn)
+    if on_message is not None:
+        channel.on_message = lambda message: on_message(channel, message)
+    return channel.start()
+
+
+async def stay_connected(connect: Callable[[], Awaitable[RpcChannel]], session: Callable[[RpcChannel], Awaitable[None]],
+                         peer: str, first_delay_s: float = 0.1, max_delay_s: float = 2.0) -> None:
+    """Run `session` on a fresh connection whenever the last one is gone, backing off between tries.
+
+    Any failure of a session is logged and followed by a reconnect, so a link never dies silently.
+    A refusal (ProtocolError: wrong token or version) is raised: retrying will not fix it.
+    """
+    delay = first_delay_s
+    while True:
+        channel: RpcChannel | None = None
+        try:
+            channel = await connect()
+            delay = first_delay_s
+            await session(channel)
+            log.warning("lost %s; reconnecting", peer)
+        except p.ProtocolError:
+            raise
+        except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            log.debug("%s unreachable: %s", peer, exc)
+        except Exception:  # a bug in a session must not end the link for good
+            log.exception("link to %s failed; reconnecting", peer)
+        finally:
+            if channel is not None:
+                await channel.close()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay_s)

@@ -10,7 +10,7 @@ import signal
 import socket
 import uuid
 
-from faasmoe.sizes import parse_size, parse_size_or_zero
+from runtime.sizes import parse_size, parse_size_or_zero
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,8 @@ def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
     import torch  # here, not at import: `faasmoe --help` and friends should not wait for torch
     import uvloop
 
-    from worker.worker import Worker, WorkerConfig, default_budget
+    from runtime.budgets import device_budget, host_cache_budget
+    from worker.worker import Worker, WorkerConfig
 
     token = args.token or os.environ.get("FAASMOE_TOKEN")
     if not token:
@@ -46,15 +47,12 @@ def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
     device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
-    import psutil
-
     config = WorkerConfig(
         worker_id=args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
         listen=args.listen or "0.0.0.0:0",
         device=str(device),
-        budget_bytes=args.memory or default_budget(device),
-        host_budget_bytes=args.host_cache if args.host_cache is not None
-        else int(psutil.virtual_memory().available * 0.25),
+        budget_bytes=args.memory or device_budget(device),
+        host_budget_bytes=args.host_cache if args.host_cache is not None else host_cache_budget(),
         token=token,
         scheduler=scheduler,
         eviction=args.eviction,
@@ -69,7 +67,13 @@ def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
+        running = asyncio.create_task(worker.run())
+        listening = asyncio.create_task(worker.listening.wait())
+        await asyncio.wait([running, listening], return_when=asyncio.FIRST_COMPLETED)
+        if worker.listening.is_set():
+            print(f"worker {config.worker_id} listening at {worker.info.address}", flush=True)
+        listening.cancel()
+        await running
 
     uvloop.run(main())
     return worker.exit_code

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from faasmoe.checkpoint import CheckpointReader, ExpertLayout, ExpertWeights
-from faasmoe.config import MoEConfig, parse_dtype
-from faasmoe.experts import ExpertBlock
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout, ExpertWeights
+from faasmoe.model.config import MoEConfig, parse_dtype
+from faasmoe.model.experts import ExpertBlock
 from runtime.policies import EvictionPolicy, FunctionKey, KeepAlivePolicy
 from runtime.protocol import FunctionSpec
 
-log = logging.getLogger("faasmoe.worker.memory")
+log = logging.getLogger(__name__)
 
 
 class NoMemory(RuntimeError):
@@ -136,9 +136,6 @@ class ExpertStore:
     @property
     def used_bytes(self) -> int:
         return sum(r.nbytes for r in self.resident.values())
-
-    def loading_ids(self) -> list[str]:
-        return list(self._loading)
 
     def model(self, path: str) -> tuple[CheckpointReader, MoEConfig]:
         if path not in self._models:

@@ -21,10 +21,10 @@ import torch
 from runtime import protocol as p
 from runtime.metrics import Registry
 from runtime.policies import make_eviction, make_keep_alive
-from runtime.transport import Connection, RpcChannel, client_handshake, open_connection, server_handshake, start_server
+from runtime.transport import Connection, RpcChannel, dial, server_handshake, start_server, stay_connected
 from worker.memory import ExpertStore, HostCache, LoadFailed, NoMemory, Resident
 
-log = logging.getLogger("faasmoe.worker")
+log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 EXPIRE_CHECK_S = 0.25
@@ -49,23 +49,6 @@ class WorkerConfig:
     node: str = ""
     max_parallel_loads: int = 2
     parent_pid: int | None = None  # local pool: die with the scheduler instead of lingering
-
-
-def default_budget(device: torch.device, fraction: float = 0.9) -> int:
-    """What the device can hold now: free GPU memory (pynvml, else torch) or available RAM."""
-    if device.type == "cuda":
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-            free = pynvml.nvmlDeviceGetMemoryInfo(handle).free
-        except Exception:  # no NVML (containers): ask the CUDA runtime
-            free, _ = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
-    import psutil
-
-    return int(psutil.virtual_memory().available * fraction)
 
 
 class Worker:
@@ -93,6 +76,7 @@ class Worker:
         self._row_cost: dict[str, float] = {}  # measured compute seconds per row, per function (EWMA)
         self.info: p.WorkerInfo | None = None
         self._stopping = asyncio.Event()
+        self.listening = asyncio.Event()  # set once `info` holds the address
         self.exit_code = 0
 
     def _keep_alive_for(self, spec: p.FunctionSpec):
@@ -127,7 +111,7 @@ class Worker:
         )
         log.info("worker %s on %s listening at %s (budget %d bytes)", self.config.worker_id, self.device,
                  address, self.config.budget_bytes)
-        print(f"worker {self.config.worker_id} listening at {address}", flush=True)
+        self.listening.set()
         tasks = [asyncio.create_task(self._expire_loop())]
         if self.config.scheduler:
             tasks.append(asyncio.create_task(self._scheduler_loop()))
@@ -165,39 +149,35 @@ class Worker:
 
     async def _scheduler_loop(self) -> None:
         """Stay registered: reconnect with backoff whenever the scheduler goes away."""
-        delay = 0.2
-        while True:
-            try:
-                conn = await open_connection(self.config.scheduler)
-                await client_handshake(conn, self.config.token, "worker", self.config.worker_id)
-                channel = RpcChannel(conn, lambda m: self._handle_scheduler_message(channel, m)).start()
-                reply = await channel.request(p.Register(0, self.info, self._resident_list()), timeout=10)
-                if isinstance(reply, p.Error):
-                    raise p.ProtocolError(reply.message)
-                self._scheduler = channel
-                delay = 0.2
-                log.info("registered with scheduler %s", self.config.scheduler)
-                seq = 0
-                while not channel.closed.is_set():
-                    seq += 1
-                    await channel.conn.send_drain(p.Heartbeat(seq, time.time(), self._queue_depth, self._hot()))
-                    try:
-                        await asyncio.wait_for(channel.closed.wait(), HEARTBEAT_S)
-                    except TimeoutError:
-                        pass
-                log.warning("lost the scheduler %s; reconnecting", self.config.scheduler)
-            except p.ProtocolError as exc:
-                # A wrong token or version will not fix itself: stop instead of knocking forever.
-                log.error("scheduler %s refused worker %s: %s", self.config.scheduler, self.config.worker_id, exc)
-                print(f"faasmoe: error: scheduler {self.config.scheduler} refused this worker: {exc}", flush=True)
-                self.exit_code = 2
-                self.stop()
-                return
-            except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
-                log.debug("scheduler %s unreachable: %s", self.config.scheduler, exc)
+        address = self.config.scheduler
+        connect = lambda: dial(address, self.config.token, "worker", self.config.worker_id,
+                               self._handle_scheduler_message)
+        try:
+            await stay_connected(connect, self._registered, f"scheduler {address}", first_delay_s=0.2)
+        except p.ProtocolError as exc:
+            # A wrong token or version will not fix itself: stop instead of knocking forever.
+            log.error("scheduler %s refused this worker (%s): %s", address, self.config.worker_id, exc)
+            self.exit_code = 2
+            self.stop()
+
+    async def _registered(self, channel: RpcChannel) -> None:
+        """Register what this worker holds, then heartbeat until the connection drops."""
+        reply = await channel.request(p.Register(0, self.info, self._resident_list()), timeout=10)
+        if isinstance(reply, p.Error):
+            raise p.ProtocolError(reply.message)
+        self._scheduler = channel
+        log.info("registered with scheduler %s", self.config.scheduler)
+        try:
+            seq = 0
+            while not channel.closed.is_set():
+                seq += 1
+                await channel.conn.send_drain(p.Heartbeat(seq, time.time(), self._queue_depth, self._hot()))
+                try:
+                    await asyncio.wait_for(channel.closed.wait(), HEARTBEAT_S)
+                except TimeoutError:
+                    pass
+        finally:
             self._scheduler = None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
     async def _handle_scheduler_message(self, channel: RpcChannel, message: p.Message) -> None:
         if isinstance(message, p.Heartbeat):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from faasmoe.checkpoint import CheckpointReader, ExpertLayout
-from faasmoe.config import MoEConfig
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
+from faasmoe.model.config import MoEConfig
 
 PUBLISHED = {
     "busiest_over_mean": "Mixtral-8x7B: busiest expert 1.1-1.7x the mean load of its layer",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from faasmoe.model_init import init_checkpoint, tensor_specs, zipf_targets
-from faasmoe.presets import get_preset
+from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint, tensor_specs, zipf_targets
+from faasmoe.model.synthetic.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -100,7 +100,7 @@ async def replay(schedule: list[Request], endpoints: dict[str, Endpoint],
             sent = start + result.scheduled_at  # late sends still count from the schedule
             try:
                 await stream_completion(session, endpoints[request.tenant], request, result, sent)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
                 result.error = f"{type(exc).__name__}: {exc}"[:200]
             result.finished_at = time.perf_counter() - start if result.error is None else None
 

@@ -15,10 +15,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from bench.paperlib.setups import TOKEN, RunningSetup, admin_cluster
 from runtime import protocol as p
 from runtime.transport import RpcChannel, client_handshake, open_connection
-
-from bench.paperlib.setups import TOKEN, RunningSetup, admin_cluster
 
 log = logging.getLogger("bench.paper.probe")
 

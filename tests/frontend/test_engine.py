@@ -8,18 +8,19 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from faasmoe.checkpoint import CheckpointReader, ExpertLayout
-from faasmoe.deployments import Deployment, DeploymentSpec, Deployments
-from faasmoe.experts import LocalExpertExecutor
-from faasmoe.model import MoEModel, load_expert_blocks
-from faasmoe.remote import InProcessExpertExecutor
-from faasmoe.requests import Finished, GenerationRequest
-from faasmoe.sampling import SamplingParams
+from faasmoe.engine.deployments import Deployment, Deployments, DeploymentSpec
+from faasmoe.engine.executors import InProcessExpertExecutor
+from faasmoe.engine.offline import generate
+from faasmoe.engine.requests import Finished, GenerationRequest
+from faasmoe.engine.sampling import SamplingParams
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
+from faasmoe.model.experts import LocalExpertExecutor
+from faasmoe.model.moe_model import MoEModel, load_expert_blocks
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from faasmoe.model_init import init_checkpoint
+    from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
     return init_checkpoint(tmp_path_factory.mktemp("engine") / "tiny", "olmoe", seed=4, progress=False)
 
@@ -50,7 +51,7 @@ async def test_concurrent_requests_share_steps_and_match_the_model(model_dir):
     dep = deployment(model_dir)
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5], [42]]
     results = await asyncio.gather(*(run(dep, p, 8) for p in prompts))
-    expected = MoEModel.from_pretrained(model_dir, expert_block_size=4).generate(prompts, max_tokens=8, ignore_eos=True)
+    expected = generate(MoEModel.from_pretrained(model_dir, expert_block_size=4), prompts, max_tokens=8, ignore_eos=True)
     assert [tokens for tokens, _ in results] == [r.token_ids for r in expected]
     assert dep.engine.steps == 8  # one prefill+decode step per token, shared by all three
     await dep.engine.stop()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from faasmoe.cli import main
-from faasmoe.tenants import TenantStore
-from runtime.ledger import UsageLedger, UsageRecord, parse_since
+from faasmoe.tenancy.ledger import UsageLedger, UsageRecord, parse_since
+from faasmoe.tenancy.tenants import TenantStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,7 +74,7 @@ def test_usage_survives_sigkill_of_the_writer(tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     script = textwrap.dedent(f"""
         import sys, time
-        from runtime.ledger import UsageLedger, UsageRecord
+        from faasmoe.tenancy.ledger import UsageLedger, UsageRecord
         ledger = UsageLedger({str(db)!r})
         for i in range(20):
             ledger.record(UsageRecord(f"req-{{i}}", "acme", "tiny", prompt_tokens=i, finished_at=1000.0 + i))

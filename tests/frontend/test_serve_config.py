@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from faasmoe.serve_config import ConfigError, ServeConfig
+from faasmoe.serve.config import ConfigError, ServeConfig
 
 EXAMPLE = """
 [server]
@@ -67,10 +67,10 @@ def test_example_loads_with_paths_relative_to_the_file(tmp_path: Path) -> None:
     assert (tiny.expert_block_size, tiny.keep_alive, tiny.trunk_keep_alive, tiny.dtype) == (4, 30.0, 0.0, "float32")
     assert private.private and private.owner == "acme" and private.keep_alive is None and private.dtype is None
     acme, ops = cfg.tenants
-    assert (acme.models, acme.max_concurrent, acme.tokens_per_minute, acme.memory_quota_bytes) == \
+    assert (acme.allowed_models, acme.max_concurrent, acme.tokens_per_minute, acme.memory_quota_bytes) == \
         (["tiny", "acme-ft"], 4, 20000, 2 << 30)
     assert acme.api_keys == ["fm-acme-fixed-key-0123456789"] and not acme.admin
-    assert ops.admin and ops.models == ["*"] and ops.memory_quota_bytes == 0
+    assert ops.admin and ops.allowed_models == ["*"] and ops.memory_quota_bytes == 0
     assert cfg.model("acme-ft") is private and cfg.model("nope") is None
 
 
@@ -80,7 +80,7 @@ def test_everything_is_optional(tmp_path: Path) -> None:
     assert (cfg.server.host, cfg.server.port, cfg.server.workers, cfg.server.state) == ("127.0.0.1", 8000, None, None)
     cfg = ServeConfig.load(write(tmp_path, '[[models]]\npath = "models/acme"\n[[tenants]]\nname = "t"\n'
                                            'memory_quota = 1048576'))
-    assert cfg.models[0].name == "acme" and cfg.tenants[0].models == ["*"]  # name defaults to the directory
+    assert cfg.models[0].name == "acme" and cfg.tenants[0].allowed_models == ["*"]  # name defaults to the directory
     assert cfg.tenants[0].memory_quota_bytes == 1 << 20
 
 

@@ -20,8 +20,9 @@ import openai
 import pytest
 import torch
 
-from faasmoe.model import MoEModel
-from faasmoe.model_init import init_checkpoint
+from faasmoe.engine.offline import generate
+from faasmoe.model.moe_model import MoEModel
+from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
 from ..processes import faasmoe, free_port
 
@@ -93,7 +94,7 @@ def test_distributed_tokens_and_logprobs_equal_the_in_process_model(server, mode
     prompt = [12, 250, 7, 99, 31, 5]
     reply = client(server).completions.create(model=family, prompt=prompt, max_tokens=10, temperature=0,
                                               logprobs=1, extra_body={"ignore_eos": True})
-    reference = MoEModel.from_pretrained(models[family], expert_block_size=4).generate(
+    reference = generate(MoEModel.from_pretrained(models[family], expert_block_size=4),
         [prompt], max_tokens=10, ignore_eos=True)[0]
     choice = reply.choices[0]
     assert choice.text == reference.text
@@ -214,7 +215,7 @@ def test_ledger_rows_survive_a_sigkill(server):
                                  extra_body={"ignore_eos": True}) for n in (3, 5)]
     os.kill(server.proc.pid, signal.SIGKILL)  # its workers notice their parent is gone and exit
     server.proc.wait(30)
-    from runtime.ledger import UsageLedger
+    from faasmoe.tenancy.ledger import UsageLedger
 
     rows = {r.request_id: r for r in UsageLedger(server.state).query(tenant="globex")}
     for reply in done:

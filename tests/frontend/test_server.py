@@ -20,16 +20,17 @@ import pytest_asyncio
 import torch
 from aiohttp import web
 
-from faasmoe.checkpoint import CheckpointReader, ExpertLayout
-from faasmoe.deployments import Deployment, DeploymentSpec, Deployments
-from faasmoe.experts import LocalExpertExecutor
-from faasmoe.limits import Admission
-from faasmoe.model import MoEModel, load_expert_blocks
-from faasmoe.model_init import init_checkpoint
-from faasmoe.remote import InProcessExpertExecutor
-from faasmoe.server import FrontendContext, create_app
-from faasmoe.tenants import TenantStore
-from runtime.ledger import UsageLedger
+from faasmoe.api.app import FrontendContext, create_app
+from faasmoe.engine.deployments import Deployment, Deployments, DeploymentSpec
+from faasmoe.engine.executors import InProcessExpertExecutor
+from faasmoe.engine.offline import generate
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
+from faasmoe.model.experts import LocalExpertExecutor
+from faasmoe.model.moe_model import MoEModel, load_expert_blocks
+from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
+from faasmoe.tenancy.admission import Admission
+from faasmoe.tenancy.ledger import UsageLedger
+from faasmoe.tenancy.tenants import TenantStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -125,7 +126,7 @@ async def raw(server: Server, method: str, path: str, body: object = None, tenan
 
 
 def greedy(reference: MoEModel, prompt: str | list[int], max_tokens: int, **kw):
-    return reference.generate([prompt], temperature=0.0, max_tokens=max_tokens, **kw)[0]
+    return generate(reference, [prompt], temperature=0.0, max_tokens=max_tokens, **kw)[0]
 
 
 def assert_error(payload: object, type_: str, param: str | None = None) -> dict:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from faasmoe.cli import main
-from faasmoe.tenants import Tenant, TenantStore
+from faasmoe.tenancy.database import default_state_path
+from faasmoe.tenancy.limits import TenantLimits
+from faasmoe.tenancy.tenants import Tenant, TenantStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +34,7 @@ def test_issued_key_authenticates_and_is_never_stored(store: TenantStore) -> Non
                                    memory_quota_bytes=2 << 30)
     assert key.startswith("fm-acme-") and len(key) == len("fm-acme-") + 32
     assert store.authenticate(key) == tenant
-    assert tenant.allows("tiny") and not tenant.allows("other")
+    assert tenant.allowed_models == ["tiny"]
     second = store.add_key("acme")
     assert second != key and store.authenticate(second).name == "acme"
     assert store.key_count("acme") == 2
@@ -93,11 +95,11 @@ def test_update_limits_applies_to_the_next_authentication(store: TenantStore) ->
 
 
 def test_ensure_tenant_creates_once_then_updates(store: TenantStore) -> None:
-    tenant, key = store.ensure_tenant("acme", allowed_models=["tiny"], max_concurrent=2)
+    tenant, key = store.ensure_tenant("acme", TenantLimits(allowed_models=["tiny"], max_concurrent=2))
     assert key is not None and store.authenticate(key) == tenant
-    tenant2, key2 = store.ensure_tenant("acme", allowed_models=["tiny"], max_concurrent=2)
+    tenant2, key2 = store.ensure_tenant("acme", TenantLimits(allowed_models=["tiny"], max_concurrent=2))
     assert key2 is None and tenant2 == tenant and store.key_count("acme") == 1
-    tenant3, _ = store.ensure_tenant("acme", allowed_models=["*"], max_concurrent=8)
+    tenant3, _ = store.ensure_tenant("acme", TenantLimits(allowed_models=["*"], max_concurrent=8))
     assert tenant3.max_concurrent == 8 and tenant3.created_at == tenant.created_at
     assert store.authenticate(key).max_concurrent == 8
 
@@ -118,7 +120,7 @@ def test_ensure_tenant_with_fixed_keys(store: TenantStore) -> None:
 
 def test_tenant_defaults() -> None:
     t = Tenant("x")
-    assert t.allows("anything") and (t.max_concurrent, t.tokens_per_minute, t.memory_quota_bytes) == (0, 0, 0)
+    assert t.allowed_models == ["*"] and (t.max_concurrent, t.tokens_per_minute, t.memory_quota_bytes) == (0, 0, 0)
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
@@ -140,6 +142,21 @@ def test_cli_tenant_round_trip_in_subprocesses(tmp_path: Path) -> None:
     listed = _cli("tenant", "list", env={"FAASMOE_STATE": str(db)})  # $FAASMOE_STATE is the default --state
     assert listed.returncode == 0, listed.stderr
     assert "acme" in listed.stdout and "tiny,big" in listed.stdout and "fm-" not in listed.stdout
+
+
+def test_default_state_is_the_user_data_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home, work = tmp_path / "home", tmp_path / "checkout"
+    work.mkdir()
+    monkeypatch.delenv("FAASMOE_STATE", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    added = subprocess.run([sys.executable, "-m", "faasmoe.cli", "tenant", "add", "acme"], cwd=work,
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(home)})
+    assert added.returncode == 0, added.stderr
+    assert (home / ".local/share/faasmoe/faasmoe.db").exists() and not list(work.iterdir())
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_state_path() == tmp_path / "xdg" / "faasmoe" / "faasmoe.db"
+    monkeypatch.setenv("FAASMOE_STATE", str(tmp_path / "explicit.db"))
+    assert default_state_path() == tmp_path / "explicit.db"
 
 
 def test_cli_tenant_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from faasmoe.checkpoint import CheckpointError, CheckpointReader, ExpertLayout
-from faasmoe.config import ConfigError, MoEConfig
-from faasmoe.model import MoEModel
+from faasmoe.model.checkpoint import CheckpointError, CheckpointReader, ExpertLayout
+from faasmoe.model.config import ConfigError, MoEConfig
+from faasmoe.model.moe_model import MoEModel
 
 from ..pagecache import drop_page_cache, page_cache_bytes
+
 
 @pytest.fixture(scope="module")
 def wide_checkpoints(tmp_path_factory):

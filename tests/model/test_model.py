@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from faasmoe.model import MoEModel
-from faasmoe.sampling import SamplingParams
+from faasmoe.engine.offline import generate
+from faasmoe.engine.sampling import SamplingParams
+from faasmoe.model.moe_model import MoEModel
 
 from .conftest import relative_error
 
@@ -30,8 +31,8 @@ def test_incremental_decoding_equals_full_forward(model):
 
 def test_batch_of_different_lengths_gives_each_prompts_tokens(model):
     prompts = [[3, 9, 27], [81, 4, 12, 36, 7, 70, 1], [50], [11, 22, 33, 44, 55]]
-    alone = [model.generate([p], max_tokens=10, ignore_eos=True)[0].token_ids for p in prompts]
-    together = [r.token_ids for r in model.generate(prompts, max_tokens=10, ignore_eos=True)]
+    alone = [generate(model, [p], max_tokens=10, ignore_eos=True)[0].token_ids for p in prompts]
+    together = [r.token_ids for r in generate(model, prompts, max_tokens=10, ignore_eos=True)]
     assert together == alone
     assert all(len(t) == 10 for t in together)
 
@@ -52,16 +53,16 @@ def test_every_block_size_gives_the_same_logits(hf_checkpoint, variant):
 
 def test_sampling_is_reproducible_with_a_seed(model):
     params = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.9, seed=7, ignore_eos=True)
-    first = model.generate([[1, 2, 3]], params)[0].token_ids
-    again = model.generate([[1, 2, 3]], params)[0].token_ids
-    other = model.generate([[1, 2, 3]], SamplingParams(max_tokens=12, temperature=1.5, seed=8, ignore_eos=True))
-    greedy = model.generate([[1, 2, 3]], max_tokens=12, ignore_eos=True)[0].token_ids
+    first = generate(model, [[1, 2, 3]], params)[0].token_ids
+    again = generate(model, [[1, 2, 3]], params)[0].token_ids
+    other = generate(model, [[1, 2, 3]], SamplingParams(max_tokens=12, temperature=1.5, seed=8, ignore_eos=True))
+    greedy = generate(model, [[1, 2, 3]], max_tokens=12, ignore_eos=True)[0].token_ids
     assert first == again
     assert first != other[0].token_ids or first != greedy
 
 
 def test_top_p_keeps_only_the_nucleus():
-    from faasmoe.sampling import Sampler
+    from faasmoe.engine.sampling import Sampler
 
     logits = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05]))
     sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.8, seed=0))
@@ -70,9 +71,9 @@ def test_top_p_keeps_only_the_nucleus():
 
 
 def test_stop_token_and_max_tokens(model):
-    free = model.generate([[5, 6]], max_tokens=8, ignore_eos=True)[0]
+    free = generate(model, [[5, 6]], max_tokens=8, ignore_eos=True)[0]
     stop_at = free.token_ids[3]
-    stopped = model.generate([[5, 6]], max_tokens=8, stop_token_ids=[stop_at])[0]
+    stopped = generate(model, [[5, 6]], max_tokens=8, stop_token_ids=[stop_at])[0]
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
     assert free.finish_reason == "length"
@@ -80,9 +81,9 @@ def test_stop_token_and_max_tokens(model):
 
 def test_bad_inputs_are_rejected_clearly(model):
     with pytest.raises(ValueError, match="token id out of range"):
-        model.generate([[5, 1000]], max_tokens=2)
+        generate(model, [[5, 1000]], max_tokens=2)
     with pytest.raises(ValueError, match="at least one token"):
-        model.generate([[]], max_tokens=2)
+        generate(model, [[]], max_tokens=2)
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
@@ -95,7 +96,7 @@ def test_bad_inputs_are_rejected_clearly(model):
 
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory):
-    from faasmoe.model_init import init_checkpoint
+    from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
     path = init_checkpoint(tmp_path_factory.mktemp("tiny") / "m", "qwen2_moe", seed=1, progress=False)
     return MoEModel.from_pretrained(path)
@@ -103,10 +104,10 @@ def tiny_with_tokenizer(tmp_path_factory):
 
 def test_stop_string_cuts_the_text(tiny_with_tokenizer):
     model = tiny_with_tokenizer
-    free = model.generate(["Once upon a time"], max_tokens=24, ignore_eos=True)[0]
+    free = generate(model, ["Once upon a time"], max_tokens=24, ignore_eos=True)[0]
     assert len(free.text) > 6
     stop = free.text[3:5]
-    stopped = model.generate(["Once upon a time"], max_tokens=24, ignore_eos=True, stop=[stop])[0]
+    stopped = generate(model, ["Once upon a time"], max_tokens=24, ignore_eos=True, stop=[stop])[0]
     assert stopped.finish_reason == "stop"
     assert stop not in stopped.text
     assert free.text.startswith(stopped.text)
@@ -117,8 +118,8 @@ def test_string_prompts_and_chat_template(tiny_with_tokenizer):
     model = tiny_with_tokenizer
     prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert prompt.endswith("<|im_start|>assistant\n")
-    by_text = model.generate([prompt], max_tokens=5, ignore_eos=True)[0]
-    by_ids = model.generate([model.tokenizer.encode(prompt)], max_tokens=5, ignore_eos=True)[0]
+    by_text = generate(model, [prompt], max_tokens=5, ignore_eos=True)[0]
+    by_ids = generate(model, [model.tokenizer.encode(prompt)], max_tokens=5, ignore_eos=True)[0]
     assert by_text.token_ids == by_ids.token_ids
     assert by_text.text == model.tokenizer.decode(by_text.token_ids)
 

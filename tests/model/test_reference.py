@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from faasmoe.model import MoEModel
+from faasmoe.engine.offline import generate
+from faasmoe.model.moe_model import MoEModel
 
 from .conftest import VARIANTS, load_reference, relative_error
 
@@ -48,14 +49,14 @@ def test_greedy_tokens_match_transformers(hf_checkpoint, variant):
             torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
         )
     expected = out[0, len(prompt):].tolist()
-    result = MoEModel.from_pretrained(path).generate([prompt], max_tokens=12, ignore_eos=True)[0]
+    result = generate(MoEModel.from_pretrained(path), [prompt], max_tokens=12, ignore_eos=True)[0]
     assert result.token_ids == expected
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "qwen3_moe", "olmoe"])
 @pytest.mark.parametrize("options", [{}, {"expert_format": "fused", "router_skew": 1.0}])
 def test_model_init_output_matches_transformers(tmp_path, family, options):
-    from faasmoe.model_init import init_checkpoint
+    from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
     path = init_checkpoint(tmp_path / family, family, preset="tiny", seed=3, progress=False, **options)
     model = MoEModel.from_pretrained(path)

@@ -11,8 +11,8 @@ import pytest
 import tokenizers
 import tokenizers.processors
 
-from faasmoe.text import IncrementalDetokenizer, Tokenizer
-from faasmoe.tokenizer_files import SPECIAL_TOKENS, write_tokenizer_files
+from faasmoe.model.synthetic.tokenizer_files import SPECIAL_TOKENS, write_tokenizer_files
+from faasmoe.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import urllib.request
 import struct
 import time
+import urllib.request
 
 import pytest
 import torch
 
-from faasmoe.checkpoint import CheckpointReader, ExpertLayout
-from faasmoe.config import MoEConfig
-from faasmoe.experts import ExpertBlock
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
+from faasmoe.model.config import MoEConfig
+from faasmoe.model.experts import ExpertBlock
 from runtime import protocol as p
 from runtime.client import FunctionCall, RuntimeClient
 
@@ -30,7 +30,7 @@ BLOCK = 4  # experts per function; the tiny qwen2_moe has 16 per layer
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from faasmoe.model_init import init_checkpoint
+    from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
     return init_checkpoint(tmp_path_factory.mktemp("models") / "tiny", "qwen2_moe", seed=5, progress=False)
 
@@ -115,7 +115,7 @@ async def test_cold_then_warm_invoke_over_a_local_pool(model_dir):
         assert 'faasmoe_resident_expert_bytes{worker="local-0",tier="device"}' in text
         cluster = json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{http_port}/cluster"))
         assert sorted(w["id"] for w in cluster["workers"]) == ["local-0", "local-1"]
-        assert sum(len(w["resident"]) for w in cluster["workers"]) == 4
+        assert sum(len(w["resident_functions"]) for w in cluster["workers"]) == 4
     finally:
         if client:
             await client.close()

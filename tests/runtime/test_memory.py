@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from faasmoe.config import MoEConfig
+from faasmoe.model.config import MoEConfig
 from runtime.policies import HybridHistogramKeepAlive, make_eviction, make_keep_alive
 from runtime.protocol import FunctionSpec
 from worker.memory import ExpertStore, HostCache, NoMemory
@@ -16,7 +16,7 @@ from worker.memory import ExpertStore, HostCache, NoMemory
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from faasmoe.model_init import init_checkpoint
+    from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
     return init_checkpoint(tmp_path_factory.mktemp("mem") / "tiny", "qwen2_moe", seed=2, progress=False)
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from runtime import protocol as p
+from runtime.transport import Address, client_handshake, open_connection, server_handshake, start_server
 
 T = p._TYPE_KEY
-from runtime.transport import Address, client_handshake, open_connection, server_handshake, start_server
 
 
 def roundtrip(message: p.Message) -> p.Message:
@@ -76,15 +76,15 @@ def test_every_message_type_roundtrips():
     struct.pack(">I", len(m := msgpack.packb({T: p.Ok.TYPE, "nope": 1}))) + m,  # unknown field
     struct.pack(">I", len(m := msgpack.packb("hello"))) + m,  # not a message
     struct.pack(">I", len(m := msgpack.packb({"req_id": 1}))) + m,  # a map without a type
-    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output": 
+    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output":
         msgpack.ExtType(1, struct.pack("<BBQQQ", 0, 1, 0, 4000, 1000))}))) + m,  # tensor beyond the frame
-    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output": 
+    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output":
         msgpack.ExtType(1, struct.pack("<BBQQQ", 77, 1, 0, 4, 1))}))) + m + b"xxxx",  # unknown dtype
-    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output": 
+    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output":
         msgpack.ExtType(1, struct.pack("<BBQQQ", 0, 1, 0, 4, 2))}))) + m + b"xxxx",  # shape != bytes
-    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output": 
+    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output":
         msgpack.ExtType(1, b"\x00\x01")}))) + m,  # truncated descriptor
-    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output": 
+    struct.pack(">I", len(m := msgpack.packb({T: p.Result.TYPE, "req_id": 1, "output":
         msgpack.ExtType(9, b"")}))) + m,  # unknown extension
 ])
 def test_malformed_frames_raise_protocol_error(body):

@@ -1,0 +1,372 @@
+"""The frontend's HTTP API: OpenAI-compatible generation, models, health, metrics, usage, admin.
+
+Handlers are thin: authenticate, validate (`faasmoe.openai_api`), admit, submit to the model's
+engine, and move its events to JSON or server-sent events (`faasmoe.openai_responses`). Every
+failure leaves through one middleware that renders OpenAI's error JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from faasmoe.api.inflight import ClientGone, FrontendMetrics, InFlightRequest
+from faasmoe.api.openai_requests import (
+    ApiError,
+    GenerationBody,
+    error_body,
+    invalid,
+    model_not_found,
+    parse_chat,
+    parse_completion,
+    parse_json_body,
+    prepare,
+)
+from faasmoe.api.openai_responses import ResponseShape
+from faasmoe.engine.deployments import Deployment, Deployments
+from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent
+from faasmoe.tenancy.admission import Admission
+from faasmoe.tenancy.ledger import UsageLedger, parse_since
+from faasmoe.tenancy.tenants import Tenant, TenantStore
+from runtime.metrics import CONTENT_TYPE, merge_expositions
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 2**20  # a long context's token ids or messages, with room to spare
+# Who calls with the admin key generates as this tenant; the leading "_" is not a valid tenant
+# name, so it never shares limits or usage rows with a real one.
+ADMIN_TENANT = "_admin"
+
+
+@dataclass
+class FrontendContext:
+    """What the HTTP layer serves from; built by `faasmoe serve` / `faasmoe frontend`."""
+
+    deployments: Deployments
+    tenants: TenantStore | None  # None: single-tenant mode
+    api_key: str | None  # single-tenant key; None with tenants None = open (loopback only; the CLI enforces)
+    admin_key: str | None
+    admission: Admission
+    ledger: UsageLedger | None
+    cluster_state: Callable[[], Awaitable[dict]]  # the body of GET /admin/cluster
+    runtime_metrics: Callable[[], Awaitable[str]]  # Prometheus text of the scheduler and workers
+    max_waiting: int = 512  # requests queued per model before new ones get 503 (bounded queues)
+
+
+@dataclass
+class Principal:
+    """The authenticated caller: the tenant it acts as and whether it may use the admin API."""
+
+    tenant: Tenant
+    admin: bool
+
+
+CONTEXT = web.AppKey("context", FrontendContext)
+METRICS = web.AppKey("metrics", FrontendMetrics)
+BACKGROUND = web.AppKey("background", set)
+
+
+def create_app(ctx: FrontendContext) -> web.Application:
+    """The aiohttp application of one frontend."""
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app[CONTEXT] = ctx
+    app[METRICS] = FrontendMetrics()
+    app[BACKGROUND] = set()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/v1/usage", usage)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/cluster", cluster)
+    app.on_shutdown.append(_finish_background)
+    return app
+
+
+async def _finish_background(app: web.Application) -> None:
+    """Let abandoned requests record their usage before the process goes."""
+    tasks = list(app[BACKGROUND])
+    if tasks:
+        await asyncio.wait(tasks, timeout=15.0)
+
+
+# --- the one error path ------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+                413: "invalid_request_error"}.get(exc.status, "server_error" if exc.status >= 500 else
+                                                   "invalid_request_error")
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else \
+            f"{exc.reason}: {request.method} {request.path}"
+        return _error_response(ApiError(exc.status, message, kind), dict(exc.headers))
+    except ConnectionResetError:  # the client left; nobody reads an answer, aiohttp logs the access
+        return web.Response(status=499)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _error_response(ApiError(500, "The server had an error while processing your request.",
+                                        "server_error"))
+
+
+def _error_response(exc: ApiError, headers: dict[str, str] | None = None) -> web.Response:
+    merged = {k: v for k, v in (headers or {}).items() if k.lower() not in ("content-type", "content-length")}
+    merged.update(exc.headers)
+    return web.json_response(exc.body(), status=exc.status, headers=merged)
+
+
+# --- authentication ----------------------------------------------------------------------------------
+
+
+def _authenticate(request: web.Request) -> Principal:
+    ctx = request.app[CONTEXT]
+    key = _bearer_key(request)
+    admin_key = ctx.admin_key is not None and key is not None and _same(key, ctx.admin_key)
+    if ctx.tenants is not None:
+        tenant = ctx.tenants.authenticate(key) if key is not None else None
+        if tenant is not None:
+            return Principal(tenant, tenant.admin or admin_key)
+    elif ctx.api_key is not None:
+        # Single-tenant: the one user is the operator unless a separate admin key was set (the
+        # serve CLI passes the api key as the admin key too: that user still generates as "default").
+        if key is not None and _same(key, ctx.api_key):
+            return Principal(Tenant("default"), admin=ctx.admin_key is None or admin_key)
+    else:
+        return Principal(Tenant("anonymous"), admin=ctx.admin_key is None or admin_key)  # any key is fine
+    if admin_key:
+        return Principal(Tenant(ADMIN_TENANT, admin=True), admin=True)
+    raise _unauthorized(key)
+
+
+def _bearer_key(request: web.Request) -> str | None:
+    scheme, _, key = request.headers.get("Authorization", "").strip().partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _unauthorized(key: str | None) -> ApiError:
+    message = ("You didn't provide an API key. Send it in an Authorization header: `Authorization: Bearer KEY`."
+               if key is None else "Incorrect API key provided.")
+    return ApiError(401, message, "authentication_error", code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
+def _require_admin(request: web.Request) -> Principal:
+    principal = _authenticate(request)
+    if not principal.admin:
+        raise ApiError(403, "This endpoint needs the admin key or an admin tenant's key.", "permission_error",
+                       code="forbidden")
+    return principal
+
+
+# --- generation ----------------------------------------------------------------------------------------
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions"""
+    return await _generate(request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions"""
+    return await _generate(request, chat=True)
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    tenant = _authenticate(request).tenant
+    body_json = parse_json_body(await request.read())
+    body = parse_chat(body_json) if chat else parse_completion(body_json)
+    deployment = ctx.deployments.get(body.model, tenant.name, tenant.allowed_models)
+    if deployment is None:
+        raise model_not_found(body.model)
+    prompt = prepare(body, deployment.tokenizer, deployment.max_context, deployment.config.vocab_size)
+    gen = GenerationRequest(deployment.name, prompt.token_ids, prompt.params, tenant=tenant.name,
+                            logprobs=body.logprobs,
+                            request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
+    shape = ResponseShape(chat, gen.request_id, deployment.name, deployment.tokenizer, body.logprobs,
+                          prompt.echo_text)
+    run = _admit(request, deployment, tenant, gen)
+    try:
+        run.submit()
+        if body.stream:
+            return await _stream(request, run, shape, body)
+        return await _collect(request, run, shape)
+    finally:
+        run.abandon()  # a no-op when it completed; otherwise frees the sequence and the tenant's slot
+
+
+def _admit(request: web.Request, deployment: Deployment, tenant: Tenant, gen: GenerationRequest) -> InFlightRequest:
+    ctx, metrics = request.app[CONTEXT], request.app[METRICS]
+    if len(deployment.engine.waiting) >= ctx.max_waiting:
+        metrics.rejected.labels(tenant=tenant.name, code="overloaded").inc()
+        raise ApiError(503, f"The model {deployment.name} has {ctx.max_waiting} requests queued; retry shortly.",
+                       "server_error", code="overloaded", headers={"Retry-After": "1"})
+    _check_memory_quota(ctx, deployment, tenant, metrics)
+    decision = ctx.admission.admit(tenant, len(gen.prompt_token_ids), gen.params.max_tokens)
+    if not decision.ok:
+        metrics.rejected.labels(tenant=tenant.name, code=decision.code or "rejected").inc()
+        headers = {} if decision.retry_after_s is None else {"Retry-After": str(int(decision.retry_after_s))}
+        raise ApiError(decision.status, decision.message, "rate_limit_exceeded", code=decision.code or None,
+                       headers=headers)
+    return InFlightRequest(gen, deployment, tenant, decision.charged, ctx.admission, ctx.ledger, metrics,
+                           request.app[BACKGROUND])
+
+
+def _check_memory_quota(ctx: FrontendContext, deployment: Deployment, tenant: Tenant, metrics) -> None:
+    """A tenant's private models may keep at most its quota of expert bytes resident.
+
+    Over it, new requests wait (429) until idle experts scale to zero: at most one keep-alive.
+    """
+    if deployment.spec.sharing != "private" or tenant.memory_quota_bytes <= 0:
+        return
+    owned = [d for d in ctx.deployments.by_name.values() if d.spec.sharing == "private" and d.spec.owner == tenant.name]
+    resident = sum(d.resident_expert_bytes() for d in owned)
+    if resident >= tenant.memory_quota_bytes:
+        metrics.rejected.labels(tenant=tenant.name, code="memory_quota_exceeded").inc()
+        wait = max(1, int(deployment.spec.keep_alive_s))
+        raise ApiError(429, f"Tenant {tenant.name}'s private models hold {resident} bytes of experts, at or over its "
+                       f"memory quota of {tenant.memory_quota_bytes}; retry after idle experts scale down.",
+                       "rate_limit_exceeded", code="memory_quota_exceeded", headers={"Retry-After": str(wait)})
+
+
+def _closed(request: web.Request) -> Callable[[], bool]:
+    return lambda: request.transport is None or request.transport.is_closing()
+
+
+async def _collect(request: web.Request, run: InFlightRequest, shape: ResponseShape) -> web.StreamResponse:
+    tokens: list[TokenEvent] = []
+    finished: Finished | None = None
+    try:
+        async for event in run.events(_closed(request)):
+            if isinstance(event, TokenEvent):
+                tokens.append(event)
+            else:
+                finished = event
+    except ClientGone:
+        return web.Response(status=499)  # nginx's "client closed request": only the access log sees it
+    assert finished is not None
+    run.complete(finished)
+    if finished.finish_reason == "error":
+        raise ApiError(500, f"Generation failed: {finished.error}", "server_error")
+    return web.json_response(shape.response(finished, tokens), headers={"X-Request-Id": shape.id})
+
+
+async def _stream(request: web.Request, run: InFlightRequest, shape: ResponseShape,
+                  body: GenerationBody) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no", "X-Request-Id": shape.id})
+    try:
+        await response.prepare(request)
+        for chunk in shape.first_chunks():
+            await _send(response, chunk)
+        async for event in run.events(_closed(request)):
+            if isinstance(event, TokenEvent):
+                chunk = shape.token_chunk(event)
+                if chunk is not None:
+                    await _send(response, chunk)
+                continue
+            run.complete(event)  # usage is durable before the client sees the end
+            if event.finish_reason == "error":
+                await _send(response, error_body(f"Generation failed: {event.error}", "server_error"))
+            else:
+                await _send(response, shape.final_chunk(event.finish_reason,
+                                                        None if body.include_usage else event.usage))
+                if body.include_usage:
+                    await _send(response, shape.usage_chunk(event.usage))
+            await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except ConnectionResetError:  # ClientGone, or a write to a closed socket
+        log.info("client of %s went away mid-stream", shape.id)
+    return response
+
+
+async def _send(response: web.StreamResponse, obj: dict) -> None:
+    await response.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+
+# --- models, usage, health, metrics, admin --------------------------------------------------------------
+
+
+def _model_card(d: Deployment) -> dict:
+    owner = d.spec.owner if d.spec.sharing == "private" else "faasmoe"
+    return {"id": d.name, "object": "model", "created": d.created, "owned_by": owner, "max_model_len": d.max_context}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: the models this caller may use."""
+    tenant = _authenticate(request).tenant
+    visible = request.app[CONTEXT].deployments.visible(tenant.name, tenant.allowed_models)
+    return web.json_response({"object": "list", "data": [_model_card(d) for d in visible]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}"""
+    tenant = _authenticate(request).tenant
+    name = request.match_info["model"]
+    deployment = request.app[CONTEXT].deployments.get(name, tenant.name, tenant.allowed_models)
+    if deployment is None:
+        raise model_not_found(name)
+    return web.json_response(_model_card(deployment))
+
+
+async def usage(request: web.Request) -> web.Response:
+    """GET /v1/usage[?since=1h][&tenant=NAME]: usage totals per model; other tenants' for admins only."""
+    principal = _authenticate(request)
+    ledger = request.app[CONTEXT].ledger
+    if ledger is None:
+        raise ApiError(404, "This server keeps no usage ledger.", "not_found_error", code="no_ledger")
+    wanted = request.query.get("tenant")
+    if wanted is not None and wanted != principal.tenant.name and not principal.admin:
+        raise ApiError(403, "Only an admin may read another tenant's usage.", "permission_error", "tenant",
+                       "forbidden")
+    tenant = wanted if wanted is not None else (None if principal.admin else principal.tenant.name)
+    since = None
+    if "since" in request.query:
+        try:
+            since = parse_since(request.query["since"])
+        except ValueError as exc:
+            raise invalid(str(exc), "since") from None
+    rows = await asyncio.to_thread(ledger.summary, tenant, since)
+    return web.json_response({"object": "list", "tenant": tenant, "since": since, "data": rows})
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /health: the process answers (no auth)."""
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the frontend's series merged with the scheduler's and workers' (no auth)."""
+    ctx = request.app[CONTEXT]
+    own = request.app[METRICS].render(ctx.deployments)
+    try:
+        runtime = await ctx.runtime_metrics()
+    except Exception:  # a scheduler outage must not blind the frontend's own metrics
+        log.exception("could not collect the runtime's metrics")
+        runtime = ""
+    return web.Response(body=merge_expositions([own, runtime]).encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def cluster(request: web.Request) -> web.Response:
+    """GET /admin/cluster: workers, resident functions and per-model residency (admin only)."""
+    _require_admin(request)
+    return web.json_response(await request.app[CONTEXT].cluster_state())

@@ -1,0 +1,191 @@
+"""One admitted request on the frontend, from admission to its usage row, and the frontend's metrics.
+
+Every request that passed admission must be finished exactly once, however it ends (finished,
+failed, or its client went away): the usage row is written, the tenant's tokens settled and its
+concurrency slot released. `InFlightRequest.complete` does all three; `abandon` makes sure it
+happens for a client that left, after the engine has freed the sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from faasmoe.engine.deployments import Deployment, Deployments
+from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
+from faasmoe.tenancy.admission import Admission
+from faasmoe.tenancy.ledger import UsageLedger, UsageRecord
+from faasmoe.tenancy.tenants import Tenant
+from runtime.metrics import Registry
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.25  # how often a handler waiting for tokens checks that its client is still there
+CANCEL_GRACE_S = 10.0  # how long a cancelled request's Finished (and its metered usage) is awaited
+_STATUS = {"stop": "ok", "length": "ok", "cancelled": "cancelled"}
+
+
+class ClientGone(ConnectionResetError):
+    """The HTTP client closed its connection while its request was generating."""
+
+
+class FrontendMetrics:
+    """The frontend's Prometheus series (vLLM's names, prefixed faasmoe_)."""
+
+    def __init__(self) -> None:
+        self.registry = r = Registry()
+        per_request = ("model", "tenant")
+        self.ttft = r.histogram("faasmoe_time_to_first_token_seconds",
+                                "Time from arrival to the first generated token.", per_request)
+        self.itl = r.histogram("faasmoe_inter_token_latency_seconds", "Time between two tokens of a request.",
+                               per_request)
+        self.e2e = r.histogram("faasmoe_e2e_request_latency_seconds", "Time from arrival to the last token.",
+                               per_request)
+        self.running = r.gauge("faasmoe_num_requests_running", "Sequences in the model's running batch.", ("model",))
+        self.waiting = r.gauge("faasmoe_num_requests_waiting", "Requests queued for the model's batch.", ("model",))
+        self.prompt_tokens = r.counter("faasmoe_prompt_tokens_total", "Prompt tokens processed.", per_request)
+        self.generation_tokens = r.counter("faasmoe_generation_tokens_total", "Tokens generated.", per_request)
+        self.success = r.counter("faasmoe_request_success_total", "Requests that ended without an error.",
+                                 ("model", "tenant", "finish_reason"))
+        self.errors = r.counter("faasmoe_request_errors_total", "Requests whose generation failed.", per_request)
+        self.rejected = r.counter("faasmoe_requests_rejected_total",
+                                  "Requests refused by admission or a full queue, by error code.", ("tenant", "code"))
+
+    def render(self, deployments: Deployments) -> str:
+        # Queue depths are read when scraped: the engines own them, we only look.
+        for d in deployments.by_name.values():
+            self.running.labels(model=d.name).set(len(d.engine.running))
+            self.waiting.labels(model=d.name).set(len(d.engine.waiting))
+        return self.registry.render()
+
+
+class InFlightRequest:
+    """An admitted, submitted request: its events, timing, and the once-only bookkeeping at its end."""
+
+    def __init__(self, request: GenerationRequest, deployment: Deployment, tenant: Tenant, charged: int,
+                 admission: Admission, ledger: UsageLedger | None, metrics: FrontendMetrics,
+                 background: set[asyncio.Task]) -> None:
+        self.request = request
+        self.deployment = deployment
+        self.tenant = tenant
+        self.charged = charged
+        self._admission, self._ledger, self._metrics, self._background = admission, ledger, metrics, background
+        self._labels = {"model": deployment.name, "tenant": tenant.name}
+        self._started = time.monotonic()
+        self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
+        self.tokens_seen = 0
+        self.done = False
+        self._abandoned = False
+
+    def submit(self) -> None:
+        self.deployment.engine.submit(self.request)
+
+    async def events(self, connection_closed) -> AsyncIterator[TokenEvent | Finished]:
+        """The request's events up to its Finished; raises ClientGone when `connection_closed()` says so."""
+        queue = self.request.events
+        checked = time.monotonic()
+        while True:
+            # A busy stream never waits, so the connection is checked by the clock, not only on timeouts.
+            if time.monotonic() - checked >= POLL_S:
+                checked = time.monotonic()
+                if connection_closed():
+                    raise ClientGone("the client closed the connection")
+            try:
+                event = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    event = await asyncio.wait_for(queue.get(), POLL_S)
+                except TimeoutError:
+                    if not self._in_engine() and queue.empty():
+                        # Finished is queued before a sequence leaves the engine, so none is coming.
+                        event = self._synthesized("error", "the engine dropped the request")
+                    else:
+                        checked = 0.0  # check the connection now
+                        continue
+            if isinstance(event, TokenEvent):
+                self._observe_token()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def _observe_token(self) -> None:
+        now = time.monotonic()
+        self.tokens_seen += 1
+        if self._first_token_at is None:
+            self._first_token_at = now
+            self._metrics.ttft.labels(**self._labels).observe(now - self._started)
+        else:
+            self._metrics.itl.labels(**self._labels).observe(now - self._last_token_at)
+        self._last_token_at = now
+
+    def complete(self, finished: Finished) -> None:
+        """Record usage (committed before the client sees the end), update metrics, settle admission."""
+        if self.done:
+            return
+        self.done = True
+        usage, status = finished.usage, _STATUS.get(finished.finish_reason, "error")
+        try:
+            if self._ledger is not None:
+                started_at = self.request.arrived_at
+                ttft = None if self._first_token_at is None else self._first_token_at - self._started
+                self._ledger.record(UsageRecord(
+                    self.request.request_id, self.tenant.name, self.deployment.name, usage.prompt_tokens,
+                    usage.completion_tokens, usage.expert_invocations, usage.expert_compute_s, usage.cold_starts,
+                    usage.resident_byte_seconds, started_at, time.time(), status, ttft,
+                    finished.error or ""))
+        except Exception:  # the response must still go out; the loss is logged loudly
+            log.exception("could not record the usage of %s", self.request.request_id)
+        finally:
+            self._admission.settle(self.tenant, self.charged, usage.total_tokens)
+        m = self._metrics
+        m.e2e.labels(**self._labels).observe(time.monotonic() - self._started)
+        m.prompt_tokens.labels(**self._labels).inc(usage.prompt_tokens)
+        m.generation_tokens.labels(**self._labels).inc(usage.completion_tokens)
+        if status == "error":
+            m.errors.labels(**self._labels).inc()
+            log.warning("request %s of %s failed: %s", self.request.request_id, self.tenant.name, finished.error)
+        else:
+            m.success.labels(**self._labels, finish_reason=finished.finish_reason).inc()
+
+    def abandon(self) -> None:
+        """The client is gone (or the handler failed): cancel, and complete once the engine let go."""
+        if self.done or self._abandoned:
+            return
+        self._abandoned = True
+        self.request.cancel()
+        task = asyncio.get_running_loop().create_task(self._complete_cancelled(),
+                                                      name=f"finish-{self.request.request_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _complete_cancelled(self) -> None:
+        finished: Finished | None = None
+        queue = self.request.events
+        deadline = time.monotonic() + CANCEL_GRACE_S
+        try:
+            while finished is None and time.monotonic() < deadline:
+                try:
+                    event = await asyncio.wait_for(queue.get(), 0.05)
+                except TimeoutError:
+                    if not self._in_engine() and queue.empty():
+                        break  # dropped while waiting: the engine sends no Finished for those
+                    continue
+                if isinstance(event, Finished):
+                    finished = event
+                else:
+                    self.tokens_seen += 1
+        finally:  # even when cancelled at shutdown: the slot must be released
+            self.complete(finished or self._synthesized("cancelled"))
+
+    def _synthesized(self, reason: str, error: str | None = None) -> Finished:
+        """A Finished for a request the engine let go of silently: count what the handler saw."""
+        prompt = len(self.request.prompt_token_ids) if self.tokens_seen else 0
+        return Finished(reason, "", Usage(prompt_tokens=prompt, completion_tokens=self.tokens_seen), error)
+
+    def _in_engine(self) -> bool:
+        engine = self.deployment.engine
+        return any(w is self.request for w in engine.waiting) or any(r.request is self.request
+                                                                      for r in engine.running)

@@ -1,0 +1,378 @@
+"""The OpenAI wire format at the edge: errors, and `/v1/completions` + `/v1/chat/completions` bodies.
+
+Everything a client sends is checked here, before a model is touched: a wrong type, an out-of-range
+number or an option we do not implement is a 400 that names the parameter, as OpenAI's API does.
+Response shapes live in `faasmoe.openai_responses`; nothing here knows about aiohttp.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from faasmoe.engine.sampling import SamplingParams
+from faasmoe.model.tokenizer import Tokenizer
+
+MAX_STOP_STRINGS = 4
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy `logprobs` integer
+MAX_CHAT_TOP_LOGPROBS = 20
+# Chat requests may omit max_tokens (OpenAI: "up to the context"). The engine reserves KV room
+# and admission charges the tenant for the whole budget up front, so the default is bounded.
+DEFAULT_CHAT_MAX_TOKENS = 4096
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    """A failure to report to the client as OpenAI's error JSON with this HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    """`{"error": {"message", "type", "param", "code"}}` exactly as OpenAI renders errors."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param, code)
+
+
+def model_not_found(model: str) -> ApiError:
+    # The same answer for a model that does not exist and one the caller may not see: a tenant
+    # must not learn another tenant's private model names by probing.
+    return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                    "not_found_error", "model", "model_not_found")
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400 that says why not."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(f"We could not parse the JSON body of your request ({exc}). Send a JSON object with "
+                      "Content-Type: application/json.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid(f"The request body must be a JSON object, got {_json_type(body)}.", code="invalid_json")
+    return body
+
+
+@dataclass
+class GenerationBody:
+    """A validated completions or chat body, before its model's tokenizer is applied."""
+
+    chat: bool
+    model: str
+    prompt: str | list[int] | None = None  # completions
+    messages: list[dict] | None = None  # chat: [{"role", "content": str}]
+    max_tokens: int | None = None  # None: chat's default, resolved against the context window
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None  # top alternatives per token (0 = the sampled token only); None = off
+    echo: bool = False
+
+
+@dataclass
+class PreparedPrompt:
+    """The body resolved against one model: prompt token ids and the engine's sampling params."""
+
+    token_ids: list[int]
+    params: SamplingParams
+    echo_text: str = ""  # the prompt text to prepend when echo is on
+
+
+# Options accepted by both endpoints; values other than their neutral ones are rejected below.
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
+           "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user", "stop_token_ids",
+           "ignore_eos"}
+# vLLM's extra sampling options that clients send with their neutral value: accepted only as that.
+_NEUTRAL_EXTRAS: dict[str, tuple] = {"top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,),
+                                     "skip_special_tokens": (True,), "include_stop_str_in_output": (False,)}
+_COMPLETION_ONLY = {"prompt", "echo", "best_of", "suffix"}
+_CHAT_ONLY = {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
+              "function_call", "parallel_tool_calls", "response_format", "metadata", "store", "service_tier",
+              "modalities"}
+
+
+def parse_completion(body: dict) -> GenerationBody:
+    """Validate a `/v1/completions` body."""
+    _reject_unknown(body, _COMMON | _COMPLETION_ONLY)
+    out = _parse_common(body, chat=False)
+    out.prompt = _parse_prompt(body.get("prompt"))
+    out.max_tokens = _int(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, lo=1)
+    out.logprobs = _int(body, "logprobs", None, lo=0, hi=MAX_COMPLETION_LOGPROBS)
+    out.echo = _bool(body, "echo", False)
+    if out.echo and out.logprobs is not None:
+        raise invalid("echo together with logprobs is not supported: prompt logprobs are not computed.", "echo")
+    if _int(body, "best_of", 1, lo=1) != 1:
+        raise invalid("best_of must be 1: one completion is generated per request.", "best_of")
+    if body.get("suffix") not in (None, ""):
+        raise invalid("suffix is not supported (no insertion mode).", "suffix")
+    return out
+
+
+def parse_chat(body: dict) -> GenerationBody:
+    """Validate a `/v1/chat/completions` body."""
+    _reject_unknown(body, _COMMON | _CHAT_ONLY)
+    out = _parse_common(body, chat=True)
+    out.messages = _parse_messages(body.get("messages"))
+    out.max_tokens = _int(body, "max_tokens", None, lo=1)
+    out.max_tokens = _int(body, "max_completion_tokens", out.max_tokens, lo=1)  # the newer name wins
+    top = _int(body, "top_logprobs", None, lo=0, hi=MAX_CHAT_TOP_LOGPROBS)
+    if _bool(body, "logprobs", False):
+        out.logprobs = top or 0
+    elif top is not None:
+        raise invalid("top_logprobs needs logprobs set to true.", "top_logprobs")
+    if body.get("tools") or body.get("functions"):
+        param = "tools" if body.get("tools") else "functions"
+        raise invalid("Tool and function calling are not supported by this server.", param)
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise invalid("tool_choice must be 'none' or 'auto': no tools are supported.", "tool_choice")
+    if body.get("function_call") not in (None, "none", "auto"):
+        raise invalid("function_call is not supported.", "function_call")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise invalid("response_format must be {\"type\": \"text\"}: structured output is not supported.",
+                      "response_format")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise invalid("modalities must be [\"text\"].", "modalities")
+    return out
+
+
+def _parse_common(body: dict, chat: bool) -> GenerationBody:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("you must provide a model parameter (a non-empty string)." if model is None else
+                      f"model must be a non-empty string, got {_json_type(model)}.", "model")
+    out = GenerationBody(chat=chat, model=model)
+    out.temperature = _number(body, "temperature", 1.0, lo=0.0, hi=2.0)
+    out.top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0)
+    if out.top_p == 0.0:
+        raise invalid("top_p must be greater than 0 and at most 1, got 0.", "top_p")
+    if _int(body, "n", 1, lo=1) != 1:
+        raise invalid("n must be 1: one choice is generated per request.", "n")
+    out.seed = _int(body, "seed", None, lo=_SEED_RANGE[0], hi=_SEED_RANGE[1])
+    out.stop = _parse_stop(body.get("stop"))
+    out.stop_token_ids = _int_list(body, "stop_token_ids")
+    out.ignore_eos = _bool(body, "ignore_eos", False)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0.0, lo=-2.0, hi=2.0) != 0.0:
+            raise invalid(f"{name} is not supported; send 0 or leave it out.", name)
+    if body.get("logit_bias") not in (None, {}):
+        raise invalid("logit_bias is not supported; send {} or leave it out.", "logit_bias")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid(f"user must be a string, got {_json_type(user)}.", "user")
+    out.stream = _bool(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None:
+        if not out.stream:
+            raise invalid("stream_options is only allowed when stream is true.", "stream_options")
+        if not isinstance(options, dict):
+            raise invalid(f"stream_options must be an object, got {_json_type(options)}.", "stream_options")
+        out.include_usage = _bool(options, "include_usage", False, param="stream_options.include_usage")
+    return out
+
+
+def _parse_prompt(prompt: Any) -> str | list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one, as the openai client sends lists
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        return list(prompt)
+    if prompt is None:
+        raise invalid("you must provide a prompt (a string or a list of token ids).", "prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise invalid(f"Batched prompts ({len(prompt)} in one request) are not supported; send one request "
+                      "per prompt.", "prompt")
+    if isinstance(prompt, list) and not prompt:
+        raise invalid("prompt must not be empty.", "prompt")
+    raise invalid("prompt must be a string, a list of token ids (integers), or a list holding one of those.",
+                  "prompt")
+
+
+def _parse_stop(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise invalid(f"stop must be a string or a list of strings, got {_json_type(stop)}.", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}.", "stop")
+    if any(s == "" for s in stops):
+        raise invalid("stop strings must not be empty.", "stop")
+    return stops
+
+
+def _parse_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages must be a non-empty list of {role, content} objects.", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(f"{where} must be an object, got {_json_type(m)}.", where)
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise invalid(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}.", f"{where}.role")
+        if m.get("tool_calls") or m.get("function_call"):
+            raise invalid(f"{where}: tool calls are not supported.", f"{where}.tool_calls")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        out.append({"role": role, "content": _message_text(content, f"{where}.content")})
+        if isinstance(m.get("name"), str):
+            out[-1]["name"] = m["name"]
+    return out
+
+
+def _message_text(content: Any, where: str) -> str:
+    """A message's content as one string: a string, or a list of {"type": "text", "text"} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else _json_type(part)
+                raise invalid(f"{where}[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
+                              f"supported, got {kind!r}.", f"{where}[{j}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise invalid(f"{where} must be a string or a list of text parts, got {_json_type(content)}.", where)
+
+
+def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_size: int) -> PreparedPrompt:
+    """Tokenize the prompt for this model, check it fits the context and build the sampling params."""
+    echo_text = ""
+    if body.chat:
+        try:
+            text = tokenizer.apply_chat_template(body.messages or [], add_generation_prompt=True)
+        except Exception as exc:  # jinja raise_exception() in a template: the conversation's fault
+            raise invalid(f"the model's chat template rejected these messages: {exc}", "messages") from None
+        ids = tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS etc.
+        what = "messages"
+    elif isinstance(body.prompt, str):
+        ids = tokenizer.encode(body.prompt)
+        echo_text, what = body.prompt, "prompt"
+    else:
+        ids = list(body.prompt or [])
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise invalid(f"token id {bad} in prompt is out of range: this model's ids are 0..{vocab_size - 1}.",
+                          "prompt")
+        echo_text, what = (tokenizer.decode(ids) if body.echo else ""), "prompt"
+    if not ids:
+        raise invalid(f"the {what} is empty after tokenization; send at least one token.", what)
+    for t in body.stop_token_ids or []:
+        if not 0 <= t < vocab_size:
+            raise invalid(f"stop_token_ids holds {t}, outside this model's ids 0..{vocab_size - 1}.",
+                          "stop_token_ids")
+    room = max_context - len(ids)
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(max(room, 1), DEFAULT_CHAT_MAX_TOKENS)
+    if room < 1 or max_tokens > room:
+        asked = f"{len(ids)} in the {what}, {max_tokens} in the completion"
+        raise invalid(f"This model's maximum context length is {max_context} tokens. However, you requested "
+                      f"{len(ids) + max_tokens} tokens ({asked}). Please reduce the length of the {what} or "
+                      "max_tokens.", what if room < 1 else "max_tokens", "context_length_exceeded")
+    # vLLM's stop_token_ids stop in addition to EOS; the engine's replace it, so merge here.
+    stop_ids = None if body.stop_token_ids is None else sorted(set(body.stop_token_ids) | tokenizer.eos_token_ids)
+    params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                            stop=list(body.stop), stop_token_ids=stop_ids, ignore_eos=body.ignore_eos)
+    return PreparedPrompt(ids, params, echo_text if body.echo else "")
+
+
+# --- field checks ---------------------------------------------------------------------------------
+
+
+def _reject_unknown(body: dict, known: set[str]) -> None:
+    for name, neutral in _NEUTRAL_EXTRAS.items():
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) != isinstance(neutral[0], bool) or value not in neutral):
+            raise invalid(f"{name} is not supported; send {json.dumps(neutral[0])} or leave it out.", name)
+    unknown = sorted(set(body) - known - set(_NEUTRAL_EXTRAS))
+    if unknown:
+        raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None,
+         param: str | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    param = param or name
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 16.0 is an integer in JSON's number model
+    if not _is_int(value):
+        raise invalid(f"{param} must be an integer, got {_json_type(value)} ({value!r}).", param)
+    _check_range(param, value, lo, hi)
+    return value
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(f"{name} must be a number, got {_json_type(value)} ({value!r}).", name)
+    _check_range(name, value, lo, hi)
+    return float(value)
+
+
+def _check_range(name: str, value: float, lo: float | None, hi: float | None) -> None:
+    if lo is not None and value < lo:
+        raise invalid(f"{value} is less than the minimum of {lo} - '{name}'.", name)
+    if hi is not None and value > hi:
+        raise invalid(f"{value} is greater than the maximum of {hi} - '{name}'.", name)
+
+
+def _bool(body: dict, name: str, default: bool, param: str | None = None) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(f"{param or name} must be a boolean, got {_json_type(value)} ({value!r}).", param or name)
+    return value
+
+
+def _int_list(body: dict, name: str) -> list[int] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(_is_int(v) for v in value):
+        raise invalid(f"{name} must be a list of integers, got {_json_type(value)}.", name)
+    return list(value)

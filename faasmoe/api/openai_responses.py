@@ -1,0 +1,175 @@
+"""OpenAI response objects for one request: the whole response, or its stream of chunks.
+
+`ResponseShape` knows which endpoint it answers (completions or chat) and keeps the little state
+a stream needs (the role chunk, logprobs of tokens whose text is still held back, text offsets),
+so the HTTP handlers only move events to bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+
+from faasmoe.engine.requests import Finished, TokenEvent, Usage
+from faasmoe.model.tokenizer import Tokenizer
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def usage_dict(usage: Usage) -> dict:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's table: byte-level BPE spells each of the 256 bytes as one printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+class TokenText:
+    """A token's text and exact bytes, as the logprobs formats show them."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        decoder = tokenizer.backend.decoder
+        self._byte_level = decoder is not None and type(decoder).__name__ == "ByteLevel"
+        self._text = functools.lru_cache(maxsize=65536)(self._decode)
+
+    def _decode(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def text(self, token_id: int) -> str:
+        return self._text(token_id)
+
+    def bytes(self, token_id: int) -> list[int]:
+        """The token's UTF-8 bytes; a token holding part of a character gets its real bytes, not U+FFFD's."""
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is not None:
+            if self._byte_level:
+                table = _byte_decoder()
+                if all(ch in table for ch in piece):
+                    return [table[ch] for ch in piece]
+            match = _BYTE_TOKEN.fullmatch(piece)  # SentencePiece byte fallback
+            if match:
+                return [int(match.group(1), 16)]
+        return list(self.text(token_id).encode("utf-8"))
+
+
+class ResponseShape:
+    """Builds the response objects of one `/v1/completions` or `/v1/chat/completions` request."""
+
+    def __init__(self, chat: bool, request_id: str, model: str, tokenizer: Tokenizer, logprobs: int | None,
+                 echo_text: str = "", created: int | None = None) -> None:
+        self.chat = chat
+        self.id = request_id
+        self.model = model
+        self.created = int(time.time()) if created is None else created
+        self.logprobs = logprobs
+        self.echo_text = echo_text
+        self.tokens = TokenText(tokenizer)
+        self._pending: list[TokenEvent] = []  # tokens whose logprobs have not been streamed yet
+        self._offset = len(echo_text)  # completions' text_offset of the next token
+
+    # --- whole responses ------------------------------------------------------------------------
+
+    def response(self, finished: Finished, events: list[TokenEvent]) -> dict:
+        """The non-streamed response (`text_completion` or `chat.completion`)."""
+        logprobs = self._logprobs(events)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": finished.text},
+                      "logprobs": logprobs, "finish_reason": finished.finish_reason}
+        else:
+            choice = {"index": 0, "text": self.echo_text + finished.text, "logprobs": logprobs,
+                      "finish_reason": finished.finish_reason}
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice],
+                "usage": usage_dict(finished.usage)}
+
+    # --- streams ----------------------------------------------------------------------------------
+
+    def first_chunks(self) -> list[dict]:
+        """Chunks sent before any token: chat's role delta; the prompt when completions echo it."""
+        if self.chat:
+            return [self._chunk({"role": "assistant", "content": ""})]
+        return [self._chunk(self.echo_text)] if self.echo_text else []
+
+    def token_chunk(self, event: TokenEvent) -> dict | None:
+        """The chunk carrying this token's text, or None while the engine holds its text back."""
+        if self.logprobs is not None:
+            self._pending.append(event)
+        if not event.text:
+            return None
+        return self._chunk({"content": event.text} if self.chat else event.text, logprobs=self._take_pending())
+
+    def final_chunk(self, finish_reason: str, usage: Usage | None = None) -> dict:
+        """The last choice chunk: finish_reason, logprobs still pending, and usage when asked."""
+        chunk = self._chunk({} if self.chat else "", finish_reason, self._take_pending())
+        if usage is not None:
+            chunk["usage"] = usage_dict(usage)
+        return chunk
+
+    def usage_chunk(self, usage: Usage) -> dict:
+        """stream_options.include_usage: a last chunk with no choices and the request's usage."""
+        return {**self._envelope(), "choices": [], "usage": usage_dict(usage)}
+
+    def _chunk(self, delta: dict | str, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+        choice: dict = {"index": 0}
+        if self.chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta
+        choice["logprobs"] = logprobs
+        choice["finish_reason"] = finish_reason
+        return {**self._envelope(), "choices": [choice]}
+
+    def _envelope(self) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _take_pending(self) -> dict | None:
+        if self.logprobs is None or not self._pending:
+            return None
+        events, self._pending = self._pending, []
+        return self._logprobs(events)
+
+    # --- logprobs ---------------------------------------------------------------------------------
+
+    def _logprobs(self, events: list[TokenEvent]) -> dict | None:
+        if self.logprobs is None:
+            return None
+        return self._chat_logprobs(events) if self.chat else self._completion_logprobs(events)
+
+    def _completion_logprobs(self, events: list[TokenEvent]) -> dict:
+        """Legacy format: parallel lists; top_logprobs holds the top N and the sampled token."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in events:
+            text = self.tokens.text(e.token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(e.logprob)
+            top = {self.tokens.text(t): lp for t, lp in (e.top_logprobs or {}).items()}
+            top.setdefault(text, e.logprob)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(self._offset)
+            self._offset += len(text)
+        return out
+
+    def _chat_logprobs(self, events: list[TokenEvent]) -> dict:
+        content = []
+        for e in events:
+            entry = self._chat_entry(e.token_id, e.logprob)
+            entry["top_logprobs"] = [self._chat_entry(t, lp) for t, lp in
+                                     sorted((e.top_logprobs or {}).items(), key=lambda kv: -kv[1])][:self.logprobs]
+            content.append(entry)
+        return {"content": content, "refusal": None}
+
+    def _chat_entry(self, token_id: int, logprob: float) -> dict:
+        return {"token": self.tokens.text(token_id), "logprob": logprob, "bytes": self.tokens.bytes(token_id)}

@@ -1,0 +1,174 @@
+"""`faasmoe scheduler`, `faasmoe worker join`, `faasmoe serve` and `faasmoe frontend`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from faasmoe.tenancy.database import STATE_HELP
+from runtime.sizes import parse_size, parse_size_or_zero
+
+
+def add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
+    sched = subparsers.add_parser(
+        "scheduler",
+        help="run the scheduler daemon (registry, placement, keep-alive) with an optional local worker pool",
+        description="The FaaSMoE control plane: workers join it with the cluster token, frontends subscribe "
+        "to its routing table. It is never on the per-token path.",
+    )
+    sched.add_argument("--listen", default="127.0.0.1:7070", metavar="HOST:PORT",
+                       help="where workers and frontends reach it (HOST:PORT or unix:/path); default: 127.0.0.1:7070")
+    sched.add_argument("--token", default=None,
+                       help="cluster token (default: $FAASMOE_TOKEN, else a random one that is printed)")
+    sched.add_argument("--workers", type=int, default=None,
+                       help="local worker processes to spawn and supervise; default: one per GPU, else 1")
+    sched.add_argument("--device", default=None,
+                       help="devices of the local pool: cpu, cuda (all GPUs) or a list like cuda:0,cuda:1; "
+                       "default: cuda when available, else cpu")
+    sched.add_argument("--worker-memory", type=parse_size, default=None, metavar="SIZE",
+                       help="expert memory budget of each local worker; default: 90%% of the device's free memory")
+    sched.add_argument("--host-cache", type=parse_size_or_zero, default=None, metavar="SIZE",
+                       help="host RAM cache per local worker; default: 25%% of available RAM")
+    sched.add_argument("--eviction", choices=("lru", "freq"), default="lru", help="local workers' eviction policy")
+    sched.add_argument("--keep-alive-policy", choices=("fixed", "adaptive"), default="fixed",
+                       help="local workers' keep-alive policy")
+    sched.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="SECONDS",
+                       help="declare a worker dead after this long without a heartbeat; default: 3")
+    sched.add_argument("--http", default=None, metavar="HOST:PORT",
+                       help="serve Prometheus /metrics (scheduler and every worker) and /cluster JSON here")
+    sched.set_defaults(handler=_scheduler)
+
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    import secrets
+    import signal
+
+    from faasmoe.serve.devices import resolve_devices
+    from runtime.scheduler import Scheduler, SchedulerConfig
+
+    token = args.token or os.environ.get("FAASMOE_TOKEN")
+    if not token:
+        token = secrets.token_urlsafe(24)
+        print(f"cluster token (pass it to `faasmoe worker join`): {token}", flush=True)
+    devices = resolve_devices(args.device)
+    workers = args.workers if args.workers is not None else (len(devices) if devices[0].startswith("cuda") else 1)
+    worker_args = ["--eviction", args.eviction, "--keep-alive-policy", args.keep_alive_policy]
+    config = SchedulerConfig(listen=args.listen, token=token, workers=workers, devices=devices,
+                             worker_memory_bytes=args.worker_memory, host_cache_bytes=args.host_cache,
+                             worker_args=worker_args, heartbeat_timeout_s=args.heartbeat_timeout)
+
+    async def main() -> None:
+        scheduler = Scheduler(config)
+        address = await scheduler.start()
+        print(f"scheduler listening at {address} with {workers} local worker(s) on {', '.join(devices)}", flush=True)
+        if args.http:
+            from runtime.http import start_http
+
+            await start_http(scheduler, args.http)
+            print(f"metrics at http://{args.http}/metrics", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await scheduler.stop()
+
+    _run(main())
+    return 0
+
+
+def add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
+    from worker.cli import add_worker_arguments
+
+    worker = subparsers.add_parser("worker", help="worker nodes: join a scheduler")
+    actions = worker.add_subparsers(dest="worker_command", required=True, metavar="ACTION")
+    join = actions.add_parser(
+        "join", help="run a worker on this machine that joins the scheduler at HOST:PORT",
+        description="Serve expert functions from this machine's device for the cluster at HOST:PORT. "
+        "The worker proves the cluster token by HMAC challenge; the token never crosses the wire.",
+    )
+    join.add_argument("scheduler", metavar="HOST:PORT", help="the scheduler's address")
+    add_worker_arguments(join)
+    join.set_defaults(handler=_worker_join)
+
+
+def _worker_join(args: argparse.Namespace) -> int:
+    from worker.cli import run_worker
+
+    return run_worker(args, args.scheduler)
+
+
+def _run(coroutine) -> None:
+    import uvloop
+
+    uvloop.run(coroutine)
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dirs", metavar="MODEL_DIR", nargs="*", type=Path,
+                        help="Hugging Face checkpoint directories to serve as shared models (named by directory)")
+    parser.add_argument("--config", type=Path, default=None, help="TOML file declaring models, tenants and server")
+    parser.add_argument("--host", default=None, help="HTTP host; default: 127.0.0.1")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port; default: 8000 (0 = any free port)")
+    parser.add_argument("--api-key", default=None,
+                        help="single-tenant quick start: the one accepted key (also the admin key unless "
+                        "--admin-key); with no key and no tenants the server listens on loopback only")
+    parser.add_argument("--admin-key", default=None, help="key for /admin/cluster")
+    parser.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS",
+                        help="expert functions scale to zero after this long idle; default: 60")
+    parser.add_argument("--expert-block-size", type=int, default=None, metavar="K",
+                        help="experts per expert function; default: all experts of a layer in one function")
+    parser.add_argument("--trunk-keep-alive", type=float, default=None, metavar="SECONDS",
+                        help="unload an idle model's trunk after this long (0 = never, the default)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="compute dtype of trunk and experts; default: float32")
+    parser.add_argument("--state", type=Path, default=None,
+                        help=f"SQLite file for tenants and the usage ledger; {STATE_HELP}")
+    parser.add_argument("--token", default=None, help="cluster token; default: $FAASMOE_TOKEN or a random one")
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="all in one: scheduler, local worker pool and the OpenAI-compatible frontend",
+        description="Serve MoE models with per-expert scale to zero: a scheduler and a local worker pool in "
+        "this process tree, and an OpenAI-compatible HTTP API. Ctrl-C drains in-flight requests and exits.",
+    )
+    _add_serve_arguments(serve)
+    serve.add_argument("--workers", type=int, default=None,
+                       help="local worker processes; default: one per GPU, else 1")
+    serve.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
+    serve.add_argument("--worker-memory", type=parse_size, default=None, metavar="SIZE",
+                       help="expert memory budget per worker; default: 90%% of the device's free memory")
+    serve.add_argument("--eviction", choices=("lru", "freq"), default="lru",
+                       help="workers' eviction policy under the memory budget; default: lru")
+    serve.add_argument("--experts", choices=("remote", "in-process"), default="remote",
+                       help="remote: expert functions on the worker pool (FaaSMoE); in-process: every expert "
+                       "resident in this process, no workers (the full-model baseline). Default: remote")
+    serve.set_defaults(handler=_serve)
+
+    frontend = subparsers.add_parser(
+        "frontend", help="the OpenAI-compatible frontend alone, for a scheduler running elsewhere",
+        description="Serve models through an existing scheduler's workers (split deployment).",
+    )
+    _add_serve_arguments(frontend)
+    frontend.add_argument("--scheduler", required=True, metavar="HOST:PORT", help="the scheduler's address")
+    frontend.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from faasmoe.serve.process import ServeOptions, serve
+
+    opts = ServeOptions(
+        model_dirs=args.model_dirs, config=args.config, host=args.host, port=args.port,
+        workers=getattr(args, "workers", None), device=getattr(args, "device", None), api_key=args.api_key,
+        admin_key=args.admin_key, keep_alive=args.keep_alive, expert_block_size=args.expert_block_size,
+        trunk_keep_alive=args.trunk_keep_alive, dtype=args.dtype, state=args.state,
+        worker_memory=getattr(args, "worker_memory", None), scheduler=getattr(args, "scheduler", None),
+        token=args.token, eviction=getattr(args, "eviction", "lru"), experts=getattr(args, "experts", "remote"),
+    )
+    import uvloop
+
+    return uvloop.run(serve(opts))

@@ -1,0 +1,137 @@
+"""The models a frontend serves: who may see each one, its trunk, its experts and its engine.
+
+A shared deployment has one set of expert functions and one engine for every allowed tenant,
+so their sequences batch together. A private deployment's functions carry its owner's name
+and nobody else can see the model at all (404, not 403). A trunk can be unloaded after its
+own keep-alive and is reloaded by the next request (a model with no traffic costs nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from faasmoe.engine.executors import AsyncExpertExecutor
+from faasmoe.engine.model_engine import ModelEngine
+from faasmoe.model.checkpoint import CheckpointReader
+from faasmoe.model.config import MoEConfig, parse_dtype
+from faasmoe.model.tokenizer import Tokenizer
+from faasmoe.model.trunk import Trunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeploymentSpec:
+    """How one model is served (from the TOML config or `faasmoe serve` flags)."""
+
+    name: str
+    path: Path
+    sharing: str = "shared"  # "shared" | "private"
+    owner: str = ""  # the tenant of a private model
+    expert_block_size: int | None = None  # None: the whole layer is one function
+    keep_alive_s: float = 60.0  # expert functions
+    trunk_keep_alive_s: float = 0.0  # 0: the trunk stays loaded
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+class Deployment:
+    """One served model: config, tokenizer, lazily loaded trunk, expert executor and engine."""
+
+    def __init__(self, spec: DeploymentSpec, executor_factory, compute: ThreadPoolExecutor) -> None:
+        self.spec = spec
+        self.config = MoEConfig.from_pretrained(spec.path)
+        self.tokenizer = Tokenizer.from_pretrained(spec.path)
+        self.dtype = parse_dtype(spec.dtype)
+        self.device = torch.device(spec.device)
+        self.block_size = spec.expert_block_size or self.config.num_experts
+        self.created = int(time.time())
+        self._trunk: Trunk | None = None
+        self.trunk_loads = 0
+        self.executor: AsyncExpertExecutor = executor_factory(self)
+        self.engine = ModelEngine(spec.name, self.trunk, self.executor, self.tokenizer, compute)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    def visible_to(self, tenant: str, allowed: list[str]) -> bool:
+        if self.spec.sharing == "private" and tenant != self.spec.owner:
+            return False
+        return "*" in allowed or self.name in allowed
+
+    def trunk(self) -> Trunk:
+        if self._trunk is None:
+            start = time.perf_counter()
+            self._trunk = Trunk(self.config, CheckpointReader(self.spec.path), self.dtype, self.device)
+            self.trunk_loads += 1
+            log.info("loaded trunk of %s in %.2fs (%d bytes)", self.name, time.perf_counter() - start,
+                     self._trunk.nbytes)
+        return self._trunk
+
+    def resident_expert_bytes(self) -> int:
+        """Expert bytes this model holds now (on workers, as the routing table tells; or in process)."""
+        return self.executor.resident_bytes()
+
+    @property
+    def trunk_bytes(self) -> int:
+        return self._trunk.nbytes if self._trunk is not None else 0
+
+    def maybe_unload_trunk(self, now: float) -> bool:
+        ttl = self.spec.trunk_keep_alive_s
+        if ttl <= 0 or self._trunk is None or self.engine.busy or now - self.engine.last_active < ttl:
+            return False
+        self._trunk = None
+        log.info("unloaded the idle trunk of %s", self.name)
+        return True
+
+
+class Deployments:
+    """Every served model by name, with tenant visibility and the trunk keep-alive loop."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, Deployment] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    def add(self, deployment: Deployment) -> None:
+        if deployment.name in self.by_name:
+            raise ValueError(f"model {deployment.name!r} is deployed twice")
+        self.by_name[deployment.name] = deployment
+
+    def visible(self, tenant: str, allowed: list[str]) -> list[Deployment]:
+        return [d for d in self.by_name.values() if d.visible_to(tenant, allowed)]
+
+    def get(self, name: str, tenant: str, allowed: list[str]) -> Deployment | None:
+        """The model if this tenant may use it; None (-> 404) otherwise, private ones included."""
+        deployment = self.by_name.get(name)
+        return deployment if deployment is not None and deployment.visible_to(tenant, allowed) else None
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_trunks())
+
+    async def _reap_trunks(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for deployment in self.by_name.values():
+                deployment.maybe_unload_trunk(time.monotonic())
+
+    @property
+    def busy(self) -> bool:
+        return any(d.engine.busy for d in self.by_name.values())
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for deployment in self.by_name.values():
+            await deployment.engine.stop()

@@ -1,0 +1,149 @@
+"""Expert executors for the serving engine: remote workers (FaaSMoE) or in process (baseline)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from faasmoe.model.config import MoEConfig
+from faasmoe.model.experts import DispatchPlan, LocalExpertExecutor, Routing
+from faasmoe.model.moe_model import block_ranges
+from runtime import protocol as p
+from runtime.client import FunctionCall, InvokeMeter, RuntimeClient
+
+
+@dataclass
+class StepCost:
+    """Expert work of one step, split among its sequences by their share of the tokens."""
+
+    invocations: int = 0
+    compute_s: float = 0.0
+    cold_starts: int = 0
+    touched_bytes: int = 0  # bytes of the distinct functions the step used
+
+
+class AsyncExpertExecutor(Protocol):
+    """Runs one layer's routed experts and returns their weighted sum, asynchronously; reports what
+    the expert work of the step so far cost (metering) and what the model's experts hold."""
+
+    @property
+    def functions(self) -> list[p.FunctionSpec]:
+        """Every expert function of the model."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all the model's experts together."""
+
+    def resident_bytes(self) -> int:
+        """Expert bytes held now (replicas count once each)."""
+
+    def resident_functions(self) -> int:
+        """How many of `functions` some worker (or this process) holds now."""
+
+    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor: ...
+
+    def take_step_cost(self) -> StepCost: ...
+
+
+def function_id(model: str, layer: int, block: int, owner: str = "") -> str:
+    """`model/layer/block`, prefixed `tenant:` for a private deployment (DESIGN.md)."""
+    base = f"{model}/{layer}/{block}"
+    return f"{owner}:{base}" if owner else base
+
+
+class RemoteExpertExecutor:
+    """One layer's expert work as function calls: one message per worker, combined here."""
+
+    def __init__(self, client: RuntimeClient, model: str, path: Path, config: MoEConfig, block_size: int,
+                 dtype: torch.dtype, keep_alive_s: float, owner: str = "") -> None:
+        self.client = client
+        self.block_size = block_size
+        dtype_name = str(dtype).removeprefix("torch.")
+        self.specs: dict[tuple[int, int], p.FunctionSpec] = {}
+        for layer in config.moe_layers:
+            for block, (first, count) in enumerate(block_ranges(config.num_experts, block_size)):
+                self.specs[(layer, block)] = p.FunctionSpec(
+                    function_id(model, layer, block, owner), str(Path(path).resolve()), layer, first, count,
+                    dtype_name, count * config.expert_bytes(dtype), owner, keep_alive_s)
+        self._cost = StepCost()
+        self._touched: set[str] = set()
+
+    @property
+    def functions(self) -> list[p.FunctionSpec]:
+        return list(self.specs.values())
+
+    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        plan = DispatchPlan(routing, self.block_size)
+        calls = [FunctionCall(self.specs[(layer, c.block)], plan.inputs(x, c), c.local_experts) for c in plan.calls]
+        meter = InvokeMeter()
+        outputs = await self.client.invoke(calls, meter)
+        cost = self._cost
+        cost.invocations += len(calls)
+        cost.cold_starts += meter.cold_starts
+        cost.compute_s += meter.compute_s
+        for c in calls:
+            if c.function.function_id not in self._touched:
+                self._touched.add(c.function.function_id)
+                cost.touched_bytes += c.function.nbytes
+        return plan.combine([o.to(x.dtype) for o in outputs], x)
+
+    def take_step_cost(self) -> StepCost:
+        cost, self._cost, self._touched = self._cost, StepCost(), set()
+        return cost
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec.nbytes for spec in self.specs.values())
+
+    def resident_bytes(self) -> int:
+        """Bytes of this model's functions that some worker holds (or is loading), per the routing table."""
+        routes = self.client.routes
+        return sum(spec.nbytes * len(routes.get(spec.function_id, ())) for spec in self.specs.values())
+
+    def resident_functions(self) -> int:
+        routes = self.client.routes
+        return sum(1 for spec in self.specs.values() if routes.get(spec.function_id))
+
+
+class InProcessExpertExecutor:
+    """Every expert resident in this process (the full-model baseline), run on the compute thread."""
+
+    def __init__(self, local: LocalExpertExecutor, compute: ThreadPoolExecutor, model: str = "in-process") -> None:
+        self.local = local
+        self.compute = compute
+        self.model = model
+        self._cost = StepCost()
+
+    @property
+    def functions(self) -> list[p.FunctionSpec]:
+        return [p.FunctionSpec(function_id(self.model, layer, i), "", layer, b.first, b.count,
+                               str(b.weights.gate_up.dtype).removeprefix("torch."), b.nbytes)
+                for layer, blocks in self.local.blocks.items() for i, b in enumerate(blocks)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.local.nbytes
+
+    def resident_bytes(self) -> int:
+        return self.local.nbytes  # the baseline holds every expert, always
+
+    def resident_functions(self) -> int:
+        return sum(len(blocks) for blocks in self.local.blocks.values())
+
+    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        plan_calls = len(DispatchPlan(routing, self.local.block_size).calls)
+        start = asyncio.get_running_loop().time()
+        out = await asyncio.get_running_loop().run_in_executor(self.compute, self.local.run_layer, layer, x, routing)
+        self._cost.invocations += plan_calls
+        self._cost.compute_s += asyncio.get_running_loop().time() - start
+        return out
+
+    def take_step_cost(self) -> StepCost:
+        cost, self._cost = self._cost, StepCost()
+        cost.touched_bytes = self.local.nbytes
+        return cost

@@ -1,0 +1,211 @@
+"""Continuous batching for one served model, on the event loop.
+
+Every step advances all running sequences together: waiting requests join with their whole
+prompt (prefill) next to the running ones' single new token (decode), in one packed batch.
+Trunk math runs on a compute thread; each MoE layer's expert work is awaited from the
+executor (remote workers: one message per worker per layer), so many models step
+concurrently on one loop and the loop never blocks on torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from faasmoe.engine.executors import AsyncExpertExecutor
+from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
+from faasmoe.engine.sequence import Sequence
+from faasmoe.model.kv_cache import KVCache
+from faasmoe.model.moe_model import PackedStep, decoder_layers
+from faasmoe.model.tokenizer import Tokenizer
+from faasmoe.model.trunk import Trunk
+
+log = logging.getLogger(__name__)
+
+
+
+
+@dataclass
+class _Running:
+    request: GenerationRequest
+    seq: Sequence
+    usage: Usage
+    streamed: int = 0  # characters of seq.text already sent
+
+
+class ModelEngine:
+    """The batching loop of one model deployment."""
+
+    def __init__(
+        self,
+        name: str,
+        trunk: Callable[[], Trunk],
+        executor: AsyncExpertExecutor,
+        tokenizer: Tokenizer,
+        compute: ThreadPoolExecutor,
+        max_batch_tokens: int = 4096,
+        max_running: int = 64,
+    ) -> None:
+        self.name = name
+        self._trunk = trunk
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.compute = compute
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running = max_running
+        self.waiting: deque[GenerationRequest] = deque()
+        self.running: list[_Running] = []
+        self.steps = 0
+        self.last_active = time.monotonic()
+        self._last_step_s = 0.0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> None:
+        self.waiting.append(request)
+        self.last_active = time.monotonic()
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop(), name=f"engine-{self.name}")
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.busy:
+                self._wake.clear()
+                await self._wake.wait()
+            try:
+                self._admit()
+                self._drop_cancelled()
+                if not self.running:
+                    await asyncio.sleep(0)  # only cancelled ones were waiting: let the loop breathe
+                    continue
+                await self._step()
+            except Exception as exc:  # a failed step fails its requests, not the server
+                log.exception("step of %s failed", self.name)
+                for r in self.running:
+                    self._finish(r, "error", str(exc))
+                self.running = []
+                while self.waiting and not self.running:  # e.g. the trunk cannot load: fail them too
+                    request = self.waiting.popleft()
+                    request.events.put_nowait(Finished("error", "", Usage(len(request.prompt_token_ids)), str(exc)))
+
+    def _admit(self) -> None:
+        budget = self.max_batch_tokens - len(self.running)
+        while self.waiting and len(self.running) < self.max_running:
+            request = self.waiting[0]
+            if request.cancelled:  # gone before it started: nothing was spent on it
+                self.waiting.popleft()
+                request.events.put_nowait(Finished("cancelled", "", Usage(len(request.prompt_token_ids))))
+                continue
+            need = len(request.prompt_token_ids)
+            if need > budget and self.running:
+                break  # next step: a long prompt waits for room rather than starving decodes
+            self.waiting.popleft()
+            budget -= need
+            trunk = self._trunk()
+            cfg = trunk.config
+            cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, trunk.dtype, trunk.device,
+                            len(request.prompt_token_ids) + request.params.max_tokens)
+            seq = Sequence(request.prompt_token_ids, request.params, cache, self.tokenizer,
+                           self.tokenizer.eos_token_ids)
+            self.running.append(_Running(request, seq, Usage(prompt_tokens=len(request.prompt_token_ids))))
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self.running if r.request.cancelled]:
+            self._finish(r, "cancelled")
+        self.running = [r for r in self.running if not r.request.cancelled]
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    async def _step(self) -> None:
+        batch = list(self.running)
+        trunk = self._trunk()
+        step = PackedStep.build(trunk.config, [r.seq.pending for r in batch], [r.seq.cache for r in batch], trunk.device)
+        logits = await self._forward(trunk, step)
+        cost = self.executor.take_step_cost()
+        step.commit([r.seq.cache for r in batch])
+        lengths = step.lengths
+        self.steps += 1
+        self.last_active = time.monotonic()
+        total = sum(lengths)
+        rows = logits.float()
+        want_top = [r for r in batch if r.request.logprobs]
+        log_probs = torch.log_softmax(rows, dim=-1) if want_top else None
+        for i, (r, n) in enumerate(zip(batch, lengths)):
+            share = n / total
+            u = r.usage
+            u.expert_invocations += cost.invocations * share
+            u.expert_compute_s += cost.compute_s * share
+            u.cold_starts += cost.cold_starts * share
+            u.resident_byte_seconds += cost.touched_bytes * share * self._last_step_s
+            token = r.seq.accept(rows[i])
+            u.completion_tokens += 1
+            top = None
+            if log_probs is not None and r.request.logprobs:
+                values, indices = torch.topk(log_probs[i], r.request.logprobs)
+                top = {int(t): float(v) for t, v in zip(indices, values)}
+            r.request.events.put_nowait(TokenEvent(token, self._stream_text(r), r.seq.logprobs[-1], top))
+            if r.seq.finished:
+                self._finish(r, r.seq.finish_reason or "stop")
+        self.running = [r for r in self.running if not r.seq.finished and not r.request.cancelled]
+
+    async def _forward(self, trunk: Trunk, step: PackedStep) -> torch.Tensor:
+        """Drive the shared decoder generator: trunk halves on the compute thread, experts awaited."""
+        started = time.perf_counter()
+        layers = decoder_layers(trunk, step.ids, step.batch)
+        done, value = await self._run(_advance, layers, None)
+        while not done:
+            layer, state = value
+            expert_out = await self.executor.run_layer(layer, state.moe_input, state.routing)
+            done, value = await self._run(_advance, layers, expert_out)
+        logits = await self._run(trunk.logits, step.last_rows(value))
+        self._last_step_s = time.perf_counter() - started
+        return logits
+
+    def _stream_text(self, r: _Running) -> str:
+        """New text that is safe to send: held back while it could still be a stop string's start."""
+        text = r.seq.text
+        if r.seq.finished:
+            upto = len(text)
+        else:
+            hold = max((len(s) - 1 for s in r.seq.params.stop), default=0)
+            upto = max(r.streamed, len(text) - hold)
+        delta = text[r.streamed:upto]
+        r.streamed = upto
+        return delta
+
+    def _finish(self, r: _Running, reason: str, error: str | None = None) -> None:
+        """The request's last event; the HTTP side meters it from there."""
+        r.request.events.put_nowait(Finished(reason, r.seq.text, r.usage, error))
+
+
+def _advance(layers, value):
+    """One generator step on the compute thread; StopIteration cannot cross a Future, so wrap it."""
+    try:
+        return False, layers.send(value)
+    except StopIteration as stop:
+        return True, stop.value

@@ -1,0 +1,70 @@
+"""What the HTTP layer hands the engine and what it gets back: one request, its token stream.
+
+The frontend validates and authenticates; the engine batches and generates. These types
+are the whole interface between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from faasmoe.engine.sampling import SamplingParams
+
+
+@dataclass
+class Usage:
+    """What one request cost, as metered: tokens, and its share of the expert work."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    expert_invocations: float = 0.0  # shares of batched calls add up to fractions
+    expert_compute_s: float = 0.0
+    cold_starts: float = 0.0
+    resident_byte_seconds: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class TokenEvent:
+    """One generated token: its text (may be empty while a character or stop string is pending)."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclass
+class Finished:
+    """The end of a request's stream."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    text: str  # the full completion text (stop string removed)
+    usage: Usage
+    error: str | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """A validated request for one model, ready to batch."""
+
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    tenant: str = ""
+    logprobs: int | None = None  # top-N logprobs per token (OpenAI `logprobs`), None = off
+    request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    arrived_at: float = field(default_factory=time.time)
+    # Filled by the engine as it runs: the HTTP handler reads events from here.
+    events: asyncio.Queue[TokenEvent | Finished] = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Client went away: the engine drops the sequence at its next step and frees it."""
+        self.cancelled = True

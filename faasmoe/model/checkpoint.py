@@ -1,0 +1,265 @@
+"""Lazy access to a Hugging Face safetensors checkpoint, single-file or sharded.
+
+Tensors are read one at a time through safetensors' memory-mapped handles; an expert block
+is read by slicing, so loading experts 8..15 of a layer touches only their bytes, never the
+whole shard (the point of per-expert functions is not to pay for the experts you don't run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from faasmoe.model.config import MoEConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing a tensor or has one of the wrong shape."""
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """Weights of `count` consecutive experts of one layer, fused for one matmul each.
+
+    gate_up: [count, 2*I, H] (gate rows first, then up rows), down: [count, H, I].
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes are: file, absolute byte offset, dtype and shape."""
+
+    file: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one slice along the first dimension (the whole tensor for a scalar)."""
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+
+def read_header(file: Path) -> dict[str, TensorEntry]:
+    """Parse a safetensors header: 8-byte little-endian length, then JSON."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{file}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{file}: unreadable safetensors header ({exc})") from exc
+    entries = {}
+    base = 8 + length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        entry = TensorEntry(file, base + begin, dtype, tuple(info["shape"]))
+        expected = math.prod(entry.shape) * dtype.itemsize
+        if end - begin != expected or base + end > size:
+            raise CheckpointError(f"{file}: tensor {name!r} has inconsistent offsets (file truncated?)")
+        entries[name] = entry
+    return entries
+
+
+class CheckpointReader:
+    """Maps tensor names to shard files and reads tensors, or rows of them, on demand.
+
+    Reads are positional (`preadv`) straight into the destination tensor, so loading an
+    expert block reads exactly its bytes; no shard is mapped or read whole.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._entries = self._index()
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def _index(self) -> dict[str, TensorEntry]:
+        index = self.path / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index}: not a safetensors index ({exc})") from exc
+            missing = sorted({f for f in weight_map.values() if not (self.path / f).exists()})
+            if missing:
+                raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
+            files = sorted({self.path / f for f in weight_map.values()})
+        elif (self.path / SINGLE_FILE).exists():
+            files = [self.path / SINGLE_FILE]
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.path}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
+        entries: dict[str, TensorEntry] = {}
+        for file in files:
+            entries.update(read_header(file))
+        return entries
+
+    def entry(self, name: str) -> TensorEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} not found in the checkpoint")
+        return entry
+
+    def has(self, name: str) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.entry(name).shape)
+
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A whole tensor, checked against the expected shape when given."""
+        entry = self.entry(name)
+        if shape is not None:
+            self.check_shape(name, shape)
+        return self.rows(name, 0, entry.shape[0] if entry.shape else 1, entry.shape, dtype)
+
+    def rows(
+        self, name: str, start: int, stop: int, shape: tuple[int, ...], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Rows start..stop of a tensor's first dimension: only those bytes are read."""
+        entry = self.entry(name)
+        self.check_shape(name, shape)
+        out = torch.empty((stop - start, *entry.shape[1:]) if entry.shape else (), dtype=entry.dtype)
+        self.read_into(name, out, start)
+        return out if dtype is None or dtype == entry.dtype else out.to(dtype)
+
+    def read_into(self, name: str, out: torch.Tensor, start_row: int = 0) -> None:
+        """Fill a contiguous CPU tensor of the file's dtype from the tensor's rows at start_row."""
+        entry = self.entry(name)
+        if out.dtype != entry.dtype or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"read_into {name!r}: need a contiguous CPU {entry.dtype} tensor")
+        if out.nbytes == 0:
+            return
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        offset = entry.offset + start_row * entry.row_bytes
+        fd = self._fd(entry.file)
+        done = 0
+        while done < len(buffer):
+            n = os.preadv(fd, [buffer[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{entry.file}: short read of tensor {name!r} (file truncated?)")
+            done += n
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
+
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        actual = self.shape(name)
+        if tuple(actual) != tuple(shape):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {actual}, expected {list(shape)}")
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+class ExpertLayout:
+    """Where one family's routed-expert and router tensors live, in any of the on-disk layouts.
+
+    Per-expert: `mlp.experts.E.{gate,up,down}_proj.weight`; Mixtral: `block_sparse_moe.experts.E.
+    {w1,w3,w2}.weight`; fused (transformers v5): `mlp.experts.gate_up_proj` [E,2I,H] and
+    `mlp.experts.down_proj` [E,H,I].
+    """
+
+    def __init__(self, reader: CheckpointReader, config: MoEConfig) -> None:
+        self.reader = reader
+        self.config = config
+
+    def moe_prefix(self, layer: int) -> str:
+        mixtral = f"model.layers.{layer}.block_sparse_moe"
+        if self.reader.has(f"{mixtral}.gate.weight"):
+            return mixtral
+        return f"model.layers.{layer}.mlp"
+
+    def router_name(self, layer: int) -> str:
+        return f"{self.moe_prefix(layer)}.gate.weight"
+
+    def load_block(
+        self, layer: int, first: int, count: int, dtype: torch.dtype, pin_memory: bool = False
+    ) -> ExpertWeights:
+        """Experts first..first+count of `layer`, reading only their bytes (into pinned memory
+        when asked, so the host-to-device copy that follows can run at full speed)."""
+        cfg = self.config
+        if not (0 <= first and first + count <= cfg.num_experts and count > 0):
+            raise CheckpointError(f"experts {first}..{first + count - 1} out of range 0..{cfg.num_experts - 1}")
+        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        prefix = self.moe_prefix(layer)
+        gate_up = torch.empty(count, 2 * inter, hidden, dtype=dtype, pin_memory=pin_memory)
+        down = torch.empty(count, hidden, inter, dtype=dtype, pin_memory=pin_memory)
+        fused = f"{prefix}.experts.gate_up_proj"
+        if self.reader.has(fused):
+            self._fill_rows(fused, first, (cfg.num_experts, 2 * inter, hidden), gate_up)
+            self._fill_rows(f"{prefix}.experts.down_proj", first, (cfg.num_experts, hidden, inter), down)
+            return ExpertWeights(gate_up, down)
+
+        names = ("w1", "w3", "w2") if prefix.endswith("block_sparse_moe") else ("gate_proj", "up_proj", "down_proj")
+        for slot, expert in enumerate(range(first, first + count)):
+            base = f"{prefix}.experts.{expert}"
+            self._fill(f"{base}.{names[0]}.weight", gate_up[slot, :inter])
+            self._fill(f"{base}.{names[1]}.weight", gate_up[slot, inter:])
+            self._fill(f"{base}.{names[2]}.weight", down[slot])
+        return ExpertWeights(gate_up, down)
+
+    def _fill_rows(self, name: str, first: int, shape: tuple[int, ...], dest: torch.Tensor) -> None:
+        """Rows first.. of a fused [E, ...] tensor into `dest`, straight from the file if dtypes match."""
+        self.reader.check_shape(name, shape)
+        if self.reader.entry(name).dtype == dest.dtype:
+            self.reader.read_into(name, dest, first)
+        else:
+            dest.copy_(self.reader.rows(name, first, first + dest.shape[0], shape))
+
+    def _fill(self, name: str, dest: torch.Tensor) -> None:
+        """Read a tensor into `dest`, straight from the file when no dtype conversion is needed."""
+        if self.reader.entry(name).dtype == dest.dtype:
+            self.reader.check_shape(name, tuple(dest.shape))
+            self.reader.read_into(name, dest)
+        else:
+            dest.copy_(self.reader.tensor(name, tuple(dest.shape)))

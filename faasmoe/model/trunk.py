@@ -1,0 +1,187 @@
+"""The trunk: every weight of an MoE model except the routed experts, and its math.
+
+The trunk stays in the frontend; the routed experts are functions. A layer runs in two
+halves around the expert call: `attend` (norm, attention, the router and the shared expert)
+and `finish` (add the experts' output back into the residual stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
+from faasmoe.model.config import MoEConfig
+from faasmoe.model.experts import Routing, route
+from faasmoe.model.kernels import linear
+from faasmoe.model.kv_cache import KVCache
+from faasmoe.model.layers import apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's trunk weights; optional parts are None when the family lacks them."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    qkv: torch.Tensor  # [q + 2 kv, H]: q, k and v fused for one matmul
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    router: torch.Tensor | None  # MoE layers
+    shared_gate_up: torch.Tensor | None  # shared expert (qwen2_moe), or the dense MLP
+    shared_down: torch.Tensor | None
+    shared_expert_gate: torch.Tensor | None  # sigmoid gate of the shared expert
+
+
+@dataclass
+class StepBatch:
+    """The new tokens of one step, packed: sequence i owns rows offsets[i]:offsets[i+1]."""
+
+    caches: list[KVCache]
+    lengths: list[int]
+    positions: torch.Tensor  # [N]
+
+    @classmethod
+    def build(cls, caches: list[KVCache], lengths: list[int], device: torch.device) -> StepBatch:
+        positions = torch.cat(
+            [torch.arange(c.length, c.length + n, device=device) for c, n in zip(caches, lengths)]
+        )
+        return cls(caches, lengths, positions)
+
+
+@dataclass
+class LayerState:
+    """What `attend` hands to the expert call and to `finish`."""
+
+    residual: torch.Tensor
+    moe_input: torch.Tensor
+    routing: Routing | None  # None for dense layers
+    shared_out: torch.Tensor
+
+
+class Trunk:
+    """Non-expert weights of one model on one device, with the per-layer math."""
+
+    def __init__(self, config: MoEConfig, reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.layout = ExpertLayout(reader, config)
+        self._reader = reader
+        cfg = config
+        self.embed = self._load("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+        self.norm = self._load("model.norm.weight", (cfg.hidden_size,))
+        if cfg.tie_word_embeddings or not reader.has("lm_head.weight"):
+            self.lm_head = self.embed
+        else:
+            self.lm_head = self._load("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+        self.layers = [self._load_layer(i) for i in range(cfg.num_layers)]
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(device)
+        del self._reader
+
+    def _load(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._reader.tensor(name, shape, self.dtype).to(self.device)
+
+    def _load_layer(self, i: int) -> LayerWeights:
+        cfg, p = self.config, f"model.layers.{i}"
+        hidden, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+        attn = f"{p}.self_attn"
+        qkv = torch.cat([self._load(f"{attn}.{n}_proj.weight", (s, hidden)) for n, s in (("q", q), ("k", kv), ("v", kv))])
+        qkv_bias = None
+        if cfg.qkv_bias:
+            qkv_bias = torch.cat([self._load(f"{attn}.{n}_proj.bias", (s,)) for n, s in (("q", q), ("k", kv), ("v", kv))])
+        norm_sizes = {"none": None, "per_head": (cfg.head_dim, cfg.head_dim), "full": (q, kv)}[cfg.qk_norm]
+        router = shared_gate_up = shared_down = shared_gate = None
+        if cfg.is_moe_layer(i):
+            router = self._load(self.layout.router_name(i), (cfg.num_experts, hidden))
+            if cfg.shared_expert_intermediate_size:
+                shared_gate_up, shared_down = self._mlp(f"{p}.mlp.shared_expert", cfg.shared_expert_intermediate_size)
+                shared_gate = self._load(f"{p}.mlp.shared_expert_gate.weight", (1, hidden))
+        else:
+            shared_gate_up, shared_down = self._mlp(f"{p}.mlp", cfg.intermediate_size)
+        return LayerWeights(
+            input_norm=self._load(f"{p}.input_layernorm.weight", (hidden,)),
+            post_attention_norm=self._load(f"{p}.post_attention_layernorm.weight", (hidden,)),
+            qkv=qkv,
+            qkv_bias=qkv_bias,
+            o=self._load(f"{attn}.o_proj.weight", (hidden, q)),
+            o_bias=self._load(f"{attn}.o_proj.bias", (hidden,)) if cfg.o_bias else None,
+            q_norm=self._load(f"{attn}.q_norm.weight", (norm_sizes[0],)) if norm_sizes else None,
+            k_norm=self._load(f"{attn}.k_norm.weight", (norm_sizes[1],)) if norm_sizes else None,
+            router=router,
+            shared_gate_up=shared_gate_up,
+            shared_down=shared_down,
+            shared_expert_gate=shared_gate,
+        )
+
+    def _mlp(self, prefix: str, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.config.hidden_size
+        gate = self._load(f"{prefix}.gate_proj.weight", (inter, hidden))
+        up = self._load(f"{prefix}.up_proj.weight", (inter, hidden))
+        return torch.cat([gate, up]), self._load(f"{prefix}.down_proj.weight", (hidden, inter))
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for layer in self.layers:
+            tensors += [t for t in vars(layer).values() if t is not None]
+        return sum(t.nbytes for t in tensors)
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.embed)
+
+    def rope(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(batch.positions, self.inv_freq, self.dtype)
+
+    def attend(self, i: int, h: torch.Tensor, batch: StepBatch, rope: tuple[torch.Tensor, torch.Tensor]) -> LayerState:
+        """First half of layer i: attention, then the MoE input, its routing and the shared expert."""
+        cfg, w = self.config, self.layers[i]
+        h = h + self._attention(i, rms_norm(h, w.input_norm, cfg.rms_norm_eps), batch, rope)
+        x = rms_norm(h, w.post_attention_norm, cfg.rms_norm_eps)
+        if w.router is None:
+            return LayerState(h, x, None, swiglu(x, w.shared_gate_up, w.shared_down))
+        routing = route(x, w.router, cfg.top_k, cfg.norm_topk_prob)
+        if w.shared_gate_up is None:
+            return LayerState(h, x, routing, torch.zeros_like(x))
+        shared = swiglu(x, w.shared_gate_up, w.shared_down) * torch.sigmoid(F.linear(x, w.shared_expert_gate))
+        return LayerState(h, x, routing, shared)
+
+    @staticmethod
+    def finish(state: LayerState, expert_out: torch.Tensor | None) -> torch.Tensor:
+        """Second half of a layer: the residual plus the experts' and shared expert's outputs."""
+        if expert_out is None:
+            return state.residual + state.shared_out
+        return state.residual + (expert_out + state.shared_out)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
+
+    def _attention(self, i: int, x: torch.Tensor, batch: StepBatch, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cfg, w = self.config, self.layers[i]
+        qkv = linear(x, w.qkv, w.qkv_bias)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        n = x.shape[0]
+        if cfg.qk_norm == "full":
+            q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.reshape(n, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "per_head":
+            q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = torch.empty(n, cfg.num_heads, cfg.head_dim, dtype=q.dtype, device=q.device)
+        start = 0
+        for cache, t in zip(batch.caches, batch.lengths):
+            rows = slice(start, start + t)
+            keys, values = cache.update(i, k[rows], v[rows])
+            out[rows] = causal_attention(q[rows].transpose(0, 1), keys, values, cache.length).transpose(0, 1)
+            start += t
+        return linear(out.reshape(n, cfg.q_size), w.o, w.o_bias)

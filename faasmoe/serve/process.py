@@ -1,0 +1,246 @@
+"""`faasmoe serve` and `faasmoe frontend`: the scheduler, the local pool and the HTTP frontend.
+
+`serve` runs all three in one process (the scheduler on the same event loop, workers as
+child processes); `frontend` joins an existing scheduler. Both build the deployments from
+the TOML config and the MODEL_DIR arguments, open the tenant store and the usage ledger,
+and serve the OpenAI API until SIGINT/SIGTERM, when they drain in-flight requests, stop the
+workers and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from faasmoe.engine.deployments import Deployment, Deployments, DeploymentSpec
+from faasmoe.engine.executors import InProcessExpertExecutor, RemoteExpertExecutor
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
+from faasmoe.model.experts import LocalExpertExecutor
+from faasmoe.model.moe_model import load_expert_blocks
+from faasmoe.serve.config import ModelSpec, ServeConfig
+from faasmoe.serve.devices import resolve_devices
+from faasmoe.tenancy.admission import Admission
+from faasmoe.tenancy.database import default_state_path
+from faasmoe.tenancy.ledger import UsageLedger
+from runtime.client import RuntimeClient
+from runtime.cluster import workers_json
+from runtime.metrics import merge_expositions
+from runtime.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 30.0
+
+
+@dataclass
+class ServeOptions:
+    """`faasmoe serve` / `faasmoe frontend` flags; None = take it from the config file or the default."""
+
+    model_dirs: list[Path] = field(default_factory=list)
+    config: Path | None = None
+    host: str | None = None
+    port: int | None = None
+    workers: int | None = None
+    device: str | None = None
+    api_key: str | None = None
+    admin_key: str | None = None
+    keep_alive: float | None = None
+    expert_block_size: int | None = None
+    trunk_keep_alive: float | None = None
+    dtype: str | None = None
+    state: Path | None = None
+    worker_memory: int | None = None
+    scheduler: str | None = None  # `frontend`: an existing scheduler
+    token: str | None = None
+    eviction: str = "lru"
+    experts: str = "remote"  # "remote": expert functions on workers; "in-process": all resident here (baseline)
+
+
+def merged_config(opts: ServeOptions) -> ServeConfig:
+    """The TOML config (if any) with MODEL_DIR arguments added as shared models and flags on top."""
+    config = ServeConfig.load(opts.config) if opts.config else ServeConfig()
+    s = config.server
+    for name in ("host", "port", "workers", "device", "admin_key"):
+        if getattr(opts, name) is not None:
+            setattr(s, name, getattr(opts, name))
+    if opts.keep_alive is not None:
+        s.keep_alive = opts.keep_alive
+    if opts.state is not None:
+        s.state = opts.state
+    for path in opts.model_dirs:
+        name = Path(path).resolve().name
+        if config.model(name) is None:
+            config.models.append(ModelSpec(name=name, path=Path(path)))
+    if not config.models:
+        raise ValueError("nothing to serve: give MODEL_DIR arguments or [[models]] in --config")
+    for model in config.models:
+        if not (model.path / "config.json").exists():
+            raise ValueError(f"model {model.name!r}: no config.json in {model.path}")
+        if opts.expert_block_size is not None:
+            model.expert_block_size = opts.expert_block_size
+        if opts.trunk_keep_alive is not None:
+            model.trunk_keep_alive = opts.trunk_keep_alive
+        if opts.dtype is not None:
+            model.dtype = opts.dtype
+    return config
+
+
+class FrontendProcess:
+    """Everything one `faasmoe serve` (or `frontend`) process runs, and its orderly shutdown."""
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.config = merged_config(opts)
+        self.scheduler: Scheduler | None = None
+        self.client: RuntimeClient | None = None
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="trunk")
+        self.deployments = Deployments()
+        self.runner: web.AppRunner | None = None
+        self.tenants = None
+        self.ledger: UsageLedger | None = None
+        self.printed_keys: dict[str, str] = {}
+
+    def _state_path(self) -> Path:
+        return self.config.server.state or default_state_path()
+
+    def _open_tenants(self) -> None:
+        from faasmoe.tenancy.tenants import TenantStore
+
+        store = TenantStore(self._state_path())
+        for t in self.config.tenants:
+            _, key = store.ensure_tenant(t.name, t.limits(), api_keys=t.api_keys)
+            if key is not None:
+                self.printed_keys[t.name] = key
+        self.tenants = store if store.list_tenants() else None
+        if self.tenants is None:
+            store.close()
+
+    async def start(self) -> str:
+        s = self.config.server
+        self._open_tenants()
+        if self.tenants is None and not self.opts.api_key and s.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("no API key and no tenants: listening on 127.0.0.1 only, not %s", s.host)
+            print(f"no API key and no tenants configured: listening on loopback only (not {s.host})", flush=True)
+            s.host = "127.0.0.1"
+        self.ledger = UsageLedger(self._state_path())
+        token = self.opts.token or os.environ.get("FAASMOE_TOKEN") or secrets.token_urlsafe(24)
+        address = self.opts.scheduler
+        if self.opts.experts == "in-process":
+            pass  # the full-model baseline: no scheduler, no workers
+        elif address is None:
+            devices = resolve_devices(s.device)
+            workers = s.workers if s.workers is not None else (len(devices) if devices[0].startswith("cuda") else 1)
+            self.scheduler = Scheduler(SchedulerConfig(
+                listen="127.0.0.1:0", token=token, workers=workers, devices=devices,
+                worker_memory_bytes=self.opts.worker_memory, worker_args=["--eviction", self.opts.eviction]))
+            address = str(await self.scheduler.start())
+            await self.scheduler.wait_for_workers(workers, timeout=120)
+        if self.opts.experts != "in-process":
+            self.client = await RuntimeClient(address, token, "frontend").start()
+        for model in self.config.models:
+            self.deployments.add(self._deployment(model))
+        self.deployments.start()
+        from faasmoe.api.app import FrontendContext, create_app
+
+        ctx = FrontendContext(
+            deployments=self.deployments, tenants=self.tenants, api_key=self.opts.api_key,
+            admin_key=s.admin_key or self.opts.api_key, admission=Admission(), ledger=self.ledger,
+            cluster_state=self.cluster_state, runtime_metrics=self.runtime_metrics,
+        )
+        self.runner = web.AppRunner(create_app(ctx), access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, s.host, s.port)
+        await site.start()
+        port = self.runner.addresses[0][1] if self.runner.addresses else s.port
+        return f"http://{s.host}:{port}"
+
+    def _deployment(self, model: ModelSpec) -> Deployment:
+        s = self.config.server
+        device = "cuda:0" if (s.device or "").startswith("cuda") else "cpu"  # where the trunk runs
+        spec = DeploymentSpec(
+            name=model.name, path=model.path, sharing=model.sharing, owner=model.owner or "",
+            expert_block_size=model.expert_block_size,
+            keep_alive_s=model.keep_alive if model.keep_alive is not None else s.keep_alive,
+            trunk_keep_alive_s=model.trunk_keep_alive, dtype=model.dtype or "float32", device=device,
+        )
+
+        def executor(dep: Deployment):
+            if self.client is None:  # in process: every expert resident in this process
+                blocks = load_expert_blocks(ExpertLayout(CheckpointReader(spec.path), dep.config), dep.block_size,
+                                            dep.dtype, dep.device)
+                return InProcessExpertExecutor(LocalExpertExecutor(blocks, dep.block_size), self.compute, spec.name)
+            owner = spec.owner if spec.sharing == "private" else ""
+            return RemoteExpertExecutor(self.client, spec.name, spec.path, dep.config, dep.block_size, dep.dtype,
+                                        spec.keep_alive_s, owner)
+
+        return Deployment(spec, executor, self.compute)
+
+    async def _worker_stats(self) -> list:
+        if self.scheduler is not None:
+            return await self.scheduler.worker_stats()
+        if self.client is None:
+            return []
+        return await self.client.cluster_state()
+
+    async def runtime_metrics(self) -> str:
+        stats = await self._worker_stats()
+        texts = [s.metrics_text for s in stats]
+        if self.scheduler is not None:
+            texts.insert(0, self.scheduler.metrics.render())
+        return merge_expositions(texts)
+
+    async def cluster_state(self) -> dict:
+        """Workers with what they hold, and residency per model: the admin view."""
+        models = {d.name: {"functions": len(d.executor.functions), "resident_functions": d.executor.resident_functions(),
+                           "resident_bytes": d.executor.resident_bytes(), "trunk_bytes": d.trunk_bytes}
+                  for d in self.deployments.by_name.values()}
+        return {"workers": workers_json(await self._worker_stats()), "models": models, "time": time.time()}
+
+    async def stop(self) -> None:
+        """Drain: stop taking requests, finish the running ones, then stop everything."""
+        if self.runner is not None:
+            for site in list(self.runner.sites):
+                await site.stop()  # no new connections
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while self.deployments.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.deployments.stop()
+        if self.client is not None:
+            await self.client.close()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self.ledger is not None:
+            self.ledger.close()
+        if self.tenants is not None:
+            self.tenants.close()
+        self.compute.shutdown(wait=False)
+
+
+async def serve(opts: ServeOptions) -> int:
+    process = FrontendProcess(opts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        url = await process.start()
+        for tenant, key in process.printed_keys.items():
+            print(f"new API key for tenant {tenant} (shown once): {key}", flush=True)
+        models = ", ".join(process.deployments.by_name)
+        print(f"faasmoe serving {models} at {url}/v1 (OpenAI API); metrics at {url}/metrics", flush=True)
+        await stop.wait()
+        print("shutting down: draining in-flight requests", flush=True)
+    finally:
+        await process.stop()
+    return 0

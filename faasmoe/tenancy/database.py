@@ -1,0 +1,63 @@
+"""The state file: SQLite in WAL mode, shared by the tenant store and the usage ledger."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def open_database(path: str | Path) -> sqlite3.Connection:
+    """Open (creating if missing, mode 0600) a SQLite file in WAL mode, shared by the state stores."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The file holds key hashes and billing data: readable by its owner only, like ~/.ssh.
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    # Autocommit mode: transactions are explicit (`transaction`), so none is left open by accident.
+    conn = sqlite3.connect(path, timeout=10.0, check_same_thread=False, isolation_level=None)
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        log.warning("%s: SQLite refused WAL mode (journal_mode=%s); concurrent readers may block", path, mode)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+    return conn
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT (rollback on error); IMMEDIATE takes the write lock up front so two
+    processes never deadlock upgrading a read to a write."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def check_schema(conn: sqlite3.Connection, component: str, version: int) -> None:
+    """Record `component`'s schema version, refusing a file written by a newer faasmoe."""
+    conn.execute("INSERT OR IGNORE INTO schema_versions VALUES (?, ?)", (component, version))
+    found = conn.execute("SELECT version FROM schema_versions WHERE component = ?", (component,)).fetchone()[0]
+    if found > version:
+        raise ValueError(f"the {component} tables were written by a newer faasmoe (schema {found} > {version})")
+
+
+def default_state_path() -> Path:
+    """$FAASMOE_STATE, else $XDG_DATA_HOME/faasmoe/faasmoe.db (~/.local/share/...): never the
+    working directory, so running from a checkout writes nothing into it."""
+    explicit = os.environ.get("FAASMOE_STATE")
+    if explicit:
+        return Path(explicit).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "faasmoe" / "faasmoe.db"
+
+
+STATE_HELP = "default: $FAASMOE_STATE, else $XDG_DATA_HOME/faasmoe/faasmoe.db (~/.local/share/faasmoe/faasmoe.db)"

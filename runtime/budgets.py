@@ -1,0 +1,37 @@
+"""Default memory budgets of workers, as fractions of what the machine has free: set here once.
+
+A worker may fill most of a device; CPU workers and host caches share one RAM, so each of the
+`sharers` gets its share instead of every one claiming the whole.
+"""
+
+from __future__ import annotations
+
+import psutil
+import torch
+
+DEVICE_FRACTION = 0.9  # of a GPU's free memory, or of available RAM on CPU, for resident experts
+HOST_CACHE_FRACTION = 0.25  # of available RAM, for the host tier of evicted blocks
+
+
+def available_ram() -> int:
+    return psutil.virtual_memory().available
+
+
+def device_budget(device: torch.device, sharers: int = 1) -> int:
+    """Expert bytes a worker on `device` may hold: free GPU memory (pynvml, else torch) or RAM."""
+    if device.type == "cuda":
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            free = pynvml.nvmlDeviceGetMemoryInfo(handle).free
+        except Exception:  # no NVML (containers): ask the CUDA runtime
+            free, _ = torch.cuda.mem_get_info(device)
+        return int(free * DEVICE_FRACTION)
+    return int(available_ram() * DEVICE_FRACTION / max(1, sharers))
+
+
+def host_cache_budget(sharers: int = 1) -> int:
+    """Host-RAM cache of one worker when `sharers` workers share this machine's RAM."""
+    return int(available_ram() * HOST_CACHE_FRACTION / max(1, sharers))
