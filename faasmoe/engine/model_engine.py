@@ -23,7 +23,7 @@ from faasmoe.engine.executors import AsyncExpertExecutor
 from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
 from faasmoe.engine.sequence import Sequence
 from faasmoe.model.kv_cache import KVCache
-from faasmoe.model.moe_model import PackedStep, decoder_layers
+from faasmoe.model.moe_model import PackedStep, check_tokens, decoder_layers
 from faasmoe.model.tokenizer import Tokenizer
 from faasmoe.model.trunk import Trunk
 
@@ -97,22 +97,24 @@ class ModelEngine:
                 self._wake.clear()
                 await self._wake.wait()
             try:
-                self._admit()
+                await self._admit()
                 self._drop_cancelled()
                 if not self.running:
-                    await asyncio.sleep(0)  # only cancelled ones were waiting: let the loop breathe
+                    await asyncio.sleep(0)  # only cancelled or failed ones were waiting: let the loop breathe
                     continue
-                await self._step()
-            except Exception as exc:  # a failed step fails its requests, not the server
-                log.exception("step of %s failed", self.name)
-                for r in self.running:
-                    self._finish(r, "error", str(exc))
-                self.running = []
-                while self.waiting and not self.running:  # e.g. the trunk cannot load: fail them too
-                    request = self.waiting.popleft()
-                    request.events.put_nowait(Finished("error", "", Usage(len(request.prompt_token_ids)), str(exc)))
+                batch = list(self.running)
+                try:
+                    await self._step(batch)
+                except Exception as exc:  # fails the requests of this step; the waiting ones are not concerned
+                    log.exception("step of %s failed", self.name)
+                    for r in batch:
+                        self._finish(r, "error", str(exc))
+                    self.running = [r for r in self.running if r not in batch]
+            except Exception:  # a bug here must not stop the model for good: log it, go on
+                log.exception("engine loop of %s failed", self.name)
+                await asyncio.sleep(0.1)
 
-    def _admit(self) -> None:
+    async def _admit(self) -> None:
         budget = self.max_batch_tokens - len(self.running)
         while self.waiting and len(self.running) < self.max_running:
             request = self.waiting[0]
@@ -124,14 +126,23 @@ class ModelEngine:
             if need > budget and self.running:
                 break  # next step: a long prompt waits for room rather than starving decodes
             self.waiting.popleft()
+            try:
+                seq = await self._start(request)
+            except Exception as exc:  # this request cannot start (trunk, cache, bad input): it alone fails
+                log.warning("request %s of %s could not start: %s", request.request_id, self.name, exc)
+                request.events.put_nowait(Finished("error", "", Usage(len(request.prompt_token_ids)), str(exc)))
+                continue
             budget -= need
-            trunk = self._trunk()
-            cfg = trunk.config
-            cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, trunk.dtype, trunk.device,
-                            len(request.prompt_token_ids) + request.params.max_tokens)
-            seq = Sequence(request.prompt_token_ids, request.params, cache, self.tokenizer,
-                           self.tokenizer.eos_token_ids)
             self.running.append(_Running(request, seq, Usage(prompt_tokens=len(request.prompt_token_ids))))
+
+    async def _start(self, request: GenerationRequest) -> Sequence:
+        """The request's sequence with its KV cache; loads the trunk (off the loop) if it is not loaded."""
+        trunk = await self._run(self._trunk)
+        cfg = trunk.config
+        check_tokens(cfg, request.prompt_token_ids, request.params.max_tokens)
+        cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, trunk.dtype, trunk.device,
+                        len(request.prompt_token_ids) + request.params.max_tokens)
+        return Sequence(request.prompt_token_ids, request.params, cache, self.tokenizer, self.tokenizer.eos_token_ids)
 
     def _drop_cancelled(self) -> None:
         for r in [r for r in self.running if r.request.cancelled]:
@@ -141,8 +152,7 @@ class ModelEngine:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
 
-    async def _step(self) -> None:
-        batch = list(self.running)
+    async def _step(self, batch: list[_Running]) -> None:
         trunk = self._trunk()
         step = PackedStep.build(trunk.config, [r.seq.pending for r in batch], [r.seq.cache for r in batch], trunk.device)
         logits = await self._forward(trunk, step)

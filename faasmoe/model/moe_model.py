@@ -65,6 +65,15 @@ def decoder_layers(trunk: Trunk, ids: torch.Tensor, batch: StepBatch) -> Generat
     return h
 
 
+def check_tokens(config: MoEConfig, tokens: list[int], max_new: int = 0, cached: int = 0) -> None:
+    """Token ids this model can take, and room for `max_new` more after `cached` ones."""
+    if tokens and (min(tokens) < 0 or max(tokens) >= config.vocab_size):
+        raise ValueError(f"token id out of range 0..{config.vocab_size - 1}")
+    if cached + len(tokens) + max_new > config.max_position_embeddings:
+        raise ValueError(f"sequence of {cached + len(tokens) + max_new} tokens exceeds max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+
+
 @dataclass
 class PackedStep:
     """The new tokens of several sequences packed into one batch, as the offline model and the
@@ -80,13 +89,9 @@ class PackedStep:
         if len(new_tokens) != len(caches) or any(len(t) == 0 for t in new_tokens):
             raise ValueError("step needs one non-empty token list per cache")
         lengths = [len(t) for t in new_tokens]
-        for cache, n in zip(caches, lengths):
-            if cache.length + n > config.max_position_embeddings:
-                raise ValueError(f"sequence of {cache.length + n} tokens exceeds max_position_embeddings="
-                                 f"{config.max_position_embeddings}")
+        for cache, tokens in zip(caches, new_tokens):
+            check_tokens(config, tokens, 0, cache.length)
         ids = torch.tensor([t for seq in new_tokens for t in seq], dtype=torch.long, device=device)
-        if int(ids.max()) >= config.vocab_size or int(ids.min()) < 0:
-            raise ValueError(f"token id out of range 0..{config.vocab_size - 1}")
         return cls(ids, StepBatch.build(caches, lengths, device), lengths)
 
     def last_rows(self, h: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -80,4 +81,29 @@ async def test_cancelled_waiting_request_is_finished(model_dir):
     finished = await asyncio.wait_for(request.events.get(), 10)
     assert isinstance(finished, Finished) and finished.finish_reason == "cancelled"
     assert not dep.engine.busy
+    await dep.engine.stop()
+
+
+async def test_a_request_whose_trunk_cannot_load_gets_its_error(model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    dep = deployment(broken)  # config, tokenizer and (in process) the experts are read now; the trunk lazily
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:64])  # the disk lost the file's tail
+    tokens, finished = await asyncio.wait_for(run(dep, [1, 2, 3]), 30)
+    assert tokens == [] and finished.finish_reason == "error" and finished.error
+    again, finished = await asyncio.wait_for(run(dep, [4, 5]), 30)  # the engine lives on
+    assert again == [] and finished.finish_reason == "error"
+    assert not dep.engine.busy
+    await dep.engine.stop()
+
+
+async def test_a_bad_request_fails_alone(model_dir):
+    dep = deployment(model_dir)
+    vocab = dep.config.vocab_size
+    good, bad = await asyncio.wait_for(asyncio.gather(run(dep, [1, 2, 3], 6), run(dep, [1, vocab + 5], 6)), 60)
+    expected = generate(MoEModel.from_pretrained(model_dir, expert_block_size=4), [[1, 2, 3]], max_tokens=6,
+                        ignore_eos=True)[0]
+    assert good[0] == expected.token_ids and good[1].finish_reason == "length"
+    assert bad[0] == [] and bad[1].finish_reason == "error" and "out of range" in bad[1].error
     await dep.engine.stop()
