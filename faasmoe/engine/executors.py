@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.config import MoEConfig
 from faasmoe.model.experts import DispatchPlan, LocalExpertExecutor, Routing
 from faasmoe.model.moe_model import block_ranges
@@ -50,10 +52,17 @@ class AsyncExpertExecutor(Protocol):
     def take_step_cost(self) -> StepCost: ...
 
 
-def function_id(model: str, layer: int, block: int, owner: str = "") -> str:
-    """`model/layer/block`, prefixed `tenant:` for a private deployment (DESIGN.md)."""
-    base = f"{model}/{layer}/{block}"
+def function_id(model: str, layer: int, block: int, owner: str = "", weights: str = "") -> str:
+    """`model/layer/block@weights`, prefixed `tenant:` for a private deployment (DESIGN.md). `weights`
+    tells the slice's bytes and dtype apart, so two checkpoints that share a name never share a function."""
+    base = f"{model}/{layer}/{block}" + (f"@{weights}" if weights else "")
     return f"{owner}:{base}" if owner else base
+
+
+def weights_digest(layout: ExpertLayout, layer: int, first: int, count: int, dtype_name: str) -> str:
+    """16 hex digits over the block's checkpoint fingerprint and the dtype it is served in."""
+    fingerprint = layout.block_fingerprint(layer, first, count)
+    return hashlib.sha256(f"{fingerprint}|{dtype_name}".encode()).hexdigest()[:16]
 
 
 class RemoteExpertExecutor:
@@ -64,12 +73,15 @@ class RemoteExpertExecutor:
         self.client = client
         self.block_size = block_size
         dtype_name = str(dtype).removeprefix("torch.")
+        layout = ExpertLayout(CheckpointReader(path), config)
         self.specs: dict[tuple[int, int], p.FunctionSpec] = {}
         for layer in config.moe_layers:
             for block, (first, count) in enumerate(block_ranges(config.num_experts, block_size)):
+                fid = function_id(model, layer, block, owner, weights_digest(layout, layer, first, count, dtype_name))
                 self.specs[(layer, block)] = p.FunctionSpec(
-                    function_id(model, layer, block, owner), str(Path(path).resolve()), layer, first, count,
+                    fid, str(Path(path).resolve()), layer, first, count,
                     dtype_name, count * config.expert_bytes(dtype), owner, keep_alive_s)
+        layout.reader.close()
         self._cost = StepCost()
         self._touched: set[str] = set()
 

@@ -7,6 +7,7 @@ whole shard (the point of per-expert functions is not to pay for the experts you
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -47,6 +48,7 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+_SAMPLE_BYTES = 4096  # per sampled window of a block fingerprint
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,16 @@ class CheckpointReader:
                 raise CheckpointError(f"{entry.file}: short read of tensor {name!r} (file truncated?)")
             done += n
 
+    def read_bytes(self, name: str, offset: int, length: int) -> bytes:
+        """`length` raw bytes at absolute `offset` of the file that holds tensor `name`."""
+        data = os.pread(self._fd(self.entry(name).file), length, offset)
+        if len(data) != length:
+            raise CheckpointError(f"{self.entry(name).file}: short read of tensor {name!r} (file truncated?)")
+        return data
+
+    def config_bytes(self) -> bytes:
+        return (self.path / "config.json").read_bytes()
+
     def _fd(self, file: Path) -> int:
         with self._lock:
             if file not in self._fds:
@@ -247,6 +259,38 @@ class ExpertLayout:
             self._fill(f"{base}.{names[1]}.weight", gate_up[slot, inter:])
             self._fill(f"{base}.{names[2]}.weight", down[slot])
         return ExpertWeights(gate_up, down)
+
+    def block_fingerprint(self, layer: int, first: int, count: int) -> str:
+        """A digest that tells these experts' weights apart from any other's, cheaply: the config, each
+        tensor's name, dtype and shape, and a few KiB sampled at the start, middle and end of each
+        expert's bytes (reading whole blocks would cost the frontend a full read of the model)."""
+        digest = hashlib.sha256(self.reader.config_bytes())
+        digest.update(f"{layer}/{first}/{count}".encode())
+        for name, offset, length in self._block_ranges(layer, first, count):
+            entry = self.reader.entry(name)
+            digest.update(f"{name}|{entry.dtype}|{entry.shape}|{length}".encode())
+            for at in sorted({offset, offset + length // 2, max(offset, offset + length - _SAMPLE_BYTES)}):
+                digest.update(self.reader.read_bytes(name, at, min(_SAMPLE_BYTES, offset + length - at)))
+        return digest.hexdigest()
+
+    def _block_ranges(self, layer: int, first: int, count: int) -> list[tuple[str, int, int]]:
+        """(tensor name, byte offset in its file, byte length) of each piece of experts first..first+count."""
+        prefix = self.moe_prefix(layer)
+        fused = f"{prefix}.experts.gate_up_proj"
+        if self.reader.has(fused):
+            pieces = []
+            for name in (fused, f"{prefix}.experts.down_proj"):
+                entry = self.reader.entry(name)
+                pieces.append((name, entry.offset + first * entry.row_bytes, count * entry.row_bytes))
+            return pieces
+        names = ("w1", "w3", "w2") if prefix.endswith("block_sparse_moe") else ("gate_proj", "up_proj", "down_proj")
+        pieces = []
+        for expert in range(first, first + count):
+            for n in names:
+                entry = self.reader.entry(f"{prefix}.experts.{expert}.{n}.weight")
+                pieces.append((f"{prefix}.experts.{expert}.{n}.weight", entry.offset,
+                               entry.row_bytes * (entry.shape[0] if entry.shape else 1)))
+        return pieces
 
     def _fill_rows(self, name: str, first: int, shape: tuple[int, ...], dest: torch.Tensor) -> None:
         """Rows first.. of a fused [E, ...] tensor into `dest`, straight from the file if dtypes match."""

@@ -1,0 +1,75 @@
+"""Function ids name the weights: two frontends share identical functions, never different ones.
+
+Real scheduler and worker processes; two frontends (RuntimeClients with their executors) serve
+checkpoints that share a directory name but not their weights, or the same weights in another
+block size. Every answer must be its own checkpoint's, as the in-process experts compute it.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from faasmoe.engine.executors import RemoteExpertExecutor
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
+from faasmoe.model.config import MoEConfig
+from faasmoe.model.experts import LocalExpertExecutor, Routing
+from faasmoe.model.moe_model import load_expert_blocks
+from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
+
+from .test_cluster import connect, counters, join_worker, start_scheduler
+
+
+def remote(client, path, block_size: int) -> RemoteExpertExecutor:
+    config = MoEConfig.from_pretrained(path)
+    return RemoteExpertExecutor(client, path.name, path, config, block_size, torch.float32, 60.0)
+
+
+def in_process(path, block_size: int) -> LocalExpertExecutor:
+    config = MoEConfig.from_pretrained(path)
+    blocks = load_expert_blocks(ExpertLayout(CheckpointReader(path), config), block_size, torch.float32,
+                                torch.device("cpu"))
+    return LocalExpertExecutor(blocks, block_size)
+
+
+def layer_input(config: MoEConfig, tokens: int = 12) -> tuple[torch.Tensor, Routing]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(tokens, config.hidden_size, generator=g)
+    experts = torch.stack([torch.randperm(config.num_experts, generator=g)[: config.top_k] for _ in range(tokens)])
+    return x, Routing(experts, torch.full((tokens, config.top_k), 1.0 / config.top_k))
+
+
+async def test_same_name_other_weights_never_share_a_function(tmp_path):
+    seed0 = init_checkpoint(tmp_path / "a" / "tiny", "qwen2_moe", seed=0, progress=False)
+    seed1 = init_checkpoint(tmp_path / "b" / "tiny", "qwen2_moe", seed=1, progress=False)
+    copy0 = tmp_path / "c" / "tiny"
+    shutil.copytree(seed0, copy0)  # the same weights at another path: the same functions
+    sched, address = start_scheduler()
+    worker = join_worker(address, "w0", "256MiB")
+    frontends = []
+    try:
+        for _ in range(4):
+            frontends.append(await connect(address, 1))
+        config = MoEConfig.from_pretrained(seed0)
+        layer = config.moe_layers[0]
+        x, routing = layer_input(config)
+        cases = [(frontends[0], seed0, 4), (frontends[1], seed1, 4), (frontends[2], seed0, 8), (frontends[3], copy0, 4)]
+        executors = [remote(client, path, block) for client, path, block in cases]
+        ids = [{f.function_id for f in e.functions} for e in executors]
+        assert not ids[0] & ids[1] and not ids[0] & ids[2] and ids[0] == ids[3]
+        for executor, (_, path, block) in zip(executors[:3], cases[:3]):
+            got = await executor.run_layer(layer, x, routing)
+            assert torch.allclose(got, in_process(path, block).run_layer(layer, x, routing), atol=1e-6), path
+        cold = sum(c.get("cold_starts_disk", 0) + c.get("cold_starts_host", 0)
+                   for c in (await counters(frontends[0])).values())
+        got = await executors[3].run_layer(layer, x, routing)  # identical functions: warm, shared
+        assert torch.allclose(got, in_process(seed0, 4).run_layer(layer, x, routing), atol=1e-6)
+        again = sum(c.get("cold_starts_disk", 0) + c.get("cold_starts_host", 0)
+                    for c in (await counters(frontends[0])).values())
+        assert again == cold, "the same weights at another path were loaded again"
+    finally:
+        for client in frontends:
+            await client.close()
+        worker.stop()
+        sched.stop()
