@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -39,7 +40,11 @@ from runtime.metrics import CONTENT_TYPE, merge_expositions
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 16 * 2**20  # a long context's token ids or messages, with room to spare
+# A long context's token ids or messages, with room to spare; a larger body is a 413 before it is parsed.
+MAX_BODY_BYTES = 8 * 2**20
+# Threads for the work of a request that is not the model's: JSON parsing, chat templates, tokenizing,
+# SQLite (keys, usage rows). Not the trunk's compute thread, so a long prompt never waits behind a step.
+OFF_LOOP_THREADS = 2
 # Who calls with the admin key generates as this tenant; the leading "_" is not a valid tenant
 # name, so it never shares limits or usage rows with a real one.
 ADMIN_TENANT = "_admin"
@@ -71,6 +76,7 @@ class Principal:
 CONTEXT = web.AppKey("context", FrontendContext)
 METRICS = web.AppKey("metrics", FrontendMetrics)
 BACKGROUND = web.AppKey("background", set)
+OFF_LOOP = web.AppKey("off_loop", ThreadPoolExecutor)
 
 
 def create_app(ctx: FrontendContext) -> web.Application:
@@ -79,6 +85,7 @@ def create_app(ctx: FrontendContext) -> web.Application:
     app[CONTEXT] = ctx
     app[METRICS] = FrontendMetrics()
     app[BACKGROUND] = set()
+    app[OFF_LOOP] = ThreadPoolExecutor(OFF_LOOP_THREADS, thread_name_prefix="frontend-off-loop")
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
@@ -88,7 +95,17 @@ def create_app(ctx: FrontendContext) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/cluster", cluster)
     app.on_shutdown.append(_finish_background)
+    app.on_cleanup.append(_stop_off_loop)
     return app
+
+
+async def _stop_off_loop(app: web.Application) -> None:
+    app[OFF_LOOP].shutdown(wait=True, cancel_futures=True)
+
+
+async def _off_loop(request: web.Request, fn: Callable, *args):
+    """`fn(*args)` in the frontend's small thread pool: work that would stall every stream on the loop."""
+    return await asyncio.get_running_loop().run_in_executor(request.app[OFF_LOOP], fn, *args)
 
 
 async def _finish_background(app: web.Application) -> None:
@@ -115,7 +132,8 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
                                                    "invalid_request_error")
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else \
             f"{exc.reason}: {request.method} {request.path}"
-        return _error_response(ApiError(exc.status, message, kind), dict(exc.headers))
+        code = {413: "request_too_large"}.get(exc.status)
+        return _error_response(ApiError(exc.status, message, kind, code=code), dict(exc.headers))
     except ConnectionResetError:  # the client left; nobody reads an answer, aiohttp logs the access
         return web.Response(status=499)
     except Exception:
@@ -133,12 +151,12 @@ def _error_response(exc: ApiError, headers: dict[str, str] | None = None) -> web
 # --- authentication ----------------------------------------------------------------------------------
 
 
-def _authenticate(request: web.Request) -> Principal:
+async def _authenticate(request: web.Request) -> Principal:
     ctx = request.app[CONTEXT]
     key = _bearer_key(request)
     admin_key = ctx.admin_key is not None and key is not None and _same(key, ctx.admin_key)
     if ctx.tenants is not None:
-        tenant = ctx.tenants.authenticate(key) if key is not None else None
+        tenant = await _off_loop(request, ctx.tenants.authenticate, key) if key is not None else None
         if tenant is not None:
             return Principal(tenant, tenant.admin or admin_key)
     elif ctx.api_key is not None:
@@ -169,8 +187,8 @@ def _unauthorized(key: str | None) -> ApiError:
                     headers={"WWW-Authenticate": "Bearer"})
 
 
-def _require_admin(request: web.Request) -> Principal:
-    principal = _authenticate(request)
+async def _require_admin(request: web.Request) -> Principal:
+    principal = await _authenticate(request)
     if not principal.admin:
         raise ApiError(403, "This endpoint needs the admin key or an admin tenant's key.", "permission_error",
                        code="forbidden")
@@ -192,13 +210,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    tenant = _authenticate(request).tenant
-    body_json = parse_json_body(await request.read())
-    body = parse_chat(body_json) if chat else parse_completion(body_json)
+    tenant = (await _authenticate(request)).tenant
+    body = await _off_loop(request, _parse_generation_body, await request.read(), chat)
     deployment = ctx.deployments.get(body.model, tenant.name, tenant.allowed_models)
     if deployment is None:
         raise model_not_found(body.model)
-    prompt = prepare(body, deployment.tokenizer, deployment.max_context, deployment.config.vocab_size)
+    prompt = await _off_loop(request, prepare, body, deployment.tokenizer, deployment.max_context,
+                             deployment.config.vocab_size)
     gen = GenerationRequest(deployment.name, prompt.token_ids, prompt.params, tenant=tenant.name,
                             logprobs=body.logprobs,
                             request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
@@ -212,6 +230,11 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         return await _collect(request, run, shape)
     finally:
         run.abandon()  # a no-op when it completed; otherwise frees the sequence and the tenant's slot
+
+
+def _parse_generation_body(raw: bytes, chat: bool) -> GenerationBody:
+    body = parse_json_body(raw)
+    return parse_chat(body) if chat else parse_completion(body)
 
 
 def _admit(request: web.Request, deployment: Deployment, tenant: Tenant, gen: GenerationRequest) -> InFlightRequest:
@@ -228,7 +251,7 @@ def _admit(request: web.Request, deployment: Deployment, tenant: Tenant, gen: Ge
         raise ApiError(decision.status, decision.message, "rate_limit_exceeded", code=decision.code or None,
                        headers=headers)
     return InFlightRequest(gen, deployment, tenant, decision.charged, ctx.admission, ctx.ledger, metrics,
-                           request.app[BACKGROUND])
+                           request.app[BACKGROUND], request.app[OFF_LOOP])
 
 
 def _check_memory_quota(ctx: FrontendContext, deployment: Deployment, tenant: Tenant, metrics) -> None:
@@ -264,7 +287,7 @@ async def _collect(request: web.Request, run: InFlightRequest, shape: ResponseSh
     except ClientGone:
         return web.Response(status=499)  # nginx's "client closed request": only the access log sees it
     assert finished is not None
-    run.complete(finished)
+    await run.complete(finished)
     if finished.finish_reason == "error":
         raise ApiError(500, f"Generation failed: {finished.error}", "server_error")
     return web.json_response(shape.response(finished, tokens), headers={"X-Request-Id": shape.id})
@@ -284,7 +307,7 @@ async def _stream(request: web.Request, run: InFlightRequest, shape: ResponseSha
                 if chunk is not None:
                     await _send(response, chunk)
                 continue
-            run.complete(event)  # usage is durable before the client sees the end
+            await run.complete(event)  # usage is durable before the client sees the end
             if event.finish_reason == "error":
                 await _send(response, error_body(f"Generation failed: {event.error}", "server_error"))
             else:
@@ -313,14 +336,14 @@ def _model_card(d: Deployment) -> dict:
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the models this caller may use."""
-    tenant = _authenticate(request).tenant
+    tenant = (await _authenticate(request)).tenant
     visible = request.app[CONTEXT].deployments.visible(tenant.name, tenant.allowed_models)
     return web.json_response({"object": "list", "data": [_model_card(d) for d in visible]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{model}"""
-    tenant = _authenticate(request).tenant
+    tenant = (await _authenticate(request)).tenant
     name = request.match_info["model"]
     deployment = request.app[CONTEXT].deployments.get(name, tenant.name, tenant.allowed_models)
     if deployment is None:
@@ -330,7 +353,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     """GET /v1/usage[?since=1h][&tenant=NAME]: usage totals per model; other tenants' for admins only."""
-    principal = _authenticate(request)
+    principal = await _authenticate(request)
     ledger = request.app[CONTEXT].ledger
     if ledger is None:
         raise ApiError(404, "This server keeps no usage ledger.", "not_found_error", code="no_ledger")
@@ -368,5 +391,5 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def cluster(request: web.Request) -> web.Response:
     """GET /admin/cluster: workers, resident functions and per-model residency (admin only)."""
-    _require_admin(request)
+    await _require_admin(request)
     return web.json_response(await request.app[CONTEXT].cluster_state())

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 
 from faasmoe.engine.deployments import Deployment, Deployments
 from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
@@ -66,12 +67,13 @@ class InFlightRequest:
 
     def __init__(self, request: GenerationRequest, deployment: Deployment, tenant: Tenant, charged: int,
                  admission: Admission, ledger: UsageLedger | None, metrics: FrontendMetrics,
-                 background: set[asyncio.Task]) -> None:
+                 background: set[asyncio.Task], io: Executor | None = None) -> None:
         self.request = request
         self.deployment = deployment
         self.tenant = tenant
         self.charged = charged
         self._admission, self._ledger, self._metrics, self._background = admission, ledger, metrics, background
+        self._io = io  # where the ledger's SQLite commit runs: never on the event loop (None: asyncio's default)
         self._labels = {"model": deployment.name, "tenant": tenant.name}
         self._started = time.monotonic()
         self._first_token_at: float | None = None
@@ -121,7 +123,7 @@ class InFlightRequest:
             self._metrics.itl.labels(**self._labels).observe(now - self._last_token_at)
         self._last_token_at = now
 
-    def complete(self, finished: Finished) -> None:
+    async def complete(self, finished: Finished) -> None:
         """Record usage (committed before the client sees the end), update metrics, settle admission."""
         if self.done:
             return
@@ -131,11 +133,13 @@ class InFlightRequest:
             if self._ledger is not None:
                 started_at = self.request.arrived_at
                 ttft = None if self._first_token_at is None else self._first_token_at - self._started
-                self._ledger.record(UsageRecord(
+                record = UsageRecord(
                     self.request.request_id, self.tenant.name, self.deployment.name, usage.prompt_tokens,
                     usage.completion_tokens, usage.expert_invocations, usage.expert_compute_s, usage.cold_starts,
                     usage.resident_byte_seconds, started_at, time.time(), status, ttft,
-                    finished.error or ""))
+                    finished.error or "")
+                # A commit waits on the disk and on other writers' locks: a thread, not the loop.
+                await asyncio.get_running_loop().run_in_executor(self._io, self._ledger.record, record)
         except Exception:  # the response must still go out; the loss is logged loudly
             log.exception("could not record the usage of %s", self.request.request_id)
         finally:
@@ -178,7 +182,7 @@ class InFlightRequest:
                 else:
                     self.tokens_seen += 1
         finally:  # even when cancelled at shutdown: the slot must be released
-            self.complete(finished or self._synthesized("cancelled"))
+            await self.complete(finished or self._synthesized("cancelled"))
 
     def _synthesized(self, reason: str, error: str | None = None) -> Finished:
         """A Finished for a request the engine let go of silently: count what the handler saw."""

@@ -23,6 +23,9 @@ MAX_CHAT_TOP_LOGPROBS = 20
 DEFAULT_CHAT_MAX_TOKENS = 4096
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+# A bound, not an estimate (English text averages ~4 characters a token): a text prompt longer than
+# this many characters per token of the context cannot fit, so it is refused without tokenizing it.
+MAX_CHARS_PER_TOKEN = 32
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -260,8 +263,35 @@ def _message_text(content: Any, where: str) -> str:
     raise invalid(f"{where} must be a string or a list of text parts, got {_json_type(content)}.", where)
 
 
+def check_prompt_size(body: GenerationBody, max_context: int) -> None:
+    """Refuse a prompt that cannot fit the context by its size alone: tokenizing it would be the cost."""
+    what = "messages" if body.chat else "prompt"
+    if body.chat:
+        chars = sum(len(m["content"]) for m in body.messages or [])
+    elif isinstance(body.prompt, str):
+        chars = len(body.prompt)
+    else:
+        tokens = len(body.prompt or [])
+        if tokens > max_context:
+            raise _too_long(max_context, f"{tokens} tokens in the prompt", what)
+        return
+    limit = max_context * MAX_CHARS_PER_TOKEN
+    if chars > limit:
+        raise _too_long(max_context, f"{chars} characters in the {what}, over the {limit} that "
+                        f"{max_context} tokens can hold", what)
+
+
+def _too_long(max_context: int, asked: str, what: str) -> ApiError:
+    return invalid(f"This model's maximum context length is {max_context} tokens. However, you sent {asked}. "
+                   f"Please reduce the length of the {what}.", what, "context_length_exceeded")
+
+
 def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_size: int) -> PreparedPrompt:
-    """Tokenize the prompt for this model, check it fits the context and build the sampling params."""
+    """Tokenize the prompt for this model, check it fits the context and build the sampling params.
+
+    CPU-bound (templating, tokenizing): the frontend calls it in a thread, never on the event loop.
+    """
+    check_prompt_size(body, max_context)
     echo_text = ""
     if body.chat:
         try:

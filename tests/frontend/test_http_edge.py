@@ -1,0 +1,134 @@
+"""The frontend's edge under hostile or careless clients: huge bodies and prompts, malformed JSON,
+oversized headers, slow connections, unauthenticated scrapes.
+
+An in-process server on a loopback port (as in test_server.py), tenants in SQLite, the tiny
+checkpoint served shared (`tiny`) and private to tenant beta (`secret`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from faasmoe.api.app import MAX_BODY_BYTES, FrontendContext
+from faasmoe.api.openai_requests import MAX_CHARS_PER_TOKEN
+from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
+from faasmoe.tenancy.admission import Admission
+from faasmoe.tenancy.ledger import UsageLedger
+from faasmoe.tenancy.tenants import TenantStore
+
+from .test_server import ADMIN_KEY, Server, assert_error, make_deployments, raw, serve
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return init_checkpoint(tmp_path_factory.mktemp("edge") / "tiny", "qwen2_moe", seed=1, progress=False)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(checkpoint: Path, tmp_path_factory):
+    compute = ThreadPoolExecutor(1)
+    state = tmp_path_factory.mktemp("edge-state") / "state.db"
+    tenants, ledger = TenantStore(state), UsageLedger(state)
+    keys = {name: tenants.add_tenant(name, **limits)[1] for name, limits in {
+        "acme": {}, "beta": {}, "metered": {"tokens_per_minute": 40}}.items()}
+    keys["admin"] = ADMIN_KEY
+    deployments = make_deployments(checkpoint, compute)
+
+    async def cluster_state() -> dict:
+        return {"workers": [], "models": {}}
+
+    async def runtime_metrics() -> str:
+        return ""
+
+    ctx = FrontendContext(deployments, tenants, None, ADMIN_KEY, Admission(), ledger, cluster_state, runtime_metrics)
+    runner, port = await serve(ctx)
+    yield Server(port, deployments, ledger, keys)
+    await runner.cleanup()
+    await deployments.stop()
+    compute.shutdown()
+    tenants.close()
+    ledger.close()
+
+
+def max_context(server: Server) -> int:
+    return server.deployments.by_name["tiny"].max_context
+
+
+# --- D6: nothing heavy on the event loop; oversized input refused before any work -----------------------
+
+
+async def test_health_answers_while_a_long_prompt_is_tokenized(server: Server) -> None:
+    # Just under the character bound: it is tokenized (~0.3 s of CPU each) and only then found too long.
+    words = ("mixture", "of", "experts", "serving", "the", "token", "router", "gate")
+    rng = random.Random(0)
+    text = " ".join(rng.choice(words) for _ in range(max_context(server) * MAX_CHARS_PER_TOKEN // 7))
+    assert len(text) <= max_context(server) * MAX_CHARS_PER_TOKEN
+    body = {"model": "tiny", "prompt": text, "max_tokens": 1}
+
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def probe_health() -> None:
+        # From another thread: a client on the server's own loop would be stalled with it and not see it.
+        conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=10)
+        while not done.is_set():
+            start = time.perf_counter()
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() == b'{"status": "ok"}'
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.01)
+        conn.close()
+
+    prober = threading.Thread(target=probe_health, daemon=True)
+    prober.start()
+    try:
+        results = await asyncio.gather(*(raw(server, "POST", "/v1/completions", body) for _ in range(3)))
+    finally:
+        done.set()
+        await asyncio.to_thread(prober.join, 10)
+    for status, _, payload in results:
+        assert status == 400 and assert_error(payload, "invalid_request_error", "prompt")["code"] == \
+            "context_length_exceeded"
+    print(f"/health: {len(latencies)} probes, max {max(latencies) * 1000:.1f} ms")
+    assert max(latencies) < 0.1, f"/health took {max(latencies) * 1000:.0f} ms while prompts were tokenized"
+    assert len(latencies) >= 3, f"the prompts were not slow enough to measure anything: {latencies}"
+
+
+async def test_a_prompt_past_the_character_bound_is_refused_without_tokenizing(server: Server, monkeypatch) -> None:
+    tokenizer = server.deployments.by_name["tiny"].tokenizer
+
+    def never(*args, **kwargs):
+        raise AssertionError("an oversized prompt was tokenized")
+
+    monkeypatch.setattr(tokenizer, "encode", never)
+    monkeypatch.setattr(tokenizer, "apply_chat_template", never)
+    limit = max_context(server) * MAX_CHARS_PER_TOKEN
+    status, _, payload = await raw(server, "POST", "/v1/completions", {"model": "tiny", "prompt": "a" * (limit + 1)})
+    assert status == 400 and assert_error(payload, "invalid_request_error", "prompt")["code"] == \
+        "context_length_exceeded"
+    messages = [{"role": "user", "content": "b" * (limit // 2 + 1)}] * 2
+    status, _, payload = await raw(server, "POST", "/v1/chat/completions", {"model": "tiny", "messages": messages})
+    assert status == 400 and assert_error(payload, "invalid_request_error", "messages")["code"] == \
+        "context_length_exceeded"
+    ids = [5] * (max_context(server) + 1)
+    status, _, payload = await raw(server, "POST", "/v1/completions", {"model": "tiny", "prompt": ids})
+    assert status == 400 and assert_error(payload, "invalid_request_error", "prompt")["code"] == \
+        "context_length_exceeded"
+
+
+async def test_a_body_over_the_limit_is_413_in_openai_shape(server: Server) -> None:
+    data = b'{"model": "tiny", "prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
+    status, _, payload = await raw(server, "POST", "/v1/completions", data=data)
+    assert status == 413
+    assert assert_error(payload, "invalid_request_error")["code"] == "request_too_large"
