@@ -248,8 +248,8 @@ def _admit(request: web.Request, deployment: Deployment, tenant: Tenant, gen: Ge
     if not decision.ok:
         metrics.rejected.labels(tenant=tenant.name, code=decision.code or "rejected").inc()
         headers = {} if decision.retry_after_s is None else {"Retry-After": str(int(decision.retry_after_s))}
-        raise ApiError(decision.status, decision.message, "rate_limit_exceeded", code=decision.code or None,
-                       headers=headers)
+        kind = "rate_limit_exceeded" if decision.status == 429 else "invalid_request_error"
+        raise ApiError(decision.status, decision.message, kind, code=decision.code or None, headers=headers)
     return InFlightRequest(gen, deployment, tenant, decision.charged, ctx.admission, ctx.ledger, metrics,
                            request.app[BACKGROUND], request.app[OFF_LOOP])
 

@@ -65,9 +65,32 @@ def parse_json_body(raw: bytes) -> dict:
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid(f"We could not parse the JSON body of your request ({exc}). Send a JSON object with "
                       "Content-Type: application/json.", code="invalid_json") from None
+    except RecursionError:  # [[[[… a few thousand deep: the parser's stack, not our bug
+        raise invalid("The JSON body of your request is nested too deeply.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid(f"The request body must be a JSON object, got {_json_type(body)}.", code="invalid_json")
+    _reject_lone_surrogates(body)
     return body
+
+
+def _reject_lone_surrogates(body: dict) -> None:
+    """JSON may escape half a UTF-16 pair ("\\ud800"); such a string is no text, and the tokenizer or
+    the response's encoder would fail on it later. Walked without recursion: depth is the client's."""
+    stack: list[Any] = [body]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise invalid("The JSON body of your request holds a lone UTF-16 surrogate escape (such as "
+                                  "\\ud800), which is not text.", code="invalid_json") from None
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 @dataclass

@@ -150,13 +150,14 @@ class FrontendProcess:
             self.deployments.add(self._deployment(model))
         self.deployments.start()
         from faasmoe.api.app import FrontendContext, create_app
+        from faasmoe.api.http_server import FrontendRunner
 
         ctx = FrontendContext(
             deployments=self.deployments, tenants=self.tenants, api_key=self.opts.api_key,
             admin_key=s.admin_key or self.opts.api_key, admission=Admission(), ledger=self.ledger,
             cluster_state=self.cluster_state, runtime_metrics=self.runtime_metrics,
         )
-        self.runner = web.AppRunner(create_app(ctx), access_log=None, handle_signals=False)
+        self.runner = FrontendRunner(create_app(ctx), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, s.host, s.port)
         await site.start()

@@ -131,7 +131,8 @@ class Admission:
             wait = self.rate.check(tenant, charge, now)
         except RequestTooLarge as exc:
             self.concurrency.release(tenant)
-            return Decision(False, 429, str(exc), "request_too_large", retry_after_s=None)
+            # A 400, not a 429: clients (the openai SDK among them) retry 429s, and waiting cannot help.
+            return Decision(False, 400, str(exc), "request_too_large", retry_after_s=None)
         if wait is not None:
             self.concurrency.release(tenant)
             return Decision(False, 429, f"tenant {tenant.name!r} is over its {tenant.tokens_per_minute} tokens per "

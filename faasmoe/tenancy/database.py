@@ -16,8 +16,11 @@ def open_database(path: str | Path) -> sqlite3.Connection:
     """Open (creating if missing, mode 0600) a SQLite file in WAL mode, shared by the state stores."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The file holds key hashes and billing data: readable by its owner only, like ~/.ssh.
+    # The file holds key hashes and billing data: readable by its owner only, like ~/.ssh. The mode of
+    # os.open applies to a new file only, so an existing one (and its WAL files) is tightened too.
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        _owner_only(file)
     # Autocommit mode: transactions are explicit (`transaction`), so none is left open by accident.
     conn = sqlite3.connect(path, timeout=10.0, check_same_thread=False, isolation_level=None)
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -27,6 +30,18 @@ def open_database(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("CREATE TABLE IF NOT EXISTS schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
     return conn
+
+
+def _owner_only(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+            log.warning("%s was readable by others (mode %o); now %o", path, mode, mode & 0o700)
+    except FileNotFoundError:
+        pass
+    except PermissionError as exc:  # someone else's file: SQLite will say if it cannot use it
+        log.warning("could not make %s owner-only: %s", path, exc)
 
 
 @contextlib.contextmanager

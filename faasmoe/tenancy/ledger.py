@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import threading
 import time
@@ -148,6 +149,7 @@ def _filters(tenant: str | None, since: float | None, model: str | None) -> tupl
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_EARLIEST = datetime(1, 1, 2).timestamp()  # what `since` can still be shown as a date
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -156,7 +158,10 @@ def parse_since(text: str, now: float | None = None) -> float:
     match = _DURATION.fullmatch(text)
     if match:
         now = time.time() if now is None else now
-        return now - float(match.group(1)) * _UNIT_S[match.group(2)]
+        since = now - float(match.group(1)) * _UNIT_S[match.group(2)]
+        if not math.isfinite(since) or since < _EARLIEST:  # 9…9d is -inf: not JSON, not a time
+            raise ValueError(f"not a time: {text!r} is further back than any usage can be")
+        return since
     try:
         return datetime.fromisoformat(text.strip()).timestamp()
     except ValueError:

@@ -24,7 +24,7 @@ def test_request_larger_than_the_whole_minute_is_rejected_not_delayed() -> None:
     with pytest.raises(RequestTooLarge, match="needs 101 tokens"):
         RateLimiter().check(t, 101, now=0.0)
     d = Admission().admit(t, prompt_tokens=60, max_tokens=41, now=0.0)
-    assert (d.ok, d.status, d.code, d.retry_after_s) == (False, 429, "request_too_large", None)
+    assert (d.ok, d.status, d.code, d.retry_after_s) == (False, 400, "request_too_large", None)
     assert "max_tokens" in d.message
 
 

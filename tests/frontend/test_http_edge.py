@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -132,3 +133,48 @@ async def test_a_body_over_the_limit_is_413_in_openai_shape(server: Server) -> N
     status, _, payload = await raw(server, "POST", "/v1/completions", data=data)
     assert status == 413
     assert assert_error(payload, "invalid_request_error")["code"] == "request_too_large"
+
+
+# --- D16: malformed input is a 4xx in OpenAI's shape, never a 500 or a retry loop ------------------------
+
+
+async def test_a_lone_surrogate_is_400_not_500(server: Server) -> None:
+    for path, body in (("/v1/completions", b'{"model": "tiny", "prompt": "\\ud800", "max_tokens": 1}'),
+                       ("/v1/chat/completions",
+                        b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\udfffb"}]}')):
+        status, _, payload = await raw(server, "POST", path, data=body)
+        assert status == 400, payload
+        assert assert_error(payload, "invalid_request_error")["code"] == "invalid_json"
+    # a real pair is text
+    status, _, _ = await raw(server, "POST", "/v1/completions",
+                             data=b'{"model": "tiny", "prompt": "\\ud83d\\ude00", "max_tokens": 1}')
+    assert status == 200
+
+
+async def test_deeply_nested_json_is_400_not_500(server: Server) -> None:
+    depth = 100_000
+    data = b'{"model": "tiny", "prompt": ' + b"[" * depth + b"]" * depth + b"}"
+    status, _, payload = await raw(server, "POST", "/v1/completions", data=data)
+    assert status == 400, payload
+    assert assert_error(payload, "invalid_request_error")["code"] == "invalid_json"
+
+
+async def test_oversized_headers_are_431_in_openai_shape(server: Server) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/v1/models", headers={"X-Big": "x" * 9000}) as resp:
+            assert resp.status == 431 and resp.headers["Content-Type"].startswith("application/json")
+            payload = await resp.json()
+    assert assert_error(payload, "invalid_request_error")["code"] == "request_header_fields_too_large"
+
+
+async def test_a_request_over_the_whole_minute_budget_is_400_not_429(server: Server) -> None:
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 100}  # tenant metered may use 40 tokens a minute
+    status, headers, payload = await raw(server, "POST", "/v1/completions", body, tenant="metered")
+    assert status == 400 and "Retry-After" not in headers
+    assert assert_error(payload, "invalid_request_error")["code"] == "request_too_large"
+
+
+async def test_usage_since_out_of_range_is_400(server: Server) -> None:
+    status, _, payload = await raw(server, "GET", "/v1/usage?since=" + "9" * 400 + "d", tenant="acme")
+    assert status == 400, payload  # was 200 with "since": -Infinity, which is not JSON
+    assert assert_error(payload, "invalid_request_error", "since")

@@ -179,3 +179,16 @@ def test_cli_tenant_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     with TenantStore(db) as s:
         assert s.authenticate(key) is None and s.authenticate(key2) is None
         assert [(t.name, t.admin) for t in s.list_tenants()] == [("root", True)]
+
+
+def test_an_existing_world_readable_state_file_is_made_owner_only(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    with TenantStore(db):
+        pass
+    for file in (db, tmp_path / "state.db-wal"):
+        if file.exists():
+            file.chmod(0o644)
+    with TenantStore(db) as store:
+        store.add_tenant("acme")
+    assert db.stat().st_mode & 0o777 == 0o600
+    assert all(f.stat().st_mode & 0o077 == 0 for f in tmp_path.iterdir() if f.name.startswith("state.db"))
