@@ -15,7 +15,10 @@ import hashlib
 import hmac
 import os
 import struct
+import types
+import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -391,10 +394,66 @@ def _build(fields: dict[str, Any]) -> Any:
     cls = _REGISTRY.get(code)
     if cls is None:
         raise ProtocolError(f"unknown message type {code}")
+    checks = _FIELD_CHECKS.get(cls)
+    if checks is None:
+        checks = _field_checks(cls)
+    for name, value in fields.items():
+        check = checks.get(name)
+        if check is not None and not check[0](value):
+            raise ProtocolError(f"bad field {cls.__name__}.{name}: expected {check[1]}, got {type(value).__name__}")
     try:
         return cls(**fields)
     except TypeError as exc:
         raise ProtocolError(f"bad fields for {cls.__name__}: {exc}") from exc
+
+
+# --- field types, checked at decode ------------------------------------------------------------
+# A well-authenticated peer can still send a string where a list belongs; refusing it here, by
+# the dataclass's own annotations, means handlers only ever see the types they were written for.
+
+_Check = Callable[[Any], bool]
+_FIELD_CHECKS: dict[type, dict[str, tuple[_Check, str]]] = {}
+
+
+def _field_checks(cls: type[Message]) -> dict[str, tuple[_Check, str]]:
+    """Per field of `cls`: a predicate for a decoded value and the type it names; built once per type."""
+    hints = typing.get_type_hints(cls)
+    checks = {f.name: (_check_for(hints[f.name]), _type_name(hints[f.name])) for f in dataclasses.fields(cls)}
+    _FIELD_CHECKS[cls] = checks
+    return checks
+
+
+def _check_for(annotation: Any) -> _Check:
+    """A predicate for values msgpack decodes into `annotation` (exact types: a bool is no int)."""
+    if annotation is float:  # msgpack keeps 60 an int even where the field says 60.0
+        return lambda v: type(v) is float or type(v) is int
+    if annotation in (int, str, bytes, bool):
+        return lambda v: type(v) is annotation
+    if annotation is Any:
+        return lambda v: True
+    if annotation is torch.Tensor or (isinstance(annotation, type) and issubclass(annotation, Message)):
+        return lambda v: isinstance(v, annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list:
+        item = _check_for(args[0])
+        return lambda v: type(v) is list and all(map(item, v))
+    if origin is dict:
+        key, value = _check_for(args[0]), _check_for(args[1])
+        return lambda v: type(v) is dict and all(key(k) and value(x) for k, x in v.items())
+    if origin in (typing.Union, types.UnionType):
+        options = [(lambda v: v is None) if a is type(None) else _check_for(a) for a in args]
+        return lambda v: any(option(v) for option in options)
+    raise TypeError(f"no wire check for field type {annotation!r}: add one to protocol._check_for")
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is None:
+        return getattr(annotation, "__name__", str(annotation))
+    return str(annotation).replace(f"{__name__}.", "")
+
+
+for _cls in list(_REGISTRY.values()):  # at import: a field type without a check fails here, not on a peer's frame
+    _field_checks(_cls)
 
 
 def _decode_tensor(payload: bytes, data: memoryview) -> torch.Tensor:

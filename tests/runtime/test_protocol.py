@@ -151,3 +151,36 @@ async def test_server_survives_garbage_and_refuses_wrong_tokens():
         assert served == [p.GetStats(41)]
     finally:
         server.close()
+
+
+def frame_of(message: p.Message) -> bytes:
+    return b"".join(bytes(piece) for piece in p.encode(message))
+
+
+X, E = torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)
+SPEC = p.FunctionSpec("m/0/0", "/m", 0, 0, 4)
+
+
+@pytest.mark.parametrize("message, field", [
+    (p.Invoke(1, 5, [2], X, E), "Invoke.function_ids"),  # an int for a list
+    (p.Invoke(1, ["m/0/0"], "ab", X, E), "Invoke.rows"),  # a string for a list of ints
+    (p.Invoke(1, ["m/0/0"], [2.0], X, E), "Invoke.rows"),  # floats in a list of ints
+    (p.Invoke(1, ["m/0/0"], [2], [1.0, 2.0], E), "Invoke.x"),  # a list for a tensor
+    (p.Invoke(1, ["m/0/0"], [2], X, E, [{"function_id": "m"}]), "Invoke.specs"),  # a map for a spec
+    (p.Invoke("1", ["m/0/0"], [2], X, E), "Invoke.req_id"),
+    (p.Load(1, p.FunctionSpec("m/0/0", "/m", "0", 0, 4)), "FunctionSpec.layer"),  # nested structs too
+    (p.Load(1, p.GetStats(3)), "Load.function"),  # the wrong message type
+    (p.Heartbeat(1, True), "Heartbeat.sent_at"),  # a bool is no number
+    (p.Stats(1, p.WorkerInfo("w", "a", "cpu", 1, 1, 1), [], {"x": "y"}), "Stats.counters"),
+    (p.RoutingUpdate(1, {"f": "w0"}, []), "RoutingUpdate.functions"),
+    (p.Challenge(1, "nonce", "s"), "Challenge.nonce"),  # a string for bytes
+])
+def test_fields_of_the_wrong_type_are_refused_at_decode(message, field):
+    with pytest.raises(p.ProtocolError, match=rf"bad field {field}: expected"):
+        p.decode(frame_of(message)[4:])
+
+
+def test_ints_are_numbers_where_floats_are_declared():
+    spec = p.FunctionSpec("m/0/0", "/m", 0, 0, 4, keep_alive_s=60)
+    assert roundtrip(p.Load(1, spec)).function.keep_alive_s == 60
+    assert roundtrip(p.Stats(1, p.WorkerInfo("w", "a", "cpu", 1, 1, 1), [], {"bytes": 3})).counters == {"bytes": 3}
