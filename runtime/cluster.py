@@ -5,17 +5,20 @@ from __future__ import annotations
 from runtime import protocol as p
 
 
-def worker_json(s: p.Stats) -> dict:
-    """A worker, its budget and what it holds on its device and in its host cache."""
+def worker_json(s: p.Stats, private: bool = True) -> dict:
+    """A worker, its budget and what it holds on its device and in its host cache; with `private`
+    False, tenants' private functions count in the bytes but are not named (their ids carry the
+    tenant and the model)."""
     device = [r for r in s.resident if r.tier == "device"]
+    named = device if private else [r for r in device if not r.function.owner]
     return {
         "id": s.worker.worker_id, "pid": s.worker.pid, "address": s.worker.address, "node": s.worker.node,
         "device": s.worker.device, "budget_bytes": s.worker.budget_bytes,
         "resident_bytes": sum(r.nbytes for r in device),
         "host_cache_bytes": int(s.counters.get("host_bytes", 0)),
-        "resident_functions": sorted(r.function.function_id for r in device),
+        "resident_functions": sorted(r.function.function_id for r in named),
     }
 
 
-def workers_json(stats: list[p.Stats]) -> list[dict]:
-    return [worker_json(s) for s in stats]
+def workers_json(stats: list[p.Stats], private: bool = True) -> list[dict]:
+    return [worker_json(s, private) for s in stats]

@@ -274,3 +274,39 @@ def merge_expositions(texts: list[str]) -> str:
             elif line and not line.startswith("#"):
                 families.setdefault(family, []).append(line)
     return "".join(line + "\n" for name in families for line in (*headers.get(name, []), *families[name]))
+
+
+
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)\Z")
+_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def redact_exposition(text: str, aggregate: Sequence[str] = (), hidden: dict[str, set[str]] | None = None) -> str:
+    """An exposition fit for an unauthenticated scraper: samples whose label `k` has a value in
+    `hidden[k]` are dropped, and the `aggregate` labels are summed away (a histogram's buckets, sum
+    and count stay consistent: every series here is a sum over requests). HELP/TYPE lines are kept."""
+    hidden = hidden or {}
+    lines: list[str | list] = []  # comment lines as they are; samples as [series, value]
+    series: dict[str, list] = {}
+    for line in text.splitlines():
+        match = None if not line or line.startswith("#") else _SAMPLE.match(line)
+        if match is None:
+            lines.append(line)
+            continue
+        name, labels_text, value = match.groups()
+        pairs = _PAIR.findall(labels_text or "")
+        if any(_unescape_label(v) in hidden.get(k, ()) for k, v in pairs):
+            continue
+        kept = ",".join(f'{k}="{v}"' for k, v in pairs if k not in aggregate)
+        head = f"{name}{{{kept}}}" if kept else name
+        if head in series:
+            series[head][1] += float(value)
+        else:
+            series[head] = [head, float(value)]
+            lines.append(series[head])
+    return "".join((line if isinstance(line, str) else f"{line[0]} {format_value(line[1])}") + "\n"
+                   for line in lines)
+
+
+def _unescape_label(v: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), v)

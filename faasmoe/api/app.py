@@ -36,7 +36,7 @@ from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent
 from faasmoe.tenancy.admission import Admission
 from faasmoe.tenancy.ledger import UsageLedger, parse_since
 from faasmoe.tenancy.tenants import Tenant, TenantStore
-from runtime.metrics import CONTENT_TYPE, merge_expositions
+from runtime.metrics import CONTENT_TYPE, merge_expositions, redact_exposition
 
 log = logging.getLogger(__name__)
 
@@ -378,15 +378,31 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics: the frontend's series merged with the scheduler's and workers' (no auth)."""
+    """GET /metrics: the frontend's series merged with the scheduler's and workers'. No key needed, but
+    only an admin's scrape has per-tenant series and private models': anyone else's sums tenants away
+    and drops private models, whose names must stay invisible (DESIGN.md: 404, not 403)."""
     ctx = request.app[CONTEXT]
+    admin = await _scraped_by_admin(request)
     own = request.app[METRICS].render(ctx.deployments)
     try:
         runtime = await ctx.runtime_metrics()
     except Exception:  # a scheduler outage must not blind the frontend's own metrics
         log.exception("could not collect the runtime's metrics")
         runtime = ""
-    return web.Response(body=merge_expositions([own, runtime]).encode(), headers={"Content-Type": CONTENT_TYPE})
+    text = merge_expositions([own, runtime])
+    if not admin:
+        private = {d.name for d in ctx.deployments.by_name.values() if d.spec.sharing == "private"}
+        text = redact_exposition(text, aggregate=("tenant",), hidden={"model": private, "model_name": private})
+    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _scraped_by_admin(request: web.Request) -> bool:
+    try:
+        return (await _authenticate(request)).admin
+    except ApiError:
+        if _bearer_key(request) is None:
+            return False  # an anonymous scraper: the public series
+        raise  # a wrong key is a 401, so a misconfigured scraper finds out
 
 
 async def cluster(request: web.Request) -> web.Response:

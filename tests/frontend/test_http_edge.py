@@ -178,3 +178,32 @@ async def test_usage_since_out_of_range_is_400(server: Server) -> None:
     status, _, payload = await raw(server, "GET", "/v1/usage?since=" + "9" * 400 + "d", tenant="acme")
     assert status == 400, payload  # was 200 with "since": -Infinity, which is not JSON
     assert assert_error(payload, "invalid_request_error", "since")
+
+
+# --- D10: an unauthenticated scrape learns no tenant and no private model ------------------------------
+
+
+async def test_metrics_show_tenants_and_private_models_to_admins_only(server: Server) -> None:
+    for tenant, model in (("acme", "tiny"), ("beta", "tiny"), ("beta", "secret")):
+        status, _, _ = await raw(server, "POST", "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 2},
+                                 tenant=tenant)
+        assert status == 200
+    status, _, full = await raw(server, "GET", "/metrics", tenant="admin")
+    assert status == 200
+    assert 'model="secret"' in full and 'tenant="beta"' in full and 'tenant="acme"' in full
+    prompt_tokens = {line.split()[0]: float(line.split()[1]) for line in full.splitlines()
+                     if line.startswith("faasmoe_prompt_tokens_total{")}
+    for scraper in (None, "acme"):  # nobody, or a tenant that is not an admin
+        status, _, public = await raw(server, "GET", "/metrics", tenant=scraper)
+        assert status == 200
+        assert "secret" not in public and "tenant=" not in public and "beta" not in public, public
+        assert '# TYPE faasmoe_time_to_first_token_seconds histogram' in public
+        # the shared model's series summed over tenants: the same totals, no names
+        shared = sum(v for k, v in prompt_tokens.items() if 'model="tiny"' in k)
+        assert f'faasmoe_prompt_tokens_total{{model="tiny"}} {shared!r}' in public
+        counts = sum(float(line.split()[1]) for line in full.splitlines()
+                     if line.startswith("faasmoe_time_to_first_token_seconds_count{") and 'model="tiny"' in line)
+        assert f'faasmoe_time_to_first_token_seconds_count{{model="tiny"}} {counts!r}' in public
+    server.keys["wrong"] = "fm-acme-not-a-key"
+    status, _, payload = await raw(server, "GET", "/metrics", tenant="wrong")  # a misconfigured scraper finds out
+    assert status == 401 and assert_error(payload, "authentication_error")

@@ -447,7 +447,7 @@ async def test_usage_endpoint(server: Server) -> None:
 async def test_metrics_health_and_admin(server: Server) -> None:
     await server.client().completions.create(model="tiny", prompt="metrics", max_tokens=3, temperature=0)
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"{server.url}/metrics") as resp:
+        async with session.get(f"{server.url}/metrics", headers=server.headers("admin")) as resp:  # every series
             assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
             text = await resp.text()
         async with session.get(f"{server.url}/health") as resp:
@@ -505,7 +505,7 @@ async def test_single_tenant_and_open_modes(server: Server) -> None:
                 assert status == 200  # no admin key: the single user is the operator
                 out = await local.client("right").completions.create(model="tiny", prompt="x", max_tokens=2)
                 assert out.usage.completion_tokens >= 1
-                _, _, text = await raw(local, "GET", "/metrics", tenant=None)
+                _, _, text = await raw(local, "GET", "/metrics", tenant="right")  # the operator: every series
                 assert 'faasmoe_prompt_tokens_total{model="tiny",tenant="default"}' in text
             if api_key is None:  # a full queue is a 503 with Retry-After, never an unbounded wait
                 status, headers, payload = await raw(local, "POST", "/v1/completions",

@@ -116,6 +116,17 @@ async def test_cold_then_warm_invoke_over_a_local_pool(model_dir):
         cluster = json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{http_port}/cluster"))
         assert sorted(w["id"] for w in cluster["workers"]) == ["local-0", "local-1"]
         assert sum(len(w["resident_functions"]) for w in cluster["workers"]) == 4
+        # A tenant's private function: its id (tenant and model) only for who holds the cluster token.
+        secret = p.FunctionSpec("beta:secret/0/0", str(model_dir), 0, 0, BLOCK, "float32", spec(model_dir, 0, 0).nbytes,
+                                "beta", 60.0)
+        await client.invoke([call(secret)])
+        url = f"http://127.0.0.1:{http_port}/cluster"
+        anonymous = json.loads(await asyncio.to_thread(_get, url))
+        operator = json.loads(await asyncio.to_thread(_get, url, TOKEN))
+        assert "beta:secret/0/0" in {f for w in operator["workers"] for f in w["resident_functions"]}
+        assert "secret" not in json.dumps(anonymous) and "beta" not in json.dumps(anonymous)
+        assert sum(w["resident_bytes"] for w in anonymous["workers"]) == \
+            sum(w["resident_bytes"] for w in operator["workers"])
     finally:
         if client:
             await client.close()
@@ -260,8 +271,9 @@ async def test_scheduler_restart_workers_reregister_without_reloading(model_dir)
         sched.stop()
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as response:
+def _get(url: str, token: str | None = None) -> str:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=30) as response:
         return response.read().decode()
 
 
