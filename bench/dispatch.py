@@ -3,11 +3,12 @@
     python bench/dispatch.py            # 16 tokens x top-4 over 4 functions, hidden 2048, bf16
     python bench/dispatch.py --quick    # fewer iterations
 
-A real `faasmoe scheduler` and two real `faasmoe worker join` processes (one on a Unix
-socket, one on TCP loopback) serve Qwen1.5-MoE-shaped expert blocks; this process is the
-frontend. Each iteration sends one layer's calls (one message to one worker) and waits for
-the outputs. The in-process baseline runs the same blocks on the same rows here. Overhead =
-round trip minus the worker-side compute time, p50 and p99. Prints a table, writes JSON to bench/results/.
+A real `faasmoe scheduler` and real `faasmoe worker join` processes (on a Unix socket, with
+and without the per-frame HMAC that TCP links always carry, and on TCP loopback) serve
+Qwen1.5-MoE-shaped expert blocks; this process is the frontend. Each iteration sends one
+layer's calls (one message to one worker) and waits for the outputs. The in-process baseline
+runs the same blocks on the same rows here. Overhead = round trip minus the worker-side compute
+time, p50 and p99. Prints a table, writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from faasmoe.model.config import MoEConfig  # noqa: E402
 from faasmoe.model.experts import ExpertBlock  # noqa: E402
 from runtime import protocol as p  # noqa: E402
 from runtime.client import FunctionCall, InvokeMeter, RuntimeClient  # noqa: E402
+from runtime.transport import MAC_UNIX_SOCKETS_ENV  # noqa: E402
 from tests.processes import faasmoe, free_port  # noqa: E402
 
 TOKEN = "bench-dispatch"
@@ -101,10 +103,15 @@ async def remote(scheduler: str, calls: list[FunctionCall], iterations: int) -> 
     return times, overheads
 
 
-def measure_transport(listen: str, calls: list[FunctionCall], iterations: int) -> tuple[list[float], list[float]]:
-    """A scheduler and one worker serving on `listen`; this process is the frontend."""
+def measure_transport(listen: str, calls: list[FunctionCall], iterations: int,
+                      mac_unix: bool = False) -> tuple[list[float], list[float]]:
+    """A scheduler and one worker serving on `listen`; this process is the frontend.
+
+    `mac_unix`: Unix-socket frames carry the HMAC too (both ends), to measure what it costs.
+    """
     port = free_port()
-    env = {"OMP_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1", MAC_UNIX_SOCKETS_ENV: "1" if mac_unix else "0"}
+    os.environ[MAC_UNIX_SOCKETS_ENV] = env[MAC_UNIX_SOCKETS_ENV]  # this process's end of the link
     sched = faasmoe("scheduler", "--listen", f"127.0.0.1:{port}", "--token", TOKEN, "--workers", "0", env=env)
     worker = None
     try:
@@ -189,7 +196,8 @@ def main() -> None:
     sock = Path(tempfile.mkdtemp(prefix="faasmoe-bench-")) / "w.sock"
     local = in_process(path, calls, args.iterations)
     remote_runs = {"unix": measure_transport(f"unix:{sock}", calls, args.iterations),
-                   "tcp": measure_transport("127.0.0.1:0", calls, args.iterations)}
+                   "unix + frame HMAC": measure_transport(f"unix:{sock}", calls, args.iterations, mac_unix=True),
+                   "tcp (frame HMAC)": measure_transport("127.0.0.1:0", calls, args.iterations)}
     frame = sum(c.x.nbytes for c in calls)
     floor = echo_floor(sock.parent / "echo.sock", frame, frame, args.iterations)
 

@@ -4,7 +4,8 @@ Frame: `u32 length | u32 meta_length | msgpack meta | raw tensor bytes`, big-end
 The meta is a msgpack map of the message's fields plus its type code; a tensor field is a
 msgpack ext value naming its dtype, shape and byte range in the raw part, so tensors travel
 beside the message, never re-encoded, and decode as zero-copy views. Nested structs are maps
-with their own type code.
+with their own type code. After the join handshake, TCP frames end in a 16-byte HMAC of the
+frame and a per-direction sequence number (`seal` / `unseal`), keyed from the handshake.
 Nothing outside this module defines messages.
 """
 
@@ -27,6 +28,10 @@ import torch
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
+# Until a peer has proven the token it may send only handshake-sized frames: a stranger must not
+# be able to make a server buffer hundreds of MiB by announcing a big frame.
+PRE_AUTH_MAX_FRAME_BYTES = 64 * 1024
+FRAME_MAC_BYTES = 16
 _LENGTHS = struct.Struct(">II")
 _TENSOR_HEAD = struct.Struct("<BBQQ")  # dtype code, ndim, offset, nbytes; then ndim x u64 shape
 _EXT_TENSOR = 1
@@ -507,3 +512,53 @@ def check_auth(token: str, challenge: Challenge, auth: Auth) -> None:
     expected = client_digest(token, challenge, auth.role, auth.node_id, auth.client_nonce)
     if not hmac.compare_digest(expected, auth.digest):
         raise ProtocolError(f"authentication failed for {auth.role} {auth.node_id!r} (wrong cluster token)")
+
+
+# --- frame integrity after the handshake ----------------------------------------------------------
+# The handshake proves the token but not that later frames come from the same peer: an on-path
+# relay could inject a Load. So both sides derive per-direction keys from the token and both
+# nonces, and every later frame carries an HMAC over its direction's sequence number and bytes.
+
+
+def session_keys(token: str, challenge: Challenge, auth: Auth) -> tuple[bytes, bytes]:
+    """Frame keys (client to server, server to client) of the session this handshake opened."""
+    session = _digest(token, b"session", challenge.nonce, auth.client_nonce, challenge.server_id, auth.node_id)
+    return hmac.digest(session, b"client->server", "sha256"), hmac.digest(session, b"server->client", "sha256")
+
+
+class FrameMac:
+    """The MAC of one direction: HMAC-SHA256, truncated, over a sequence number and the frame.
+
+    The sequence number is implicit (both ends count), so a replayed, dropped or reordered frame
+    fails like a forged one.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.seq = 0
+
+    def tag(self, pieces: list[bytes | memoryview]) -> bytes:
+        mac = hmac.new(self.key, self.seq.to_bytes(8, "big"), hashlib.sha256)
+        for piece in pieces:
+            mac.update(piece)
+        self.seq += 1
+        return mac.digest()[:FRAME_MAC_BYTES]
+
+
+def seal(pieces: list[bytes | memoryview], mac: FrameMac) -> list[bytes | memoryview]:
+    """Frame pieces from `encode` with the MAC appended (the length prefix counts it)."""
+    total, meta_length = _LENGTHS.unpack(pieces[0])
+    framed = [_LENGTHS.pack(total + FRAME_MAC_BYTES, meta_length), *pieces[1:]]
+    framed.append(mac.tag(framed))
+    return framed
+
+
+def unseal(prefix: bytes, body: bytes | bytearray | memoryview, mac: FrameMac) -> memoryview:
+    """The body of a sealed frame without its MAC; raises ProtocolError unless the MAC verifies."""
+    view = memoryview(body)
+    if len(view) < 4 + FRAME_MAC_BYTES:
+        raise ProtocolError("frame too short for its MAC")
+    content, tag = view[:-FRAME_MAC_BYTES], view[-FRAME_MAC_BYTES:]
+    if not hmac.compare_digest(mac.tag([prefix, content]), tag):
+        raise ProtocolError(f"frame {mac.seq - 1} failed its MAC (tampered, injected, replayed or reordered)")
+    return content

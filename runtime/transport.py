@@ -2,16 +2,26 @@
 
 Addresses are `unix:/path/to.sock` (the local pool) or `host:port` (nodes). Every connection
 starts with the HMAC challenge of `runtime.protocol`; a peer that sends anything malformed,
-oversized or unauthenticated is logged and dropped, and the process lives on.
+oversized or unauthenticated is logged and dropped, and the process lives on. Before the
+handshake a peer may send only small frames and must finish within the handshake timeout, and a
+server holds at most `max_connections` at once. After it, every TCP frame carries a MAC.
+
+Unix-socket links skip the MAC: only this machine's user (or root) can connect to or relay them
+(connecting needs write permission on the socket file; the local pool's live in a private 0700
+directory), and that user can read the token anyway; an HMAC of each frame costs 4 x ~150 us per
+256 KiB layer round trip on the per-token path (measured: bench/dispatch.py, the "unix + frame
+HMAC" row). Set FAASMOE_MAC_UNIX_SOCKETS=1 on both ends to MAC them too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -20,6 +30,27 @@ from runtime import protocol as p
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
+DEFAULT_MAX_CONNECTIONS = 256
+MAC_UNIX_SOCKETS_ENV = "FAASMOE_MAC_UNIX_SOCKETS"  # "1" on both ends: MAC Unix-socket links too
+
+
+@dataclass
+class ServerLimits:
+    """What a peer that has not proven the token may cost a server: a slot and a few seconds."""
+
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S  # for the whole exchange, server side
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # per listening server; more are closed at once
+
+
+# Process-wide defaults for `start_server` and `server_handshake`, set once by a CLI from its flags.
+server_limits = ServerLimits()
+
+
+def configure_server_limits(limits: ServerLimits) -> None:
+    if limits.handshake_timeout_s <= 0 or limits.max_connections < 1:
+        raise ValueError(f"bad server limits {limits}: a positive timeout and at least one connection")
+    global server_limits
+    server_limits = limits
 
 
 @dataclass(frozen=True)
@@ -51,18 +82,37 @@ class Connection:
                  max_frame_bytes: int = p.DEFAULT_MAX_FRAME_BYTES) -> None:
         self.reader = reader
         self.writer = writer
-        self.max_frame_bytes = max_frame_bytes
+        self.max_frame_bytes = min(max_frame_bytes, p.PRE_AUTH_MAX_FRAME_BYTES)  # until `authenticated`
+        self._max_frame_bytes_after_auth = max_frame_bytes
+        self._send_mac: p.FrameMac | None = None
+        self._recv_mac: p.FrameMac | None = None
         peer = writer.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix-peer"
         self.peer_id = ""  # set by the handshake
 
+    @property
+    def is_unix(self) -> bool:
+        sock = self.writer.get_extra_info("socket")
+        return sock is not None and sock.family == socket.AF_UNIX
+
+    def authenticated(self, send_key: bytes, recv_key: bytes) -> None:
+        """The handshake succeeded: full-size frames from now on, each with a MAC (see the module doc)."""
+        self.max_frame_bytes = self._max_frame_bytes_after_auth
+        if not self.is_unix or os.environ.get(MAC_UNIX_SOCKETS_ENV) == "1":
+            self._send_mac, self._recv_mac = p.FrameMac(send_key), p.FrameMac(recv_key)
+
     async def recv(self) -> p.Message:
         prefix = await self.reader.readexactly(4)
         body = await self.reader.readexactly(p.frame_length(prefix, self.max_frame_bytes))
+        if self._recv_mac is not None:
+            body = p.unseal(prefix, body, self._recv_mac)
         return p.decode(body)
 
     def send(self, message: p.Message) -> None:
-        self.writer.writelines(p.encode(message))
+        pieces = p.encode(message)
+        if self._send_mac is not None:
+            pieces = p.seal(pieces, self._send_mac)
+        self.writer.writelines(pieces)
 
     async def send_drain(self, message: p.Message) -> None:
         self.send(message)
@@ -94,14 +144,20 @@ async def start_server(
     address: str | Address,
     on_connection: Callable[[Connection], Awaitable[None]],
     max_frame_bytes: int = p.DEFAULT_MAX_FRAME_BYTES,
+    max_connections: int | None = None,
 ) -> tuple[asyncio.AbstractServer, Address]:
     """Listen; each accepted stream becomes a Connection handed to `on_connection`.
 
-    Returns the server and the bound address (the real port when 0 was asked for).
+    At most `max_connections` (default: `server_limits`) are served at once; one more is closed
+    at once, before it costs a handler or a buffer. Returns the server and the bound address
+    (the real port when 0 was asked for).
     """
     addr = Address.parse(address) if isinstance(address, str) else address
+    slots = _ConnectionSlots(max_connections or server_limits.max_connections, str(addr))
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not slots.take(writer):
+            return
         conn = Connection(reader, writer, max_frame_bytes)
         try:
             await on_connection(conn)
@@ -114,6 +170,7 @@ async def start_server(
         except Exception:
             log.exception("connection handler failed for %s", conn.peer)
         finally:
+            slots.give_back()
             await conn.close()
 
     if addr.kind == "unix":
@@ -122,8 +179,36 @@ async def start_server(
         server = await asyncio.start_unix_server(accept, addr.path, limit=1 << 20)
         return server, addr
     server = await asyncio.start_server(accept, addr.host, addr.port, limit=1 << 20, family=socket.AF_INET)
-    port = server.sockets[0].getsockname()[1]
-    return server, Address("tcp", host=addr.host, port=port)
+    bound = Address("tcp", host=addr.host, port=server.sockets[0].getsockname()[1])
+    slots.where = str(bound)
+    return server, bound
+
+
+class _ConnectionSlots:
+    """The connection cap of one server; refusals are logged at most once a second (no log flood)."""
+
+    def __init__(self, limit: int, where: str) -> None:
+        self.limit = limit
+        self.where = where
+        self.open = 0
+        self._refused = 0
+        self._logged_at = float("-inf")
+
+    def take(self, writer: asyncio.StreamWriter) -> bool:
+        if self.open < self.limit:
+            self.open += 1
+            return True
+        writer.transport.abort()  # no handshake, no buffer: the slot is what it would have cost
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= 1.0:
+            log.warning("refused %d connection(s) on %s (latest from %s): %d open, the limit", self._refused,
+                        self.where, writer.get_extra_info("peername") or "unix-peer", self.open)
+            self._refused, self._logged_at = 0, now
+        return False
+
+    def give_back(self) -> None:
+        self.open -= 1
 
 
 async def client_handshake(conn: Connection, token: str, role: str, node_id: str) -> p.Welcome:
@@ -141,18 +226,35 @@ async def client_handshake(conn: Connection, token: str, role: str, node_id: str
         reply = await conn.recv()
     if isinstance(reply, p.Error):
         raise p.ProtocolError(f"refused by {challenge.server_id}: {reply.message}")
-    if not isinstance(reply, p.Welcome) or reply.digest != p.server_digest(token, challenge, auth):
+    if not isinstance(reply, p.Welcome) or not hmac.compare_digest(reply.digest,
+                                                                  p.server_digest(token, challenge, auth)):
         raise p.ProtocolError("the server could not prove it knows the cluster token")
     conn.peer_id = challenge.server_id
+    to_server, to_client = p.session_keys(token, challenge, auth)
+    conn.authenticated(send_key=to_server, recv_key=to_client)
     return reply
 
 
-async def server_handshake(conn: Connection, token: str, server_id: str) -> p.Auth:
-    """Challenge a new peer; raises ProtocolError (after telling it why) unless it knows the token."""
+async def server_handshake(conn: Connection, token: str, server_id: str, timeout_s: float | None = None) -> p.Auth:
+    """Challenge a new peer; raises ProtocolError (after telling it why) unless it knows the token.
+
+    The whole exchange must end within `timeout_s` (default: `server_limits`), so a peer that
+    connects and stays silent, or trickles bytes, holds its slot only that long.
+    """
+    timeout_s = timeout_s or server_limits.handshake_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            auth = await _challenge(conn, token, server_id)
+    except TimeoutError:
+        raise p.ProtocolError(f"no handshake within {timeout_s:g}s") from None
+    conn.peer_id = auth.node_id
+    return auth
+
+
+async def _challenge(conn: Connection, token: str, server_id: str) -> p.Auth:
     challenge = p.Challenge(p.PROTOCOL_VERSION, p.new_nonce(), server_id)
-    async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
-        await conn.send_drain(challenge)
-        auth = await conn.recv()
+    await conn.send_drain(challenge)
+    auth = await conn.recv()
     if not isinstance(auth, p.Auth):
         raise p.ProtocolError(f"expected auth, got {type(auth).__name__}")
     try:
@@ -161,7 +263,8 @@ async def server_handshake(conn: Connection, token: str, server_id: str) -> p.Au
         await conn.send_drain(p.Error(0, "unauthenticated", str(exc)))
         raise
     await conn.send_drain(p.Welcome(server_id, p.server_digest(token, challenge, auth)))
-    conn.peer_id = auth.node_id
+    to_server, to_client = p.session_keys(token, challenge, auth)
+    conn.authenticated(send_key=to_client, recv_key=to_server)
     return auth
 
 

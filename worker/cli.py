@@ -9,8 +9,12 @@ import os
 import signal
 import socket
 import uuid
+from typing import TYPE_CHECKING
 
 from runtime.sizes import parse_size, parse_size_or_zero
+
+if TYPE_CHECKING:
+    from runtime.transport import ServerLimits
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +30,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-ttl", type=float, default=600.0, metavar="SECONDS",
                         help="drop a block from the host cache after this long unused; default: 600")
     parser.add_argument("--listen", default=None,
-                        help="address to serve on: HOST:PORT (port 0 = any) or unix:/path; default: 0.0.0.0:0")
+                        help="address to serve on: HOST:PORT (port 0 = any) or unix:/path; default: 127.0.0.1:0 "
+                        "(loopback only: frontends on other machines need --listen 0.0.0.0:PORT or this node's "
+                        "address)")
+    # Defaults live in runtime.transport.ServerLimits (not imported here: it would pull in torch).
+    parser.add_argument("--max-connections", type=int, default=None, metavar="N",
+                        help="connections served at once; more are closed at once; default: 256")
+    parser.add_argument("--handshake-timeout", type=float, default=None, metavar="SECONDS",
+                        help="drop a peer that has not proven the token within this long; default: 10")
     parser.add_argument("--id", dest="worker_id", default=None, help="worker id; default: HOST-RANDOM")
     parser.add_argument("--eviction", choices=("lru", "freq"), default="lru",
                         help="eviction under the memory budget: lru, or freq (per-layer frequency-weighted)")
@@ -34,11 +45,20 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fixed: each function's keep-alive; adaptive: idle-time histogram per function")
 
 
+def server_limits_from(args: argparse.Namespace) -> ServerLimits:
+    """The --max-connections / --handshake-timeout flags as a ServerLimits (unset ones keep its defaults)."""
+    from runtime.transport import ServerLimits
+
+    given = {"max_connections": args.max_connections, "handshake_timeout_s": args.handshake_timeout}
+    return ServerLimits(**{name: value for name, value in given.items() if value is not None})
+
+
 def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
     import torch  # here, not at import: `faasmoe --help` and friends should not wait for torch
     import uvloop
 
     from runtime.budgets import device_budget, host_cache_budget
+    from runtime.transport import configure_server_limits
     from worker.worker import Worker, WorkerConfig
 
     token = args.token or os.environ.get("FAASMOE_TOKEN")
@@ -47,9 +67,10 @@ def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
     device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
+    configure_server_limits(server_limits_from(args))
     config = WorkerConfig(
         worker_id=args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
-        listen=args.listen or "0.0.0.0:0",
+        listen=args.listen or "127.0.0.1:0",  # serving the network is a choice, not a default
         device=str(device),
         budget_bytes=args.memory or device_budget(device),
         host_budget_bytes=args.host_cache if args.host_cache is not None else host_cache_budget(),

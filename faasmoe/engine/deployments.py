@@ -21,6 +21,7 @@ from faasmoe.engine.executors import AsyncExpertExecutor
 from faasmoe.engine.model_engine import ModelEngine
 from faasmoe.model.checkpoint import CheckpointReader
 from faasmoe.model.config import MoEConfig, parse_dtype
+from faasmoe.model.kv_cache import KVCache
 from faasmoe.model.tokenizer import Tokenizer
 from faasmoe.model.trunk import Trunk
 
@@ -40,6 +41,7 @@ class DeploymentSpec:
     trunk_keep_alive_s: float = 0.0  # 0: the trunk stays loaded
     dtype: str = "float32"
     device: str = "cpu"
+    kv_cache_bytes: int | None = None  # the engine's KV cache budget; None: unbounded
 
 
 class Deployment:
@@ -56,7 +58,10 @@ class Deployment:
         self._trunk: Trunk | None = None
         self.trunk_loads = 0
         self.executor: AsyncExpertExecutor = executor_factory(self)
-        self.engine = ModelEngine(spec.name, self.trunk, self.executor, self.tokenizer, compute)
+        cfg = self.config
+        self.engine = ModelEngine(
+            spec.name, self.trunk, self.executor, self.tokenizer, compute, kv_budget_bytes=spec.kv_cache_bytes,
+            kv_bytes_per_token=KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype))
 
     @property
     def name(self) -> str:

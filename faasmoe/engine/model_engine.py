@@ -52,6 +52,8 @@ class ModelEngine:
         compute: ThreadPoolExecutor,
         max_batch_tokens: int = 4096,
         max_running: int = 64,
+        kv_budget_bytes: int | None = None,
+        kv_bytes_per_token: int | None = None,
     ) -> None:
         self.name = name
         self._trunk = trunk
@@ -60,6 +62,10 @@ class ModelEngine:
         self.compute = compute
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
+        # KV caches grow with their sequences; admission keeps every running one's worst case
+        # (prompt + max_tokens) inside this budget, so no step can run out of cache memory.
+        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_bytes_per_token = kv_bytes_per_token
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[_Running] = []
         self.steps = 0
@@ -125,6 +131,10 @@ class ModelEngine:
             need = len(request.prompt_token_ids)
             if need > budget and self.running:
                 break  # next step: a long prompt waits for room rather than starving decodes
+            kv = self._kv_worst_case(request)
+            if self.kv_budget_bytes is not None and kv is not None and kv <= self.kv_budget_bytes \
+                    and self.kv_reserved_bytes() + kv > self.kv_budget_bytes:
+                break  # it fits once running sequences finish: wait in line
             self.waiting.popleft()
             try:
                 seq = await self._start(request)
@@ -140,9 +150,26 @@ class ModelEngine:
         trunk = await self._run(self._trunk)
         cfg = trunk.config
         check_tokens(cfg, request.prompt_token_ids, request.params.max_tokens)
+        worst = len(request.prompt_token_ids) + request.params.max_tokens
+        kv = self._kv_worst_case(request)
+        if self.kv_budget_bytes is not None and kv is not None and kv > self.kv_budget_bytes:
+            raise KVBudgetExceeded(f"{worst} tokens of KV cache ({kv} bytes) exceed this model's KV cache budget of "
+                                   f"{self.kv_budget_bytes} bytes; reduce the prompt or max_tokens")
         cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, trunk.dtype, trunk.device,
-                        len(request.prompt_token_ids) + request.params.max_tokens)
+                        min(_round_up(len(request.prompt_token_ids) + 1, 16), worst), max_capacity=worst)
         return Sequence(request.prompt_token_ids, request.params, cache, self.tokenizer, self.tokenizer.eos_token_ids)
+
+    def _kv_worst_case(self, request: GenerationRequest) -> int | None:
+        per_token = self.kv_bytes_per_token
+        return None if per_token is None else per_token * (len(request.prompt_token_ids) + request.params.max_tokens)
+
+    def kv_reserved_bytes(self) -> int:
+        """The running sequences' worst-case KV cache: what admission keeps inside the budget."""
+        per_token = self.kv_bytes_per_token or 0
+        return sum(per_token * (len(r.request.prompt_token_ids) + r.request.params.max_tokens) for r in self.running)
+
+    def kv_allocated_bytes(self) -> int:
+        return sum(r.seq.cache.nbytes for r in self.running)
 
     def _drop_cancelled(self) -> None:
         for r in [r for r in self.running if r.request.cancelled]:
@@ -181,7 +208,8 @@ class ModelEngine:
             r.request.events.put_nowait(TokenEvent(token, self._stream_text(r), r.seq.logprobs[-1], top))
             if r.seq.finished:
                 self._finish(r, r.seq.finish_reason or "stop")
-        self.running = [r for r in self.running if not r.seq.finished and not r.request.cancelled]
+        self.running = [r for r in self.running if not r.seq.finished]
+        self._drop_cancelled()  # cancelled during the step: they get their Finished too
 
     async def _forward(self, trunk: Trunk, step: PackedStep) -> torch.Tensor:
         """Drive the shared decoder generator: trunk halves on the compute thread, experts awaited."""
@@ -211,6 +239,14 @@ class ModelEngine:
     def _finish(self, r: _Running, reason: str, error: str | None = None) -> None:
         """The request's last event; the HTTP side meters it from there."""
         r.request.events.put_nowait(Finished(reason, r.seq.text, r.usage, error))
+
+
+class KVBudgetExceeded(ValueError):
+    """A request whose KV cache could never fit this model's budget."""
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _advance(layers, value):

@@ -48,6 +48,7 @@ class Finished:
     text: str  # the full completion text (stop string removed)
     usage: Usage
     error: str | None = None
+    error_code: str = ""  # with "error": "unavailable" (no worker could run it: retry) or "" (a fault)
 
 
 @dataclass

@@ -20,8 +20,10 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         capacity: int = 64,
+        max_capacity: int | None = None,
     ) -> None:
         self.length = 0
+        self.max_capacity = max_capacity  # growth never passes it (None: no cap)
         self._shape = (num_kv_heads, head_dim)
         self._dtype, self._device = dtype, torch.device(device)
         self._keys = [self._alloc(capacity) for _ in range(num_layers)]
@@ -39,6 +41,10 @@ class KVCache:
     def capacity(self) -> int:
         return self._keys[0].shape[1]
 
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self._keys) + sum(t.nbytes for t in self._values)
@@ -47,7 +53,11 @@ class KVCache:
         """Grow every layer's buffer to hold `capacity` tokens (amortised doubling)."""
         if capacity <= self.capacity:
             return
+        if self.max_capacity is not None and capacity > self.max_capacity:
+            raise ValueError(f"KV cache of {capacity} tokens asked for; this sequence may hold {self.max_capacity}")
         capacity = max(capacity, 2 * self.capacity)
+        if self.max_capacity is not None:
+            capacity = min(capacity, self.max_capacity)
         for buffers in (self._keys, self._values):
             for i, old in enumerate(buffers):
                 new = self._alloc(capacity)

@@ -107,3 +107,44 @@ async def test_a_bad_request_fails_alone(model_dir):
     assert good[0] == expected.token_ids and good[1].finish_reason == "length"
     assert bad[0] == [] and bad[1].finish_reason == "error" and "out of range" in bad[1].error
     await dep.engine.stop()
+
+
+async def test_kv_cache_admission_keeps_every_sequence_inside_the_budget(model_dir):
+    probe = deployment(model_dir)
+    per_token = probe.engine.kv_bytes_per_token
+    prompt, new = [5, 6, 7], 12
+    dep = deployment(model_dir, kv_cache_bytes=3 * per_token * (len(prompt) + new))  # three at a time
+    seen = {"running": 0, "reserved": 0, "allocated": 0}
+
+    async def watch() -> None:
+        while True:
+            seen["running"] = max(seen["running"], len(dep.engine.running))
+            seen["reserved"] = max(seen["reserved"], dep.engine.kv_reserved_bytes())
+            seen["allocated"] = max(seen["allocated"], dep.engine.kv_allocated_bytes())
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    results = await asyncio.wait_for(asyncio.gather(*(run(dep, prompt, new) for _ in range(8))), 120)
+    watcher.cancel()
+    expected = generate(MoEModel.from_pretrained(model_dir, expert_block_size=4), [prompt], max_tokens=new,
+                        ignore_eos=True)[0].token_ids
+    assert all(tokens == expected and f.finish_reason == "length" for tokens, f in results)
+    assert seen["running"] == 3
+    assert seen["reserved"] <= dep.spec.kv_cache_bytes and seen["allocated"] <= dep.spec.kv_cache_bytes
+    too_big, finished = await asyncio.wait_for(run(dep, prompt, 4 * new), 30)  # could never fit: fails alone
+    assert too_big == [] and finished.finish_reason == "error" and "KV cache budget" in finished.error
+    await dep.engine.stop()
+    await probe.engine.stop()
+
+
+async def test_kv_caches_grow_with_their_sequences(model_dir):
+    dep = deployment(model_dir)
+    request = GenerationRequest("tiny", [1, 2, 3], SamplingParams(max_tokens=3000, ignore_eos=True))
+    dep.engine.submit(request)
+    await asyncio.wait_for(request.events.get(), 30)  # the first token: prefill done
+    allocated = dep.engine.kv_allocated_bytes()
+    assert 0 < allocated <= dep.engine.kv_bytes_per_token * 32  # not prompt + max_tokens up front
+    request.cancel()
+    while not isinstance(await asyncio.wait_for(request.events.get(), 30), Finished):
+        pass
+    await dep.engine.stop()

@@ -184,3 +184,46 @@ def test_ints_are_numbers_where_floats_are_declared():
     spec = p.FunctionSpec("m/0/0", "/m", 0, 0, 4, keep_alive_s=60)
     assert roundtrip(p.Load(1, spec)).function.keep_alive_s == 60
     assert roundtrip(p.Stats(1, p.WorkerInfo("w", "a", "cpu", 1, 1, 1), [], {"bytes": 3})).counters == {"bytes": 3}
+
+
+def sealed(message: p.Message, mac: p.FrameMac) -> bytes:
+    return b"".join(bytes(piece) for piece in p.seal(p.encode(message), mac))
+
+
+def test_sealed_frames_verify_once_in_order_and_not_after_a_change():
+    key = b"k" * 32
+    sender = p.FrameMac(key)
+    first, second = sealed(p.Ok(1), sender), sealed(p.Invoke(2, ["m/0/0"], [2], X, E, [SPEC]), sender)
+    assert p.frame_length(first[:4]) == len(first) - 4
+    with pytest.raises(p.ProtocolError, match="failed its MAC"):  # out of order
+        p.unseal(second[:4], second[4:], mac_at(key, 0))
+    for i in (5, len(second) // 2, len(second) - 1):  # meta, tensor bytes, the MAC itself
+        flipped = bytearray(second)
+        flipped[i] ^= 1
+        with pytest.raises(p.ProtocolError, match="failed its MAC"):
+            p.unseal(bytes(flipped[:4]), flipped[4:], mac_at(key, 1))
+    with pytest.raises(p.ProtocolError, match="failed its MAC"):  # another key
+        p.unseal(first[:4], first[4:], p.FrameMac(b"other"))
+    receiver = p.FrameMac(key)
+    assert p.decode(p.unseal(first[:4], first[4:], receiver)) == p.Ok(1)
+    with pytest.raises(p.ProtocolError, match="failed its MAC"):  # replayed
+        p.unseal(first[:4], first[4:], mac_at(key, 1))
+    decoded = p.decode(p.unseal(second[:4], second[4:], receiver))
+    assert decoded.req_id == 2 and torch.equal(decoded.x, X)
+
+
+def mac_at(key: bytes, seq: int) -> p.FrameMac:
+    """The receiving MAC of a direction that has already verified `seq` frames."""
+    mac = p.FrameMac(key)
+    mac.seq = seq
+    return mac
+
+
+def test_session_keys_are_per_direction_and_per_session():
+    challenge = p.Challenge(1, b"a" * 32, "s")
+    auth = p.Auth(1, "worker", "w0", b"c" * 32, b"")
+    to_server, to_client = p.session_keys("tok", challenge, auth)
+    assert to_server != to_client
+    assert p.session_keys("tok", challenge, auth) == (to_server, to_client)
+    assert to_server not in p.session_keys("other", challenge, auth)
+    assert to_server not in p.session_keys("tok", challenge, p.Auth(1, "worker", "w0", b"d" * 32, b""))

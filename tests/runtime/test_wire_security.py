@@ -1,14 +1,20 @@
 """The wire against hostile peers, on real worker processes and real sockets.
 
-A malformed message from an authenticated peer is refused or dropped, logged, and the worker
-goes on serving. Every test stops what it starts.
+A malformed message from an authenticated peer, strangers that announce huge frames, stay silent
+or open too many connections, and a relay that tampers with frames after the handshake: each is
+refused or dropped, logged, and the worker goes on serving. Every test stops what it starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import sys
+import time
+from collections.abc import Callable
 
+import psutil
 import pytest
 import torch
 
@@ -18,10 +24,11 @@ from faasmoe.model.experts import ExpertBlock
 from runtime import protocol as p
 from runtime.transport import Connection, client_handshake, open_connection
 
-from ..processes import Process
+from ..processes import Process, faasmoe, free_port
 
 TOKEN = "wire-security-token"
 BLOCK = 4
+MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +95,10 @@ async def reply_or_drop(conn: Connection, timeout: float = 10.0) -> p.Message | 
         return None
 
 
+def device_functions(stats: p.Stats) -> set[str]:
+    return {r.function.function_id for r in stats.resident if r.tier == "device"}
+
+
 # --- D4: a malformed message from an authenticated peer ----------------------------------------
 
 
@@ -119,4 +130,199 @@ async def test_a_malformed_invoke_is_answered_or_dropped_and_the_worker_keeps_se
             assert isinstance(result, p.Result) and torch.equal(result.output, expected(fn, good)), field
         assert worker.alive()
     finally:
+        worker.stop()
+
+
+# --- D7: strangers before the handshake ----------------------------------------------------------
+
+
+def announce_a_huge_frame(address: str, announced: int, push: int) -> socket.socket:
+    """Take the challenge, announce a frame of `announced` bytes and push up to `push` of them.
+
+    The socket stays open (so a server that buffers still holds the bytes); the caller closes it.
+    """
+    host, port = address.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.recv(4096)  # the challenge
+    chunk = b"\x00" * MiB
+    try:
+        s.sendall(struct.pack(">I", announced))
+        for _ in range(push // MiB):
+            s.sendall(chunk)
+    except OSError:  # reset: the server dropped us, as it should
+        pass
+    return s
+
+
+async def test_a_huge_frame_before_the_handshake_is_refused_without_buffering_it():
+    worker, address = start_worker()
+    peers: list[socket.socket] = []
+    try:
+        await request(address, p.GetStats(1))  # everything a served request needs is in memory now
+        server = psutil.Process(worker.proc.pid)
+        before = server.memory_info().rss
+        peers = await asyncio.gather(*(asyncio.to_thread(announce_a_huge_frame, address, 400 * MiB, 48 * MiB)
+                                       for _ in range(2)))
+        await asyncio.sleep(0.3)
+        grown = server.memory_info().rss - before
+        assert grown < 8 * MiB, f"the worker grew by {grown / MiB:.0f} MiB for two unauthenticated peers"
+        worker.wait_for(r"dropping connection from .*exceeds the limit of 65536", timeout=10)
+        assert isinstance(await request(address, p.GetStats(2)), p.Stats)
+    finally:
+        for s in peers:
+            s.close()
+        worker.stop()
+
+
+async def test_a_silent_peer_is_dropped_within_the_handshake_timeout():
+    worker, address = start_worker("--handshake-timeout", "1")
+    try:
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        start = time.monotonic()
+        async with asyncio.timeout(10):
+            challenge = await reader.read(4096)
+            rest = await reader.read()  # say nothing: the worker must hang up
+        waited = time.monotonic() - start
+        writer.close()
+        assert challenge and rest == b""
+        assert 0.8 < waited < 3.0, waited
+        worker.wait_for(r"dropping connection from .*no handshake within 1s", timeout=5)
+        assert isinstance(await request(address, p.GetStats(1)), p.Stats)
+    finally:
+        worker.stop()
+
+
+async def test_connections_past_the_cap_are_refused_while_clients_keep_working():
+    worker, address = start_worker("--max-connections", "3", "--handshake-timeout", "20")
+    host, port = address.rsplit(":", 1)
+    silent: list[asyncio.StreamWriter] = []
+    client = None
+    try:
+        client = await authenticated(address)  # slot 1
+        for _ in range(2):  # slots 2 and 3: accepted (they get a challenge), then silent
+            reader, writer = await asyncio.open_connection(host, int(port))
+            assert await asyncio.wait_for(reader.read(4096), 10)
+            silent.append(writer)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            async with asyncio.timeout(5):
+                refused = await reader.read()  # closed at once, before any challenge
+        except ConnectionError:
+            refused = b""
+        writer.close()
+        assert refused == b""
+        worker.wait_for(r"refused 1 connection\(s\) on 127\.0\.0\.1:\d+ .*3 open, the limit", timeout=5)
+        await client.send_drain(p.GetStats(5))
+        assert isinstance(await asyncio.wait_for(client.recv(), 10), p.Stats)
+        silent.pop().close()  # a slot comes free: a new client gets in
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert isinstance(await request(address, p.GetStats(6), timeout=5), p.Stats)
+                break
+            except (ConnectionError, asyncio.IncompleteReadError, p.ProtocolError):
+                assert time.monotonic() < deadline, "the freed slot was never reused"
+                await asyncio.sleep(0.1)
+    finally:
+        for writer in silent:
+            writer.close()
+        if client is not None:
+            await client.close()
+        worker.stop()
+
+
+def test_worker_join_listens_on_loopback_unless_told_otherwise():
+    unreachable_scheduler = f"127.0.0.1:{free_port()}"  # it keeps retrying the scheduler; we only need it up
+    worker = faasmoe("worker", "join", unreachable_scheduler, "--token", TOKEN, "--device", "cpu",
+                     "--memory", "64MiB", "--host-cache", "0")
+    try:
+        address = worker.wait_for(r"listening at (\S+)", timeout=60).group(1)
+        assert address.startswith("127.0.0.1:"), address
+    finally:
+        worker.stop()
+
+
+# --- D8: a tampering relay ---------------------------------------------------
+
+
+Tamper = Callable[[int, bytes], bytes]
+
+
+async def start_relay(target: str, tamper: Tamper) -> tuple[asyncio.AbstractServer, str]:
+    """An on-path relay: forwards both ways, passing each client frame (index, bytes) through `tamper`."""
+    host, port = target.rsplit(":", 1)
+
+    async def client_to_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = 0
+        while True:
+            prefix = await reader.readexactly(4)
+            body = await reader.readexactly(struct.unpack(">I", prefix)[0])
+            writer.write(tamper(index, prefix + body))
+            await writer.drain()
+            index += 1
+
+    async def server_to_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+
+    async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(host, int(port))
+        pumps = [asyncio.create_task(client_to_server(client_reader, server_writer)),
+                 asyncio.create_task(server_to_client(server_reader, client_writer))]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            client_writer.close()
+            server_writer.close()
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+def flip_a_path_byte(model_dir) -> Tamper:
+    """Flip one bit of the checkpoint path inside the first frame after the handshake."""
+    def tamper(index: int, frame: bytes) -> bytes:
+        if index != 1:  # frame 0 is the Auth
+            return frame
+        path = str(model_dir).encode()
+        flipped = bytearray(frame)
+        flipped[frame.index(path) + len(path) - 1] ^= 1  # .../tiny -> .../tinx: a load the client never asked for
+        return bytes(flipped)
+    return tamper
+
+
+def inject_a_load(model_dir) -> Tamper:
+    """Replace the first frame after the handshake with a Load the client never sent."""
+    def tamper(index: int, frame: bytes) -> bytes:
+        if index != 1:
+            return frame
+        forged = b"".join(bytes(piece) for piece in p.encode(p.Load(1, spec(model_dir, 1, 2))))
+        return struct.pack(">I", len(forged) - 4 + p.FRAME_MAC_BYTES) + forged[4:] + bytes(p.FRAME_MAC_BYTES)
+    return tamper
+
+
+@pytest.mark.parametrize("make_tamper", [flip_a_path_byte, inject_a_load])
+async def test_a_relay_that_tampers_after_the_handshake_gets_dropped_not_obeyed(model_dir, make_tamper):
+    worker, address = start_worker()
+    relay = None
+    try:
+        relay, relayed = await start_relay(address, make_tamper(model_dir))
+        conn = await authenticated(relayed)  # the handshake passes the relay untouched
+        try:
+            conn.send(p.Load(1, spec(model_dir, 0, 1)))
+            assert await reply_or_drop(conn) is None  # no Ok, no Error: nothing was run
+        finally:
+            await conn.close()
+        worker.wait_for(r"dropping connection from .*failed its MAC", timeout=10)
+        stats = await request(address, p.GetStats(2))
+        assert device_functions(stats) == set() and stats.counters["cold_starts_disk"] == 0
+        assert worker.alive()
+    finally:
+        if relay is not None:
+            relay.close()
         worker.stop()
