@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import random
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ import pytest
 import pytest_asyncio
 
 from faasmoe.api.app import MAX_BODY_BYTES, FrontendContext
+from faasmoe.api.http_server import ConnectionLimits
 from faasmoe.api.openai_requests import MAX_CHARS_PER_TOKEN
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 from faasmoe.tenancy.admission import Admission
@@ -207,3 +209,93 @@ async def test_metrics_show_tenants_and_private_models_to_admins_only(server: Se
     server.keys["wrong"] = "fm-acme-not-a-key"
     status, _, payload = await raw(server, "GET", "/metrics", tenant="wrong")  # a misconfigured scraper finds out
     assert status == 401 and assert_error(payload, "authentication_error")
+
+
+# --- D12: slow or piled-up connections are closed; normal clients are still served ---------------------
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def bounded(server: Server):
+    """A second frontend on the same models with small connection bounds."""
+    limits = ConnectionLimits(header_timeout_s=1.0, max_connections=48)
+    ctx = FrontendContext(server.deployments, None, None, None, Admission(), None, _no_cluster, _no_metrics)
+    runner, port = await serve(ctx, limits)
+    yield port, limits
+    await runner.cleanup()
+
+
+async def _no_cluster() -> dict:
+    return {}
+
+
+async def _no_metrics() -> str:
+    return ""
+
+
+def _half_sent(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
+    return sock
+
+
+def _closed_within(sock: socket.socket, timeout: float) -> float | None:
+    """Seconds until the server closed `sock` (EOF or reset), None when it stayed open past `timeout`."""
+    start = time.monotonic()
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
+
+
+def _health(port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+async def test_connections_that_never_finish_their_headers_are_closed(bounded) -> None:
+    port, limits = bounded
+
+    def run() -> list[float | None]:
+        slow = [_half_sent(port) for _ in range(40)]
+        try:
+            assert _health(port) == 200  # served while forty slow clients hang on
+            started = time.monotonic()
+            closed = [_closed_within(s, max(0.1, started + limits.header_timeout_s + 2.0 - time.monotonic()))
+                      for s in slow]
+            assert _health(port) == 200
+            return closed
+        finally:
+            for s in slow:
+                s.close()
+
+    closed = await asyncio.to_thread(run)
+    assert all(t is not None for t in closed), f"{closed.count(None)} of 40 half-sent connections stayed open"
+
+
+async def test_connections_past_the_cap_are_closed_at_once(bounded) -> None:
+    port, limits = bounded
+
+    def run() -> None:
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(limits.max_connections)]
+        try:
+            time.sleep(0.2)  # the server has accepted them all
+            extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+            extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _closed_within(extra, 0.5) is not None, "a connection past the cap was kept"
+            extra.close()
+        finally:
+            for s in held:
+                s.close()
+        time.sleep(0.2)
+        assert _health(port) == 200  # room again once the others left
+
+    await asyncio.to_thread(run)
