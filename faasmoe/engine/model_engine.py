@@ -26,6 +26,7 @@ from faasmoe.model.kv_cache import KVCache
 from faasmoe.model.moe_model import PackedStep, check_tokens, decoder_layers
 from faasmoe.model.tokenizer import Tokenizer
 from faasmoe.model.trunk import Trunk
+from runtime.client import InvokeError
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,9 @@ class ModelEngine:
                     await self._step(batch)
                 except Exception as exc:  # fails the requests of this step; the waiting ones are not concerned
                     log.exception("step of %s failed", self.name)
+                    code = "unavailable" if isinstance(exc, (InvokeError, ConnectionError, TimeoutError)) else ""
                     for r in batch:
-                        self._finish(r, "error", str(exc))
+                        self._finish(r, "error", str(exc) or type(exc).__name__, code)
                     self.running = [r for r in self.running if r not in batch]
             except Exception:  # a bug here must not stop the model for good: log it, go on
                 log.exception("engine loop of %s failed", self.name)
@@ -236,9 +238,9 @@ class ModelEngine:
         r.streamed = upto
         return delta
 
-    def _finish(self, r: _Running, reason: str, error: str | None = None) -> None:
+    def _finish(self, r: _Running, reason: str, error: str | None = None, error_code: str = "") -> None:
         """The request's last event; the HTTP side meters it from there."""
-        r.request.events.put_nowait(Finished(reason, r.seq.text, r.usage, error))
+        r.request.events.put_nowait(Finished(reason, r.seq.text, r.usage, error, error_code))
 
 
 class KVBudgetExceeded(ValueError):
