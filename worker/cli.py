@@ -33,6 +33,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to serve on: HOST:PORT (port 0 = any) or unix:/path; default: 127.0.0.1:0 "
                         "(loopback only: frontends on other machines need --listen 0.0.0.0:PORT or this node's "
                         "address)")
+    parser.add_argument("--model-root", dest="model_roots", action="append", default=[], metavar="DIR",
+                        help="load checkpoints only from under DIR (repeatable; symlinks and .. are resolved "
+                        "first); default: any path a peer names")
     # Defaults live in runtime.transport.ServerLimits (not imported here: it would pull in torch).
     parser.add_argument("--max-connections", type=int, default=None, metavar="N",
                         help="connections served at once; more are closed at once; default: 256")
@@ -81,6 +84,7 @@ def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
         host_ttl_s=args.host_ttl,
         node=socket.gethostname(),
         parent_pid=getattr(args, "parent_pid", None),
+        model_roots=tuple(args.model_roots),
     )
     worker = Worker(config)
 

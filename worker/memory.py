@@ -13,8 +13,9 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,10 @@ class NoMemory(RuntimeError):
 
 class LoadFailed(RuntimeError):
     """A block whose weights could not be read (remembered for a while, not retried forever)."""
+
+
+class Forbidden(PermissionError):
+    """A checkpoint outside every allowed model root: refused, whoever asked."""
 
 
 FAILED_LOAD_MEMORY_S = 30.0
@@ -114,8 +119,12 @@ class ExpertStore:
         keep_alive: Callable[[FunctionSpec], KeepAlivePolicy],
         max_parallel_loads: int = 2,
         on_change: Callable[[list[Resident], list[str], str], None] | None = None,
+        model_roots: Sequence[str | Path] = (),
     ) -> None:
         self.device = device
+        # Where checkpoints may be opened from (none given: anywhere). Resolved once, like every
+        # asked-for path, so neither `..` nor a symlink leads out of them.
+        self.model_roots = tuple(Path(root).resolve() for root in model_roots)
         self.budget_bytes = budget_bytes
         self.host = host
         self.eviction = eviction
@@ -139,8 +148,18 @@ class ExpertStore:
 
     def model(self, path: str) -> tuple[CheckpointReader, MoEConfig]:
         if path not in self._models:
-            self._models[path] = (CheckpointReader(path), MoEConfig.from_pretrained(path))
+            allowed = self.allowed_path(path)
+            self._models[path] = (CheckpointReader(allowed), MoEConfig.from_pretrained(allowed))
         return self._models[path]
+
+    def allowed_path(self, path: str) -> Path:
+        """`path` resolved, if it lies under a model root; raises Forbidden otherwise."""
+        resolved = Path(path).resolve()
+        if self.model_roots and not any(resolved.is_relative_to(root) for root in self.model_roots):
+            log.warning("refused checkpoint %s (resolves to %s): outside the model roots %s", path, resolved,
+                        ", ".join(map(str, self.model_roots)))
+            raise Forbidden(f"model path {path!r} is outside this worker's allowed model roots")
+        return resolved
 
     def block_bytes(self, spec: FunctionSpec) -> int:
         _, config = self.model(spec.model_path)
@@ -202,7 +221,7 @@ class ExpertStore:
             future.set_result(resident)
             return resident
         except Exception as exc:
-            if not isinstance(exc, NoMemory):
+            if not isinstance(exc, (NoMemory, Forbidden)):  # a refusal is an answer, not a failed read
                 self._failed[fid] = (time.monotonic(), str(exc))
                 exc = LoadFailed(f"loading {fid} failed: {exc}")
             future.set_exception(exc)

@@ -1,13 +1,15 @@
 """The wire against hostile peers, on real worker processes and real sockets.
 
 A malformed message from an authenticated peer, strangers that announce huge frames, stay silent
-or open too many connections, and a relay that tampers with frames after the handshake: each is
-refused or dropped, logged, and the worker goes on serving. Every test stops what it starts.
+or open too many connections, a relay that tampers with frames after the handshake, and peers
+that ask for checkpoints outside the worker's model roots: each is refused or dropped, logged,
+and the worker goes on serving. Every test stops what it starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import struct
 import sys
@@ -243,7 +245,7 @@ def test_worker_join_listens_on_loopback_unless_told_otherwise():
         worker.stop()
 
 
-# --- D8: a tampering relay ---------------------------------------------------
+# --- D8: a tampering relay, and model roots ---------------------------------------------------
 
 
 Tamper = Callable[[int, bytes], bytes]
@@ -325,4 +327,28 @@ async def test_a_relay_that_tampers_after_the_handshake_gets_dropped_not_obeyed(
     finally:
         if relay is not None:
             relay.close()
+        worker.stop()
+
+
+async def test_model_roots_refuse_checkpoints_outside_and_serve_those_inside(model_dir, tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    shutil.copytree(model_dir, root / "tiny")
+    shutil.copytree(model_dir, outside / "tiny")
+    (root / "escape").symlink_to(outside / "tiny")
+    worker, address = start_worker("--model-root", str(root))
+    try:
+        inside = spec(root / "tiny", 0, 0)
+        for path in (outside / "tiny", root / "escape", f"{root}/../outside/tiny"):
+            fn = p.FunctionSpec(**{**vars(spec(outside / "tiny", 0, 1)), "model_path": str(path)})
+            reply = await request(address, p.Load(3, fn))
+            assert isinstance(reply, p.Error) and reply.code == "forbidden", (path, reply)
+            refused = await request(address, invoke(fn, req_id=4))
+            assert isinstance(refused, p.Error) and refused.code == "forbidden", (path, refused)
+        worker.wait_for(r"refused checkpoint .*outside the model roots", timeout=5)
+        good = invoke(inside, req_id=5)
+        result = await request(address, good)
+        assert isinstance(result, p.Result) and torch.equal(result.output, expected(inside, good))
+        stats = await request(address, p.GetStats(6))
+        assert device_functions(stats) == {inside.function_id} and stats.counters["cold_starts_disk"] == 1
+    finally:
         worker.stop()
