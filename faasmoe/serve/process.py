@@ -120,6 +120,9 @@ class FrontendProcess:
             _, key = store.ensure_tenant(t.name, t.limits(), api_keys=t.api_keys)
             if key is not None:
                 self.printed_keys[t.name] = key
+        if self.config.path is not None:  # the config is the truth: what it no longer declares goes
+            for name in store.remove_config_tenants(t.name for t in self.config.tenants):
+                print(f"removed tenant {name}: no longer in {self.config.path}", flush=True)
         self.tenants = store if store.list_tenants() else None
         if self.tenants is None:
             store.close()

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,27 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def check_schema(conn: sqlite3.Connection, component: str, version: int) -> None:
-    """Record `component`'s schema version, refusing a file written by a newer faasmoe."""
-    conn.execute("INSERT OR IGNORE INTO schema_versions VALUES (?, ?)", (component, version))
-    found = conn.execute("SELECT version FROM schema_versions WHERE component = ?", (component,)).fetchone()[0]
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def check_schema(conn: sqlite3.Connection, component: str, version: int,
+                 migrations: Mapping[int, Migration] | None = None) -> None:
+    """Record `component`'s schema version, refusing a file written by a newer faasmoe and migrating
+    an older one in place: `migrations[v]` takes the tables from version v-1 to v. Call it inside
+    the transaction that then creates the current schema (CREATE ... IF NOT EXISTS), so a new file
+    gets the current tables and an old one is upgraded, both at once or not at all."""
+    row = conn.execute("SELECT version FROM schema_versions WHERE component = ?", (component,)).fetchone()
+    if row is None:
+        conn.execute("INSERT INTO schema_versions VALUES (?, ?)", (component, version))
+        return
+    found = row[0]
     if found > version:
         raise ValueError(f"the {component} tables were written by a newer faasmoe (schema {found} > {version})")
+    for step in range(found + 1, version + 1):
+        (migrations or {})[step](conn)
+        log.info("migrated the %s tables to schema %d", component, step)
+    if found < version:
+        conn.execute("UPDATE schema_versions SET version = ? WHERE component = ?", (version, component))
 
 
 def default_state_path() -> Path:

@@ -26,7 +26,12 @@ from faasmoe.tenancy.limits import ALL_MODELS, TenantLimits
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+# Where a tenant or key came from, so that the config file stays the truth: a tenant or key the
+# config declared goes when the config no longer does; one made by `faasmoe tenant` stays.
+FROM_CONFIG = "config"
+FROM_CLI = "cli"  # a tenant made by `faasmoe tenant add`
+ISSUED = "issued"  # a key the store generated (tenant add, tenant key, a config tenant's first key)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,15 +42,27 @@ CREATE TABLE IF NOT EXISTS tenants (
     tokens_per_minute INTEGER NOT NULL,
     memory_quota_bytes INTEGER NOT NULL,
     admin INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    source TEXT  -- FROM_CONFIG or FROM_CLI, NULL: made before sources were recorded (schema 1)
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_hash TEXT PRIMARY KEY,
     tenant TEXT NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    source TEXT  -- FROM_CONFIG or ISSUED, NULL as above
 );
 CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant);
 """
+
+
+def _add_sources(conn) -> None:
+    """Schema 1 -> 2: where tenants and keys came from. Old rows get NULL: unknown, so never removed
+    until a config declares them again (which claims them)."""
+    conn.execute("ALTER TABLE tenants ADD COLUMN source TEXT")
+    conn.execute("ALTER TABLE api_keys ADD COLUMN source TEXT")
+
+
+_MIGRATIONS = {2: _add_sources}
 
 
 @dataclass
@@ -54,6 +71,7 @@ class Tenant(TenantLimits):
 
     name: str
     created_at: float = 0.0
+    source: str | None = None  # FROM_CONFIG, FROM_CLI, or None for a tenant older than schema 2
 
 
 def validate_name(name: str) -> str:
@@ -76,7 +94,7 @@ class TenantStore:
         self._conn = open_database(self.path)
         self._lock = threading.Lock()
         with self._lock, transaction(self._conn) as conn:
-            check_schema(conn, "tenants", _SCHEMA_VERSION)
+            check_schema(conn, "tenants", _SCHEMA_VERSION, _MIGRATIONS)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -92,44 +110,71 @@ class TenantStore:
         """Create a tenant and its first API key; the plaintext key is returned here and never again."""
         limits = TenantLimits(allowed_models=list(allowed_models), max_concurrent=max_concurrent,
                               tokens_per_minute=tokens_per_minute, memory_quota_bytes=memory_quota_bytes, admin=admin)
-        tenant = Tenant(validate_name(name), created_at=time.time(), **vars(limits))
+        tenant = Tenant(validate_name(name), created_at=time.time(), source=FROM_CLI, **vars(limits))
         key = self._new_key(name)
         with self._lock, transaction(self._conn) as conn:
             if self._row(conn, name) is not None:
                 raise ValueError(f"tenant {name!r} already exists")
             self._insert(conn, tenant)
-            self._insert_key(conn, name, key)
+            self._insert_key(conn, name, key, ISSUED)
         log.info("added tenant %s", name)
         return tenant, key
 
     def ensure_tenant(self, name: str, limits: TenantLimits | None = None,
                       api_keys: Iterable[str] = ()) -> tuple[Tenant, str | None]:
-        """Make a config-declared tenant exist with these limits and fixed keys. A new key is generated
-        (and returned, once) only when the tenant is new and no fixed keys are given."""
+        """Make a config-declared tenant exist with these limits and exactly these fixed keys: a key the
+        config listed before and no longer does is revoked (keys issued by the store stay). A new key is
+        generated (and returned, once) only when the tenant is new and no fixed keys are given."""
         limits = limits.limits() if limits is not None else TenantLimits()
         fixed = [_check_key_text(k) for k in api_keys]
         new_key = None
         with self._lock, transaction(self._conn) as conn:
             existing = self._row(conn, validate_name(name))
             if existing is None:
-                tenant = Tenant(name, created_at=time.time(), **vars(limits))
+                tenant = Tenant(name, created_at=time.time(), source=FROM_CONFIG, **vars(limits))
                 self._insert(conn, tenant)
                 if not fixed:
                     new_key = self._new_key(name)
-                    self._insert_key(conn, name, new_key)
+                    self._insert_key(conn, name, new_key, ISSUED)
                 log.info("added tenant %s from the config", name)
             else:
-                tenant = Tenant(name, created_at=existing.created_at, **vars(limits))
-                if tenant != existing:
+                # One from before sources were recorded is claimed by the config that declares it.
+                source = existing.source or FROM_CONFIG
+                tenant = Tenant(name, created_at=existing.created_at, source=source, **vars(limits))
+                if existing.limits() != limits:
                     self._update(conn, name, vars(limits))
                     log.info("updated tenant %s's limits from the config", name)
-            for key in fixed:
-                owner = conn.execute("SELECT tenant FROM api_keys WHERE key_hash = ?", (self._hash(key),)).fetchone()
+                if existing.source is None:
+                    conn.execute("UPDATE tenants SET source = ? WHERE name = ?", (source, name))
+            hashes = [self._hash(key) for key in fixed]
+            for digest in hashes:
+                owner = conn.execute("SELECT tenant FROM api_keys WHERE key_hash = ?", (digest,)).fetchone()
                 if owner is None:
-                    self._insert_key(conn, name, key)
+                    conn.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?)", (digest, name, time.time(), FROM_CONFIG))
                 elif owner[0] != name:
                     raise ValueError(f"tenant {name!r}: one of its api_keys already belongs to tenant {owner[0]!r}")
+                else:
+                    conn.execute("UPDATE api_keys SET source = ? WHERE key_hash = ?", (FROM_CONFIG, digest))
+            revoked = conn.execute(
+                f"DELETE FROM api_keys WHERE tenant = ? AND source = ? AND key_hash NOT IN ({','.join('?' * len(hashes))})",
+                (name, FROM_CONFIG, *hashes)).rowcount
+            if revoked:
+                log.warning("revoked %d key(s) of tenant %s that the config no longer lists", revoked, name)
         return tenant, new_key
+
+    def remove_config_tenants(self, keep: Iterable[str]) -> list[str]:
+        """Remove the tenants a config declared that are not in `keep` (the config now); their keys go
+        with them, their usage stays in the ledger. Tenants made by `faasmoe tenant add` stay."""
+        keep = list(keep)
+        with self._lock, transaction(self._conn) as conn:
+            names = [row[0] for row in conn.execute(
+                f"SELECT name FROM tenants WHERE source = ? AND name NOT IN ({','.join('?' * len(keep))})",
+                (FROM_CONFIG, *keep))]
+            for name in names:
+                conn.execute("DELETE FROM tenants WHERE name = ?", (name,))  # keys go by ON DELETE CASCADE
+        for name in names:
+            log.warning("removed tenant %s and its keys: the config no longer declares it", name)
+        return names
 
     def get(self, name: str) -> Tenant | None:
         with self._lock:
@@ -163,7 +208,7 @@ class TenantStore:
         key = self._new_key(name)
         with self._lock, transaction(self._conn) as conn:
             self._require(conn, name)
-            self._insert_key(conn, name, key)
+            self._insert_key(conn, name, key, ISSUED)
         return key
 
     def key_count(self, name: str) -> int:
@@ -203,14 +248,14 @@ class TenantStore:
     def _new_key(name: str) -> str:
         return f"fm-{name}-{secrets.token_urlsafe(24)}"  # 24 bytes -> 32 url-safe characters
 
-    def _insert_key(self, conn, name: str, key: str) -> None:
-        conn.execute("INSERT INTO api_keys VALUES (?, ?, ?)", (self._hash(key), name, time.time()))
+    def _insert_key(self, conn, name: str, key: str, source: str) -> None:
+        conn.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?)", (self._hash(key), name, time.time(), source))
 
     @staticmethod
     def _insert(conn, t: Tenant) -> None:
-        conn.execute("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?)",
+        conn.execute("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                      (t.name, json.dumps(t.allowed_models), t.max_concurrent, t.tokens_per_minute,
-                      t.memory_quota_bytes, int(t.admin), t.created_at))
+                      t.memory_quota_bytes, int(t.admin), t.created_at, t.source))
 
     @staticmethod
     def _update(conn, name: str, limits: dict) -> None:
@@ -232,6 +277,6 @@ class TenantStore:
 
 
 def _tenant(row: Sequence) -> Tenant:
-    name, models, max_concurrent, tpm, quota, admin, created_at = row
-    return Tenant(name, created_at, allowed_models=json.loads(models), max_concurrent=max_concurrent,
+    name, models, max_concurrent, tpm, quota, admin, created_at, source = row
+    return Tenant(name, created_at, source, allowed_models=json.loads(models), max_concurrent=max_concurrent,
                   tokens_per_minute=tpm, memory_quota_bytes=quota, admin=bool(admin))

@@ -192,3 +192,56 @@ def test_an_existing_world_readable_state_file_is_made_owner_only(tmp_path: Path
         store.add_tenant("acme")
     assert db.stat().st_mode & 0o777 == 0o600
     assert all(f.stat().st_mode & 0o077 == 0 for f in tmp_path.iterdir() if f.name.startswith("state.db"))
+
+
+_SCHEMA_1 = """
+CREATE TABLE schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL);
+INSERT INTO schema_versions VALUES ('tenants', 1);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE tenants (name TEXT PRIMARY KEY, allowed_models TEXT NOT NULL, max_concurrent INTEGER NOT NULL,
+    tokens_per_minute INTEGER NOT NULL, memory_quota_bytes INTEGER NOT NULL, admin INTEGER NOT NULL,
+    created_at REAL NOT NULL);
+CREATE TABLE api_keys (key_hash TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+    created_at REAL NOT NULL);
+INSERT INTO meta VALUES ('key_salt', '00112233445566778899aabbccddeeff');
+INSERT INTO tenants VALUES ('old', '["*"]', 0, 0, 0, 0, 1.0);
+"""
+
+
+def test_a_schema_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    import hashlib
+
+    db = tmp_path / "state.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(_SCHEMA_1)
+    key = "fm-old-0123456789abcdefghijklmnopqrstuv"
+    digest = hashlib.sha256(bytes.fromhex("00112233445566778899aabbccddeeff") + key.encode()).hexdigest()
+    conn.execute("INSERT INTO api_keys VALUES (?, 'old', 1.0)", (digest,))
+    conn.commit()
+    conn.close()
+    with TenantStore(db) as store:
+        assert store.authenticate(key).name == "old"  # rows and salt survive
+        assert store.get("old").source is None  # unknown: never removed for not being in a config
+        assert store.remove_config_tenants([]) == []
+        store.ensure_tenant("old", api_keys=[key])  # a config that declares it claims it
+        assert store.get("old").source == "config"
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT version FROM schema_versions WHERE component = 'tenants'").fetchone() == (2,)
+    conn.close()
+    with TenantStore(db) as store:  # reopening a migrated file is a no-op
+        assert store.authenticate(key).name == "old"
+        assert store.remove_config_tenants([]) == ["old"] and store.authenticate(key) is None
+
+
+def test_the_config_is_the_truth_for_its_own_tenants_and_keys(store: TenantStore) -> None:
+    k1, k2 = "fm-cfg-key-one-0123456789abcdefghij", "fm-cfg-key-two-0123456789abcdefghij"
+    store.ensure_tenant("cfg", api_keys=[k1, k2])
+    _, cli_key = store.add_tenant("handmade")
+    extra = store.add_key("cfg")  # issued by `faasmoe tenant key`: not the config's to revoke
+    store.ensure_tenant("cfg", api_keys=[k2])  # k1 left the config
+    assert store.authenticate(k1) is None and store.authenticate(k2).name == "cfg"
+    assert store.authenticate(extra).name == "cfg"
+    assert store.remove_config_tenants(["cfg"]) == []
+    assert store.remove_config_tenants([]) == ["cfg"]  # cfg left the config
+    assert store.authenticate(k2) is None and store.authenticate(extra) is None
+    assert store.authenticate(cli_key).name == "handmade"  # made by `faasmoe tenant add`: stays

@@ -1,0 +1,70 @@
+"""`faasmoe serve` / `faasmoe frontend` as processes: what survives a restart, secrets, start-up failures.
+
+Real processes on free loopback ports (`--experts in-process`: no workers needed), always stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
+
+from ..processes import faasmoe, free_port
+
+KEY_A = "fm-alpha-0123456789abcdefghijklmnopqrstu"
+KEY_B = "fm-bravo-0123456789abcdefghijklmnopqrstu"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return init_checkpoint(tmp_path_factory.mktemp("serve-process") / "tiny", "qwen2_moe", seed=3, progress=False)
+
+
+def status_of(port: int, key: str) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            json.loads(response.read())
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def serve_once(config: Path, check) -> None:
+    proc = faasmoe("serve", "--config", str(config), "--experts", "in-process")
+    try:
+        proc.wait_for("faasmoe serving", timeout=60)
+        check(proc)
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def write_config(path: Path, model: Path, port: int, state: Path, tenants: dict[str, str]) -> None:
+    text = f'[server]\nport = {port}\ndevice = "cpu"\nstate = "{state}"\n\n[[models]]\nname = "tiny"\npath = "{model}"\n'
+    for name, key in tenants.items():
+        text += f'\n[[tenants]]\nname = "{name}"\napi_keys = ["{key}"]\n'
+    path.write_text(text)
+
+
+def test_a_tenant_removed_from_the_config_loses_its_keys_on_restart(model: Path, tmp_path: Path) -> None:
+    port, state, config = free_port(), tmp_path / "state.db", tmp_path / "faasmoe.toml"
+    added = faasmoe("tenant", "add", "handmade", "--state", str(state))
+    assert added.proc.wait(30) == 0
+    handmade_key = added.wait_for(r"(fm-handmade-\S+)").group(1)
+    write_config(config, model, port, state, {"alpha": KEY_A, "bravo": KEY_B})
+    serve_once(config, lambda proc: [status_of(port, k) for k in (KEY_A, KEY_B)] == [200, 200] or
+               pytest.fail("the config's keys did not work"))
+    write_config(config, model, port, state, {"alpha": KEY_A})  # bravo is gone from the config
+
+    def check(proc) -> None:
+        assert status_of(port, KEY_B) == 401, "a tenant removed from the config still authenticates"
+        assert status_of(port, KEY_A) == 200
+        assert status_of(port, handmade_key) == 200  # made by `faasmoe tenant add`: the config does not own it
+        assert "removed tenant bravo" in proc.output
+
+    serve_once(config, check)
