@@ -36,16 +36,21 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-root", dest="model_roots", action="append", default=[], metavar="DIR",
                         help="load checkpoints only from under DIR (repeatable; symlinks and .. are resolved "
                         "first); default: any path a peer names")
-    # Defaults live in runtime.transport.ServerLimits (not imported here: it would pull in torch).
-    parser.add_argument("--max-connections", type=int, default=None, metavar="N",
-                        help="connections served at once; more are closed at once; default: 256")
-    parser.add_argument("--handshake-timeout", type=float, default=None, metavar="SECONDS",
-                        help="drop a peer that has not proven the token within this long; default: 10")
+    add_server_limit_arguments(parser)
     parser.add_argument("--id", dest="worker_id", default=None, help="worker id; default: HOST-RANDOM")
     parser.add_argument("--eviction", choices=("lru", "freq"), default="lru",
                         help="eviction under the memory budget: lru, or freq (per-layer frequency-weighted)")
     parser.add_argument("--keep-alive-policy", choices=("fixed", "adaptive"), default="fixed",
                         help="fixed: each function's keep-alive; adaptive: idle-time histogram per function")
+
+
+def add_server_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """--max-connections and --handshake-timeout, for every process that listens (workers, the scheduler)."""
+    # Defaults live in runtime.transport.ServerLimits (not imported here: it would pull in torch).
+    parser.add_argument("--max-connections", type=int, default=None, metavar="N",
+                        help="connections served at once; more are closed at once; default: 256")
+    parser.add_argument("--handshake-timeout", type=float, default=None, metavar="SECONDS",
+                        help="drop a peer that has not proven the token within this long; default: 10")
 
 
 def server_limits_from(args: argparse.Namespace) -> ServerLimits:

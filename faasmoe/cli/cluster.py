@@ -10,6 +10,8 @@ from runtime.sizes import parse_size, parse_size_or_zero
 
 
 def add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
+    from worker.cli import add_server_limit_arguments
+
     sched = subparsers.add_parser(
         "scheduler",
         help="run the scheduler daemon (registry, placement, keep-alive) with an optional local worker pool",
@@ -36,6 +38,7 @@ def add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="declare a worker dead after this long without a heartbeat; default: 3")
     sched.add_argument("--http", default=None, metavar="HOST:PORT",
                        help="serve Prometheus /metrics (scheduler and every worker) and /cluster JSON here")
+    add_server_limit_arguments(sched)
     sched.set_defaults(handler=_scheduler)
 
 
@@ -48,6 +51,10 @@ def _scheduler(args: argparse.Namespace) -> int:
 
     from faasmoe.serve.devices import resolve_devices
     from runtime.scheduler import Scheduler, SchedulerConfig
+    from runtime.transport import configure_server_limits
+    from worker.cli import server_limits_from
+
+    configure_server_limits(server_limits_from(args))
 
     token = args.token or os.environ.get("FAASMOE_TOKEN")
     if not token:

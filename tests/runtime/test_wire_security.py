@@ -176,23 +176,35 @@ async def test_a_huge_frame_before_the_handshake_is_refused_without_buffering_it
         worker.stop()
 
 
-async def test_a_silent_peer_is_dropped_within_the_handshake_timeout():
-    worker, address = start_worker("--handshake-timeout", "1")
+def start_scheduler(*extra: str) -> tuple[Process, str]:
+    scheduler = faasmoe("scheduler", "--listen", f"127.0.0.1:{free_port()}", "--token", TOKEN, "--workers", "0",
+                        "--device", "cpu", *extra)
+    try:
+        address = scheduler.wait_for(r"scheduler listening at (\S+)", timeout=60).group(1)
+    except BaseException:
+        scheduler.stop()
+        raise
+    return scheduler, address
+
+
+@pytest.mark.parametrize("start", [start_worker, start_scheduler], ids=["worker", "scheduler"])
+async def test_a_silent_peer_is_dropped_within_the_handshake_timeout(start):
+    server, address = start("--handshake-timeout", "1")
     try:
         host, port = address.rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
-        start = time.monotonic()
+        start_at = time.monotonic()
         async with asyncio.timeout(10):
             challenge = await reader.read(4096)
-            rest = await reader.read()  # say nothing: the worker must hang up
-        waited = time.monotonic() - start
+            rest = await reader.read()  # say nothing: the server must hang up
+        waited = time.monotonic() - start_at
         writer.close()
         assert challenge and rest == b""
         assert 0.8 < waited < 3.0, waited
-        worker.wait_for(r"dropping connection from .*no handshake within 1s", timeout=5)
-        assert isinstance(await request(address, p.GetStats(1)), p.Stats)
+        server.wait_for(r"dropping connection from .*no handshake within 1s", timeout=5)
+        await (await authenticated(address)).close()  # a peer that knows the token still gets in
     finally:
-        worker.stop()
+        server.stop()
 
 
 async def test_connections_past_the_cap_are_refused_while_clients_keep_working():
