@@ -30,9 +30,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-ttl", type=float, default=600.0, metavar="SECONDS",
                         help="drop a block from the host cache after this long unused; default: 600")
     parser.add_argument("--listen", default=None,
-                        help="address to serve on: HOST:PORT (port 0 = any) or unix:/path; default: 127.0.0.1:0 "
-                        "(loopback only: frontends on other machines need --listen 0.0.0.0:PORT or this node's "
-                        "address)")
+                        help="address to serve on and advertise: HOST:PORT (port 0 = any) or unix:/path; default: "
+                        "127.0.0.1:0, loopback only: frontends on other machines need this node's address (0.0.0.0 "
+                        "binds every interface but is advertised as 0.0.0.0, dialable only from this node)")
     parser.add_argument("--model-root", dest="model_roots", action="append", default=[], metavar="DIR",
                         help="load checkpoints only from under DIR (repeatable; symlinks and .. are resolved "
                         "first); default: any path a peer names")
