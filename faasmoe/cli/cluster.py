@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from faasmoe.cli.credentials import add_secret_arguments, resolve_secret
 from faasmoe.tenancy.database import STATE_HELP
 from runtime.sizes import parse_size, parse_size_or_zero
 
@@ -20,8 +21,8 @@ def add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     sched.add_argument("--listen", default="127.0.0.1:7070", metavar="HOST:PORT",
                        help="where workers and frontends reach it (HOST:PORT or unix:/path); default: 127.0.0.1:7070")
-    sched.add_argument("--token", default=None,
-                       help="cluster token (default: $FAASMOE_TOKEN, else a random one that is printed)")
+    add_secret_arguments(sched, "token", "FAASMOE_TOKEN", "cluster token",
+                         " (default: $FAASMOE_TOKEN, else a random one that is printed)")
     sched.add_argument("--workers", type=int, default=None,
                        help="local worker processes to spawn and supervise; default: one per GPU, else 1")
     sched.add_argument("--device", default=None,
@@ -45,7 +46,6 @@ def add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _scheduler(args: argparse.Namespace) -> int:
     import asyncio
-    import os
     import secrets
     import signal
 
@@ -56,7 +56,7 @@ def _scheduler(args: argparse.Namespace) -> int:
 
     configure_server_limits(server_limits_from(args))
 
-    token = args.token or os.environ.get("FAASMOE_TOKEN")
+    token = resolve_secret(args, "token", "FAASMOE_TOKEN")
     if not token:
         token = secrets.token_urlsafe(24)
         print(f"cluster token (pass it to `faasmoe worker join`): {token}", flush=True)
@@ -98,13 +98,16 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
         "The worker proves the cluster token by HMAC challenge; the token never crosses the wire.",
     )
     join.add_argument("scheduler", metavar="HOST:PORT", help="the scheduler's address")
-    add_worker_arguments(join)
+    add_worker_arguments(join)  # its --token
+    join.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                      help="read the cluster token from PATH (its first line) instead of --token / $FAASMOE_TOKEN")
     join.set_defaults(handler=_worker_join)
 
 
 def _worker_join(args: argparse.Namespace) -> int:
     from worker.cli import run_worker
 
+    args.token = resolve_secret(args, "token", "FAASMOE_TOKEN")
     return run_worker(args, args.scheduler)
 
 
@@ -120,10 +123,10 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="TOML file declaring models, tenants and server")
     parser.add_argument("--host", default=None, help="HTTP host; default: 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="HTTP port; default: 8000 (0 = any free port)")
-    parser.add_argument("--api-key", default=None,
-                        help="single-tenant quick start: the one accepted key (also the admin key unless "
-                        "--admin-key); with no key and no tenants the server listens on loopback only")
-    parser.add_argument("--admin-key", default=None, help="key for /admin/cluster")
+    add_secret_arguments(parser, "api-key", "FAASMOE_API_KEY",
+                         "single-tenant quick start: the one accepted key (also the admin key unless "
+                         "--admin-key); with no key and no tenants the server listens on loopback only")
+    add_secret_arguments(parser, "admin-key", "FAASMOE_ADMIN_KEY", "key for /admin/cluster and the full /metrics")
     parser.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS",
                         help="expert functions scale to zero after this long idle; default: 60")
     parser.add_argument("--expert-block-size", type=int, default=None, metavar="K",
@@ -134,7 +137,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype of trunk and experts; default: float32")
     parser.add_argument("--state", type=Path, default=None,
                         help=f"SQLite file for tenants and the usage ledger; {STATE_HELP}")
-    parser.add_argument("--token", default=None, help="cluster token; default: $FAASMOE_TOKEN or a random one")
+    add_secret_arguments(parser, "token", "FAASMOE_TOKEN", "cluster token", "; default: $FAASMOE_TOKEN or a random one")
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -170,11 +173,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     opts = ServeOptions(
         model_dirs=args.model_dirs, config=args.config, host=args.host, port=args.port,
-        workers=getattr(args, "workers", None), device=getattr(args, "device", None), api_key=args.api_key,
-        admin_key=args.admin_key, keep_alive=args.keep_alive, expert_block_size=args.expert_block_size,
-        trunk_keep_alive=args.trunk_keep_alive, dtype=args.dtype, state=args.state,
-        worker_memory=getattr(args, "worker_memory", None), scheduler=getattr(args, "scheduler", None),
-        token=args.token, eviction=getattr(args, "eviction", "lru"), experts=getattr(args, "experts", "remote"),
+        workers=getattr(args, "workers", None), device=getattr(args, "device", None),
+        api_key=resolve_secret(args, "api-key", "FAASMOE_API_KEY"),
+        admin_key=resolve_secret(args, "admin-key", "FAASMOE_ADMIN_KEY"), keep_alive=args.keep_alive,
+        expert_block_size=args.expert_block_size, trunk_keep_alive=args.trunk_keep_alive, dtype=args.dtype,
+        state=args.state, worker_memory=getattr(args, "worker_memory", None),
+        scheduler=getattr(args, "scheduler", None), token=resolve_secret(args, "token", "FAASMOE_TOKEN"),
+        eviction=getattr(args, "eviction", "lru"), experts=getattr(args, "experts", "remote"),
     )
     import uvloop
 

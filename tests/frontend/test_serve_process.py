@@ -68,3 +68,24 @@ def test_a_tenant_removed_from_the_config_loses_its_keys_on_restart(model: Path,
         assert "removed tenant bravo" in proc.output
 
     serve_once(config, check)
+
+
+# --- D14: secrets from files or the environment, not argv ---------------------------------------------
+
+
+def test_the_api_key_comes_from_a_file_and_argv_gets_a_warning(model: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text("sk-from-a-file\n")
+    key_file.chmod(0o600)
+    for flags, env in ((["--api-key-file", str(key_file)], {}), ([], {"FAASMOE_API_KEY": "sk-from-a-file"}),
+                       (["--api-key", "sk-from-a-file"], {})):
+        port = free_port()
+        proc = faasmoe("serve", str(model), "--experts", "in-process", "--port", str(port),
+                       "--state", str(tmp_path / "state.db"), *flags, env=env)
+        try:
+            proc.wait_for("faasmoe serving", timeout=60)
+            assert status_of(port, "sk-from-a-file") == 200 and status_of(port, "sk-other") == 401
+            warnings = proc.output.count("puts a secret on the command line")
+            assert warnings == (1 if "--api-key" in flags else 0), proc.output
+        finally:
+            assert proc.stop() == 0, proc.output
