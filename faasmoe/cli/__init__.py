@@ -33,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"faasmoe: error: {exc}", file=sys.stderr)
+        print(f"faasmoe: error: {describe(exc)}", file=sys.stderr)
         return 2
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one line that is never empty (str(TimeoutError()) is "")."""
+    text = str(exc).strip()
+    if not text and exc.__cause__ is not None:
+        text = describe(exc.__cause__)
+    return text or f"{type(exc).__name__} (no details)"
 

@@ -165,6 +165,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_serve_arguments(frontend)
     frontend.add_argument("--scheduler", required=True, metavar="HOST:PORT", help="the scheduler's address")
+    frontend.add_argument("--scheduler-timeout", type=float, default=30.0, metavar="SECONDS",
+                          help="keep dialing the scheduler (with backoff) this long, then exit with an error; default: 30")
     frontend.set_defaults(handler=_serve)
 
 
@@ -180,6 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
         state=args.state, worker_memory=getattr(args, "worker_memory", None),
         scheduler=getattr(args, "scheduler", None), token=resolve_secret(args, "token", "FAASMOE_TOKEN"),
         eviction=getattr(args, "eviction", "lru"), experts=getattr(args, "experts", "remote"),
+        scheduler_timeout=getattr(args, "scheduler_timeout", 30.0),
     )
     import uvloop
 

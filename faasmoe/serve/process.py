@@ -35,10 +35,16 @@ from runtime.client import RuntimeClient
 from runtime.cluster import workers_json
 from runtime.metrics import merge_expositions
 from runtime.scheduler import Scheduler, SchedulerConfig
+from runtime.transport import Address
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 30.0
+SCHEDULER_TIMEOUT_S = 30.0  # how long `frontend` keeps dialing its scheduler (backing off) before giving up
+
+
+class SchedulerUnreachable(ConnectionError):
+    """The scheduler gave no routing table in time; the message says where and what was seen."""
 
 
 @dataclass
@@ -63,6 +69,7 @@ class ServeOptions:
     token: str | None = None
     eviction: str = "lru"
     experts: str = "remote"  # "remote": expert functions on workers; "in-process": all resident here (baseline)
+    scheduler_timeout: float = SCHEDULER_TIMEOUT_S
 
 
 def merged_config(opts: ServeOptions) -> ServeConfig:
@@ -148,7 +155,7 @@ class FrontendProcess:
             address = str(await self.scheduler.start())
             await self.scheduler.wait_for_workers(workers, timeout=120)
         if self.opts.experts != "in-process":
-            self.client = await RuntimeClient(address, token, "frontend").start()
+            self.client = await connect_scheduler(address, token, self.opts.scheduler_timeout)
         for model in self.config.models:
             self.deployments.add(self._deployment(model))
         self.deployments.start()
@@ -229,6 +236,35 @@ class FrontendProcess:
         if self.tenants is not None:
             self.tenants.close()
         self.compute.shutdown(wait=False)
+
+
+async def connect_scheduler(address: str, token: str, timeout: float) -> RuntimeClient:
+    """A client subscribed to the scheduler's routing table. The client redials with backoff (0.1 s up
+    to 2 s); past `timeout` this raises SchedulerUnreachable naming the address and what failed."""
+    client = RuntimeClient(address, token, "frontend")
+    try:
+        return await client.start(timeout=timeout)
+    except TimeoutError:
+        await client.close()  # stops its redialing
+        why = await _why_unreachable(address)
+        raise SchedulerUnreachable(f"cannot reach the scheduler at {address}: no routing table within "
+                                   f"{timeout:g}s of retries; {why}") from None
+
+
+async def _why_unreachable(address: str) -> str:
+    """One more dial, to tell a scheduler that is not there from one that would not let us in."""
+    try:
+        addr = Address.parse(address)
+        if addr.kind == "unix":
+            opening = asyncio.open_unix_connection(addr.path)
+        else:
+            opening = asyncio.open_connection(addr.host, addr.port)
+        _, writer = await asyncio.wait_for(opening, 5.0)
+    except (OSError, TimeoutError) as exc:
+        return f"connecting fails ({exc.strerror or exc or 'timed out'}): is the scheduler running there?"
+    writer.close()
+    return ("it accepts connections but sent no routing table: is --token the scheduler's token, and is it "
+            "a faasmoe scheduler of this version?")
 
 
 async def serve(opts: ServeOptions) -> int:

@@ -6,6 +6,8 @@ Real processes on free loopback ports (`--experts in-process`: no workers needed
 from __future__ import annotations
 
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -89,3 +91,40 @@ def test_the_api_key_comes_from_a_file_and_argv_gets_a_warning(model: Path, tmp_
             assert warnings == (1 if "--api-key" in flags else 0), proc.output
         finally:
             assert proc.stop() == 0, proc.output
+
+
+# --- D15: a frontend whose scheduler is not there says so, and exits ---------------------------------
+
+
+def test_a_frontend_without_its_scheduler_exits_with_a_clear_message(model: Path, tmp_path: Path) -> None:
+    silent = socket.socket()  # listens (the kernel completes handshakes) but never speaks
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        for address, why in ((f"127.0.0.1:{free_port()}", "connecting fails"),
+                             (f"127.0.0.1:{silent.getsockname()[1]}", "--token")):
+            started = time.monotonic()
+            proc = faasmoe("frontend", str(model), "--scheduler", address, "--scheduler-timeout", "2",
+                           "--port", "0", "--state", str(tmp_path / "state.db"))
+            try:
+                code = proc.proc.wait(30)
+            finally:
+                proc.stop()
+            assert code != 0 and time.monotonic() - started < 25
+            assert f"faasmoe: error: cannot reach the scheduler at {address}" in proc.output, proc.output
+            assert why in proc.output, proc.output
+    finally:
+        silent.close()
+
+
+def test_an_exception_without_a_message_is_still_described() -> None:
+    from faasmoe.cli import describe
+
+    assert describe(TimeoutError()) == "TimeoutError (no details)"
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except OSError as exc:
+            raise TimeoutError() from exc
+    except TimeoutError as exc:
+        assert "Connection refused" in describe(exc)
