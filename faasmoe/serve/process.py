@@ -10,6 +10,7 @@ workers and exit 0.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -27,7 +28,7 @@ from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.experts import LocalExpertExecutor
 from faasmoe.model.moe_model import load_expert_blocks
 from faasmoe.serve.config import ModelSpec, ServeConfig
-from faasmoe.serve.devices import resolve_devices
+from faasmoe.serve.devices import resolve_devices, trunk_device
 from faasmoe.tenancy.admission import Admission
 from faasmoe.tenancy.database import default_state_path
 from faasmoe.tenancy.ledger import UsageLedger
@@ -116,6 +117,12 @@ class FrontendProcess:
         self.ledger: UsageLedger | None = None
         self.printed_keys: dict[str, str] = {}
 
+    @functools.cached_property
+    def trunk_device(self) -> str:
+        """Where every model's trunk runs, resolved once as the pool's devices are: with no --device on a
+        GPU box the trunk is on the GPU too, and --device cuda:1 means cuda:1."""
+        return trunk_device(self.config.server.device)
+
     def _state_path(self) -> Path:
         return self.config.server.state or default_state_path()
 
@@ -176,12 +183,11 @@ class FrontendProcess:
 
     def _deployment(self, model: ModelSpec) -> Deployment:
         s = self.config.server
-        device = "cuda:0" if (s.device or "").startswith("cuda") else "cpu"  # where the trunk runs
         spec = DeploymentSpec(
             name=model.name, path=model.path, sharing=model.sharing, owner=model.owner or "",
             expert_block_size=model.expert_block_size,
             keep_alive_s=model.keep_alive if model.keep_alive is not None else s.keep_alive,
-            trunk_keep_alive_s=model.trunk_keep_alive, dtype=model.dtype or "float32", device=device,
+            trunk_keep_alive_s=model.trunk_keep_alive, dtype=model.dtype or "float32", device=self.trunk_device,
         )
 
         def executor(dep: Deployment):
