@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 RETRYABLE = ("no_memory", "load_failed", "unavailable")
+# An invoke's deadline: max(DEADLINE_MIN_S, DEADLINE_FACTOR x the worker's measured compute for
+# that many rows), plus time to load the blocks cold at a slow disk's pace.
+DEADLINE_MIN_S = 2.0
+DEADLINE_FACTOR = 20.0
+LOAD_FLOOR_BYTES_S = 64 * 1024 * 1024
 
 
 class InvokeError(RuntimeError):
@@ -61,8 +66,11 @@ class InvokeMeter:
 class RuntimeClient:
     """Connection to one cluster: the routing table plus a channel per worker."""
 
-    def __init__(self, scheduler: str, token: str, client_id: str | None = None) -> None:
+    def __init__(self, scheduler: str, token: str, client_id: str | None = None,
+                 deadline_min_s: float = DEADLINE_MIN_S, deadline_factor: float = DEADLINE_FACTOR) -> None:
         self.scheduler_address = scheduler
+        self.deadline_min_s = deadline_min_s
+        self.deadline_factor = deadline_factor
         self.token = token
         self.client_id = client_id or f"frontend-{uuid.uuid4().hex[:8]}"
         self.routes: dict[str, list[str]] = {}
@@ -72,6 +80,8 @@ class RuntimeClient:
         self._scheduler: RpcChannel | None = None
         self._channels: dict[str, RpcChannel] = {}
         self._known: dict[str, set[str]] = {}  # worker -> function ids whose spec it has been sent
+        self._row_cost: dict[str, float] = {}  # worker -> measured compute seconds per row (EWMA)
+        self._outcomes: dict[str, list[int]] = {}  # worker -> [ok, failed] since the last report
         self._connecting: dict[str, asyncio.Task[RpcChannel]] = {}
         self._routing_ready = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
@@ -195,8 +205,10 @@ class RuntimeClient:
                 if isinstance(result, BaseException):
                     if not isinstance(result, (ConnectionError, InvokeError, OSError, TimeoutError)):
                         raise result
-                    log.warning("calls on %s failed (%s); retrying elsewhere", wid, result)
+                    log.warning("calls on %s failed (%r); retrying elsewhere", wid, result)
                     self._forget(wid, result)
+                    if not isinstance(result, InvokeError):  # no room or a broken block is not the worker's fault
+                        self._report(wid, ok=False, reason=type(result).__name__)
                     for i in idx:
                         excluded[i].add(wid)
                     todo.extend(idx)
@@ -209,8 +221,27 @@ class RuntimeClient:
             await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # jitter
         raise InvokeError(f"{len(todo)} calls failed on every worker tried")
 
+    def _report(self, wid: str, ok: bool, reason: str = "") -> None:
+        """Count an outcome on `wid`; a failure goes to the scheduler at once, with the successes
+        before it, so it can tell a worker that heartbeats but does not answer (gray failure)."""
+        counts = self._outcomes.setdefault(wid, [0, 0])
+        counts[0 if ok else 1] += 1
+        channel = self._scheduler
+        if ok or channel is None or channel.closed.is_set():
+            return
+        channel.conn.send(p.WorkerReport(wid, counts[0], counts[1], reason))
+        self._outcomes[wid] = [0, 0]
+
+    def deadline_s(self, wid: str, calls: list[FunctionCall]) -> float:
+        """How long one message of `calls` may take on `wid` before it counts as lost."""
+        rows = sum(c.x.shape[0] for c in calls)
+        compute = self._row_cost.get(wid, 0.0) * max(rows, 1)
+        cold = sum(c.function.nbytes for c in calls) / LOAD_FLOOR_BYTES_S
+        return max(self.deadline_min_s, self.deadline_factor * compute) + cold
+
     def _forget(self, wid: str, why: BaseException) -> None:
-        if isinstance(why, (ConnectionError, OSError)):
+        # A connection whose reply did not come in time may be half-open (a partition): dial anew.
+        if isinstance(why, (ConnectionError, OSError, TimeoutError)):
             channel = self._channels.pop(wid, None)
             if channel is not None:
                 asyncio.create_task(channel.close())
@@ -223,11 +254,12 @@ class RuntimeClient:
         x = calls[0].x if len(calls) == 1 else torch.cat([c.x for c in calls])
         experts = calls[0].experts if len(calls) == 1 else torch.cat([c.experts for c in calls])
         specs = {c.function.function_id: c.function for c in calls if c.function.function_id not in known}
-        reply = await channel.request(p.Invoke(0, ids, rows, x, experts, list(specs.values())))
+        deadline = self.deadline_s(wid, calls)
+        reply = await channel.request(p.Invoke(0, ids, rows, x, experts, list(specs.values())), timeout=deadline)
         if isinstance(reply, p.Error) and reply.code == "unknown_function":  # it forgot (restart): tell it all
             known.clear()
             specs = {c.function.function_id: c.function for c in calls}
-            reply = await channel.request(p.Invoke(0, ids, rows, x, experts, list(specs.values())))
+            reply = await channel.request(p.Invoke(0, ids, rows, x, experts, list(specs.values())), timeout=deadline)
         if isinstance(reply, p.Result):
             known.update(specs)
         if isinstance(reply, p.Error):
@@ -235,6 +267,10 @@ class RuntimeClient:
                 raise InvokeError(f"{wid}: {reply.message}")
             raise RuntimeError(f"worker {wid} rejected the call: {reply.code}: {reply.message}")
         assert isinstance(reply, p.Result)
+        per_row = reply.compute_s / max(1, sum(rows))
+        old = self._row_cost.get(wid)
+        self._row_cost[wid] = per_row if old is None else 0.8 * old + 0.2 * per_row
+        self._report(wid, ok=True)
         stats = self.stats
         stats.invocations += len(calls)
         stats.messages += 1

@@ -295,6 +295,20 @@ class ClusterState(Message):
     workers: list[Stats]
 
 
+@dataclass
+class WorkerReport(Message):
+    """A frontend's outcomes of its invokes on one worker since its last report (unsolicited).
+
+    The scheduler keeps each worker's last outcomes: a worker that heartbeats but fails or times
+    out too often is unhealthy (a gray failure), not alive."""
+
+    TYPE: ClassVar[int] = 38
+    worker_id: str
+    ok: int
+    failed: int
+    reason: str = ""
+
+
 # --- encoding ------------------------------------------------------------------------------
 
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import tempfile
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime import protocol as p
 from runtime.metrics import Registry
+from runtime.periodic import every
 from runtime.placement import CacheAwarePlacement, WorkerView
 from runtime.pool import LocalPool
 from runtime.transport import Address, Connection, RpcChannel, server_handshake, start_server
@@ -37,6 +41,13 @@ class SchedulerConfig:
     heartbeat_timeout_s: float = 3.0
     socket_dir: Path | None = None
     max_replicas: int = 4  # of one hot function
+    quarantine_s: float = 30.0  # an unhealthy joined worker is kept out of placement this long
+
+
+# A worker is unhealthy when more than UNHEALTHY_FAILURES of its last OUTCOME_WINDOW invokes,
+# as frontends report them, failed or timed out (OpenWhisk's rule).
+OUTCOME_WINDOW = 10
+UNHEALTHY_FAILURES = 3
 
 
 @dataclass
@@ -46,6 +57,10 @@ class WorkerRecord:
     view: WorkerView
     last_seen: float
     specs: dict[str, p.FunctionSpec] = field(default_factory=dict)
+    outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=OUTCOME_WINDOW))  # frontends' reports
+
+    def live(self, now: float, timeout_s: float) -> bool:
+        return not self.channel.closed.is_set() and now - self.last_seen <= timeout_s
 
 
 class Scheduler:
@@ -65,6 +80,9 @@ class Scheduler:
         self.m_workers = self.metrics.gauge("faasmoe_scheduler_workers", "Live registered workers")
         self.m_dead = self.metrics.counter("faasmoe_scheduler_worker_deaths_total", "Workers declared dead")
         self.m_placements = self.metrics.counter("faasmoe_scheduler_placements_total", "Placement decisions")
+        self.m_unhealthy = self.metrics.counter("faasmoe_scheduler_unhealthy_workers_total",
+                                                "Workers taken out for failing or timing out invokes")
+        self.quarantined: dict[str, float] = {}  # worker id -> until (monotonic)
         self.m_routing = self.metrics.gauge("faasmoe_scheduler_routing_version", "Routing table version")
         self._stopping = asyncio.Event()
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -73,7 +91,7 @@ class Scheduler:
 
     async def start(self) -> Address:
         self._server, self.address = await start_server(self.config.listen, self._serve_connection)
-        self._monitor = asyncio.create_task(self._monitor_loop())
+        self._monitor = every(self.config.heartbeat_timeout_s / 4, self._monitor_round, "scheduler monitor")
         if self.config.workers:
             socket_dir = self.config.socket_dir
             if socket_dir is None:
@@ -120,9 +138,14 @@ class Scheduler:
         if not isinstance(register, p.Register):
             raise p.ProtocolError(f"a worker must register first, sent {type(register).__name__}")
         wid = register.worker.worker_id
+        refusal = self._refusal(register)
+        if refusal is not None:
+            log.warning("refused worker %s from %s: %s", wid, register.worker.address, refusal.message)
+            await conn.send_drain(refusal)
+            return
         old = self.workers.get(wid)
         if old is not None:
-            await old.channel.close()  # a reconnect replaces the old link
+            await old.channel.close()  # a reconnect of the same worker replaces the old link
         channel = RpcChannel(conn, lambda m: self._on_worker_message(wid, m))
         view = WorkerView(wid, register.worker.budget_bytes)
         record = WorkerRecord(register.worker, channel, view, time.monotonic())
@@ -137,6 +160,48 @@ class Scheduler:
         await channel.closed.wait()
         if self.workers.get(wid) is record:
             self._drop(wid, "connection closed")
+
+    def _refusal(self, register: p.Register) -> p.Error | None:
+        """Why this registration is refused, if it is: the id belongs to another live worker, or the
+        worker is in quarantine for failing invokes (it may knock again later)."""
+        wid, info = register.worker.worker_id, register.worker
+        old = self.workers.get(wid)
+        same = old is not None and (old.info.pid, old.info.address, old.info.node) == (info.pid, info.address, info.node)
+        if old is not None and not same and old.live(time.monotonic(), self.config.heartbeat_timeout_s):
+            return p.Error(register.req_id, "duplicate_worker_id",
+                           f"worker id {wid!r} is taken by the live worker at {old.info.address} (pid {old.info.pid});"
+                           " give this one another --id")
+        until = self.quarantined.get(wid, 0.0)
+        if time.monotonic() < until:
+            return p.Error(register.req_id, "retry_later",
+                           f"worker {wid} failed too many invokes; quarantined for {until - time.monotonic():.0f}s more")
+        return None
+
+    def _on_report(self, report: p.WorkerReport) -> None:
+        record = self.workers.get(report.worker_id)
+        if record is None:
+            return
+        record.outcomes.extend([True] * min(report.ok, OUTCOME_WINDOW) + [False] * min(report.failed, OUTCOME_WINDOW))
+        failures = record.outcomes.count(False)
+        if failures > UNHEALTHY_FAILURES:
+            self._take_out(report.worker_id, f"{failures} of its last {len(record.outcomes)} invokes failed "
+                                             f"({report.reason or 'error'})")
+
+    def _take_out(self, wid: str, why: str) -> None:
+        """An unhealthy worker leaves the routing table: a local one is restarted, a joined one waits
+        out a quarantine before it may register again."""
+        self.m_unhealthy.inc()
+        pid = self.pool.pids().get(wid) if self.pool is not None else None
+        if pid is not None:
+            log.warning("worker %s is unhealthy (%s): restarting it", wid, why)
+            try:
+                os.kill(pid, signal.SIGKILL)  # a stuck kernel does not answer SIGTERM; the pool restarts it
+            except ProcessLookupError:
+                pass
+        else:
+            log.warning("worker %s is unhealthy (%s): quarantined for %.0fs", wid, why, self.config.quarantine_s)
+            self.quarantined[wid] = time.monotonic() + self.config.quarantine_s
+        self._drop(wid, f"unhealthy: {why}")
 
     def _on_worker_message(self, wid: str, message: p.Message) -> None:
         record = self.workers.get(wid)
@@ -179,6 +244,8 @@ class Scheduler:
                     conn.send(self.place(message))
                 elif isinstance(message, p.GetStats):
                     asyncio.create_task(self._send_cluster_state(conn, message.req_id))
+                elif isinstance(message, p.WorkerReport):
+                    self._on_report(message)
                 else:
                     raise p.ProtocolError(f"a frontend cannot send {type(message).__name__}")
         finally:
@@ -271,19 +338,17 @@ class Scheduler:
         asyncio.create_task(record.channel.close())
         self._publish()
 
-    async def _monitor_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_timeout_s / 4)
-            now = time.monotonic()
-            for wid, record in list(self.workers.items()):
-                if now - record.last_seen > self.config.heartbeat_timeout_s:
-                    self._drop(wid, f"no heartbeat for {now - record.last_seen:.1f}s")
-            for fid, placed in list(self.pending.items()):  # placements never loaded expire
-                for wid, at in list(placed.items()):
-                    if now - at > 60.0:
-                        del placed[wid]
-                if not placed:
-                    del self.pending[fid]
+    def _monitor_round(self) -> None:
+        now = time.monotonic()
+        for wid, record in list(self.workers.items()):
+            if now - record.last_seen > self.config.heartbeat_timeout_s:
+                self._drop(wid, f"no heartbeat for {now - record.last_seen:.1f}s")
+        for fid, placed in list(self.pending.items()):  # placements never loaded expire
+            for wid, at in list(placed.items()):
+                if now - at > 60.0:
+                    del placed[wid]
+            if not placed:
+                del self.pending[fid]
 
     async def _send_cluster_state(self, conn: Connection, req_id: int) -> None:
         conn.send(p.ClusterState(req_id, await self.worker_stats()))

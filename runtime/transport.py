@@ -126,7 +126,9 @@ class Connection:
         if not self.writer.is_closing():
             self.writer.close()
         try:
-            await self.writer.wait_closed()
+            # Shielded: the close waiter is one future shared by every caller, and cancelling one
+            # waiting task (a channel's reader) would cancel it for all of them.
+            await asyncio.shield(self.writer.wait_closed())
         except (ConnectionError, OSError):
             pass
 
@@ -329,11 +331,14 @@ class RpcChannel:
         message.req_id = self.next_id()  # type: ignore[attr-defined]
         future: asyncio.Future[p.Message] = asyncio.get_running_loop().create_future()
         self._pending[message.req_id] = future  # type: ignore[attr-defined]
-        self.conn.send(message)
-        await self.conn.writer.drain()
-        if timeout is None:
-            return await future
-        return await asyncio.wait_for(future, timeout)
+        try:
+            self.conn.send(message)
+            await self.conn.writer.drain()
+            if timeout is None:
+                return await future
+            return await asyncio.wait_for(future, timeout)
+        finally:  # a reply that never comes must not pin its future forever
+            self._pending.pop(message.req_id, None)  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -374,11 +379,12 @@ async def stay_connected(connect: Callable[[], Awaitable[RpcChannel]], session: 
     A refusal (ProtocolError: wrong token or version) is raised: retrying will not fix it.
     """
     delay = first_delay_s
+    loop = asyncio.get_running_loop()
     while True:
         channel: RpcChannel | None = None
+        started = loop.time()
         try:
             channel = await connect()
-            delay = first_delay_s
             await session(channel)
             log.warning("lost %s; reconnecting", peer)
         except p.ProtocolError:
@@ -390,5 +396,7 @@ async def stay_connected(connect: Callable[[], Awaitable[RpcChannel]], session: 
         finally:
             if channel is not None:
                 await channel.close()
+        if loop.time() - started > 2 * max_delay_s:  # it held a while: reconnect fast, then back off
+            delay = first_delay_s
         await asyncio.sleep(delay)
         delay = min(delay * 2, max_delay_s)

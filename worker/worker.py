@@ -20,9 +20,10 @@ import torch
 
 from runtime import protocol as p
 from runtime.metrics import Registry
+from runtime.periodic import every
 from runtime.policies import make_eviction, make_keep_alive
 from runtime.transport import Connection, RpcChannel, dial, server_handshake, start_server, stay_connected
-from worker.memory import ExpertStore, HostCache, LoadFailed, NoMemory, Resident
+from worker.memory import ExpertStore, Forbidden, HostCache, LoadFailed, NoMemory, Resident
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class WorkerConfig:
     node: str = ""
     max_parallel_loads: int = 2
     parent_pid: int | None = None  # local pool: die with the scheduler instead of lingering
+    model_roots: tuple[str, ...] = ()  # checkpoints may be loaded only from under these; () = anywhere
 
 
 class Worker:
@@ -65,6 +67,7 @@ class Worker:
         self.store = ExpertStore(
             self.device, config.budget_bytes, HostCache(config.host_budget_bytes, pin=self.device.type == "cuda"),
             make_eviction(config.eviction), self._keep_alive_for, config.max_parallel_loads, self._on_residency,
+            config.model_roots,
         )
         # One compute thread: a device runs one call at a time; the loop stays free for I/O.
         self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"{config.worker_id}-compute")
@@ -112,7 +115,7 @@ class Worker:
         log.info("worker %s on %s listening at %s (budget %d bytes)", self.config.worker_id, self.device,
                  address, self.config.budget_bytes)
         self.listening.set()
-        tasks = [asyncio.create_task(self._expire_loop())]
+        tasks = [every(EXPIRE_CHECK_S, self._expire_round, f"{self.config.worker_id} expiry")]
         if self.config.scheduler:
             tasks.append(asyncio.create_task(self._scheduler_loop()))
         try:
@@ -133,17 +136,15 @@ class Worker:
         except Exception as exc:  # a failed guess costs nothing but the log line
             log.warning("pre-warming %s failed: %s", spec.function_id, exc)
 
-    async def _expire_loop(self) -> None:
-        while True:
-            await asyncio.sleep(EXPIRE_CHECK_S)
-            if self.config.parent_pid is not None and os.getppid() != self.config.parent_pid:
-                log.warning("parent %d is gone; worker %s exits", self.config.parent_pid, self.config.worker_id)
-                self.stop()
-            now = time.monotonic()
-            self.store.expire(now, self.config.host_ttl_s)
-            for spec, last_call in self.store.due_prewarms(now):
-                asyncio.create_task(self._prewarm(spec, last_call))
-            self._update_gauges()
+    def _expire_round(self) -> None:
+        if self.config.parent_pid is not None and os.getppid() != self.config.parent_pid:
+            log.warning("parent %d is gone; worker %s exits", self.config.parent_pid, self.config.worker_id)
+            self.stop()
+        now = time.monotonic()
+        self.store.expire(now, self.config.host_ttl_s)
+        for spec, last_call in self.store.due_prewarms(now):
+            asyncio.create_task(self._prewarm(spec, last_call))
+        self._update_gauges()
 
     # -- the scheduler link -------------------------------------------------------------------
 
@@ -163,6 +164,8 @@ class Worker:
     async def _registered(self, channel: RpcChannel) -> None:
         """Register what this worker holds, then heartbeat until the connection drops."""
         reply = await channel.request(p.Register(0, self.info, self._resident_list()), timeout=10)
+        if isinstance(reply, p.Error) and reply.code == "retry_later":
+            raise ConnectionError(f"scheduler asks to retry later: {reply.message}")
         if isinstance(reply, p.Error):
             raise p.ProtocolError(reply.message)
         self._scheduler = channel
@@ -228,8 +231,10 @@ class Worker:
             reply = p.Error(req_id, "no_memory", str(exc))
         except LoadFailed as exc:
             reply = p.Error(req_id, "load_failed", str(exc))
-        except (ValueError, IndexError, KeyError, TypeError, RuntimeError) as exc:
-            log.warning("bad request %s from %s: %s", type(message).__name__, conn.peer_id, exc)
+        except Forbidden as exc:  # a checkpoint outside --model-root (memory.py logged it)
+            reply = p.Error(req_id, "forbidden", str(exc))
+        except Exception as exc:  # whatever went wrong, the caller gets an answer, never silence
+            log.warning("request %s from %s failed: %r", type(message).__name__, conn.peer_id, exc)
             reply = p.Error(req_id, "bad_request", f"{type(exc).__name__}: {exc}")
         if not conn.closed:
             conn.send(reply)
