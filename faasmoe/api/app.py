@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 # A long context's token ids or messages, with room to spare; a larger body is a 413 before it is parsed.
 MAX_BODY_BYTES = 8 * 2**20
+# A body that trickles in holds a connection and a handler; past this it is a 408 (the request head has
+# its own deadline in the server, faasmoe/api/http_server.py).
+BODY_READ_TIMEOUT_S = 30.0
 # Threads for the work of a request that is not the model's: JSON parsing, chat templates, tokenizing,
 # SQLite (keys, usage rows). Not the trunk's compute thread, so a long prompt never waits behind a step.
 OFF_LOOP_THREADS = 2
@@ -211,7 +214,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     tenant = (await _authenticate(request)).tenant
-    body = await _off_loop(request, _parse_generation_body, await request.read(), chat)
+    body = await _off_loop(request, _parse_generation_body, await _read_body(request), chat)
     deployment = ctx.deployments.get(body.model, tenant.name, tenant.allowed_models)
     if deployment is None:
         raise model_not_found(body.model)
@@ -230,6 +233,15 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         return await _collect(request, run, shape)
     finally:
         run.abandon()  # a no-op when it completed; otherwise frees the sequence and the tenant's slot
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {BODY_READ_TIMEOUT_S:g}s.",
+                       "invalid_request_error", code="request_timeout") from None
 
 
 def _parse_generation_body(raw: bytes, chat: bool) -> GenerationBody:

@@ -299,3 +299,25 @@ async def test_connections_past_the_cap_are_closed_at_once(bounded) -> None:
         assert _health(port) == 200  # room again once the others left
 
     await asyncio.to_thread(run)
+
+
+async def test_a_body_that_trickles_in_is_408(bounded, monkeypatch) -> None:
+    import faasmoe.api.app as app_module
+
+    port, _ = bounded
+    monkeypatch.setattr(app_module, "BODY_READ_TIMEOUT_S", 0.5)
+
+    def run() -> bytes:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"model\": ")  # and the other 90 bytes never
+            answer = b""
+            while not answer.endswith(b"}}") and (chunk := sock.recv(4096)):  # the end of the error object
+                answer += chunk
+            return answer
+        finally:
+            sock.close()
+
+    answer = await asyncio.wait_for(asyncio.to_thread(run), 10)
+    assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer, answer
