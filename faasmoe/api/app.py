@@ -380,7 +380,7 @@ async def usage(request: web.Request) -> web.Response:
             since = parse_since(request.query["since"])
         except ValueError as exc:
             raise invalid(str(exc), "since") from None
-    rows = await asyncio.to_thread(ledger.summary, tenant, since)
+    rows = await _off_loop(request, ledger.summary, tenant, since)
     return web.json_response({"object": "list", "tenant": tenant, "since": since, "data": rows})
 
 
