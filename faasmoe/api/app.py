@@ -300,6 +300,9 @@ async def _collect(request: web.Request, run: InFlightRequest, shape: ResponseSh
         return web.Response(status=499)  # nginx's "client closed request": only the access log sees it
     assert finished is not None
     await run.complete(finished)
+    if finished.finish_reason == "error" and finished.error_code == "unavailable":  # no worker could run it
+        raise ApiError(503, f"No expert worker could serve the request right now ({finished.error}); retry shortly.",
+                       "server_error", code="unavailable", headers={"Retry-After": "1"})
     if finished.finish_reason == "error":
         raise ApiError(500, f"Generation failed: {finished.error}", "server_error")
     return web.json_response(shape.response(finished, tokens), headers={"X-Request-Id": shape.id})
@@ -321,7 +324,8 @@ async def _stream(request: web.Request, run: InFlightRequest, shape: ResponseSha
                 continue
             await run.complete(event)  # usage is durable before the client sees the end
             if event.finish_reason == "error":
-                await _send(response, error_body(f"Generation failed: {event.error}", "server_error"))
+                code = event.error_code or None  # "unavailable": a client may retry
+                await _send(response, error_body(f"Generation failed: {event.error}", "server_error", code=code))
             else:
                 await _send(response, shape.final_chunk(event.finish_reason,
                                                         None if body.include_usage else event.usage))

@@ -9,18 +9,21 @@ mount or a stuck kernel). Needs root and util-linux `unshare`; skipped with the 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
 
 from runtime.client import InvokeError, RuntimeClient
 
-from ..processes import Process
+from ..processes import Process, faasmoe, free_port
 from .test_cluster import TOKEN, call, connect, expected, join_worker, spec, start_scheduler
 
 can_unshare = os.geteuid() == 0 and shutil.which("unshare") is not None
@@ -127,3 +130,26 @@ async def test_a_second_worker_with_a_taken_id_is_refused_clearly(model_dir):
         for proc in (second, first, sched):
             if proc is not None:
                 proc.stop()
+
+
+@pytest.mark.skipif(not can_unshare, reason="needs root and unshare to give a worker a hung filesystem")
+def test_a_request_no_worker_can_serve_is_a_503_within_a_bound(model_dir, tmp_path):
+    sched, address = start_scheduler()
+    stuck = hung_filesystem_worker(tmp_path, address, model_dir, "stuck")
+    port = free_port()
+    frontend = faasmoe("frontend", "--scheduler", address, "--port", str(port), "--expert-block-size", "4",
+                       str(model_dir), env={"FAASMOE_TOKEN": TOKEN})
+    try:
+        frontend.wait_for("faasmoe serving", timeout=120)
+        body = json.dumps({"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        started = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(request, timeout=60)
+        assert time.monotonic() - started < 20
+        assert failed.value.code == 503 and failed.value.headers["Retry-After"]
+        assert json.loads(failed.value.read())["error"]["code"] == "unavailable"
+    finally:
+        for proc in (frontend, stuck, sched):
+            proc.kill()
