@@ -11,6 +11,8 @@ import torch
 
 DEVICE_FRACTION = 0.9  # of a GPU's free memory, or of available RAM on CPU, for resident experts
 HOST_CACHE_FRACTION = 0.25  # of available RAM, for the host tier of evicted blocks
+KV_CACHE_FRACTION = 0.1  # of available RAM (CPU) or free device memory (CUDA), for the KV caches of all models
+KV_CACHE_MAX_CPU = 4 * 1024**3  # vLLM's CPU default (VLLM_CPU_KVCACHE_SPACE=4)
 
 
 def available_ram() -> int:
@@ -35,3 +37,11 @@ def device_budget(device: torch.device, sharers: int = 1) -> int:
 def host_cache_budget(sharers: int = 1) -> int:
     """Host-RAM cache of one worker when `sharers` workers share this machine's RAM."""
     return int(available_ram() * HOST_CACHE_FRACTION / max(1, sharers))
+
+
+def kv_cache_budget(device: torch.device, models: int = 1) -> int:
+    """Default KV cache budget of one served model when `models` share the trunk's device."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * KV_CACHE_FRACTION / max(1, models))
+    return int(min(available_ram() * KV_CACHE_FRACTION, KV_CACHE_MAX_CPU) / max(1, models))

@@ -303,6 +303,8 @@ async def _collect(request: web.Request, run: InFlightRequest, shape: ResponseSh
     if finished.finish_reason == "error" and finished.error_code == "unavailable":  # no worker could run it
         raise ApiError(503, f"No expert worker could serve the request right now ({finished.error}); retry shortly.",
                        "server_error", code="unavailable", headers={"Retry-After": "1"})
+    if finished.finish_reason == "error" and finished.error_code == "invalid":
+        raise ApiError(400, finished.error or "the request cannot be served as asked", "invalid_request_error")
     if finished.finish_reason == "error":
         raise ApiError(500, f"Generation failed: {finished.error}", "server_error")
     return web.json_response(shape.response(finished, tokens), headers={"X-Request-Id": shape.id})

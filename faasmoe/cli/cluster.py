@@ -135,6 +135,14 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="unload an idle model's trunk after this long (0 = never, the default)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="compute dtype of trunk and experts; default: float32")
+    parser.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
+                        help="KV cache budget of each served model (requests that do not fit wait, one that never "
+                        "fits is refused); default: 10%% of available RAM up to 4GiB on CPU, 10%% of free GPU memory")
+    parser.add_argument("--invoke-timeout", type=float, default=2.0, metavar="SECONDS",
+                        help="an expert call may take max(this, --invoke-timeout-factor x the worker's measured "
+                        "compute) before it is retried on another worker; default: 2")
+    parser.add_argument("--invoke-timeout-factor", type=float, default=20.0, metavar="F",
+                        help="see --invoke-timeout; default: 20")
     parser.add_argument("--state", type=Path, default=None,
                         help=f"SQLite file for tenants and the usage ledger; {STATE_HELP}")
     add_secret_arguments(parser, "token", "FAASMOE_TOKEN", "cluster token", "; default: $FAASMOE_TOKEN or a random one")
@@ -182,7 +190,8 @@ def _serve(args: argparse.Namespace) -> int:
         state=args.state, worker_memory=getattr(args, "worker_memory", None),
         scheduler=getattr(args, "scheduler", None), token=resolve_secret(args, "token", "FAASMOE_TOKEN"),
         eviction=getattr(args, "eviction", "lru"), experts=getattr(args, "experts", "remote"),
-        scheduler_timeout=getattr(args, "scheduler_timeout", 30.0),
+        scheduler_timeout=getattr(args, "scheduler_timeout", 30.0), kv_cache_memory=args.kv_cache_memory,
+        invoke_timeout=args.invoke_timeout, invoke_timeout_factor=args.invoke_timeout_factor,
     )
     import uvloop
 

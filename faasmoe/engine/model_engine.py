@@ -142,7 +142,8 @@ class ModelEngine:
                 seq = await self._start(request)
             except Exception as exc:  # this request cannot start (trunk, cache, bad input): it alone fails
                 log.warning("request %s of %s could not start: %s", request.request_id, self.name, exc)
-                request.events.put_nowait(Finished("error", "", Usage(len(request.prompt_token_ids)), str(exc)))
+                code = "invalid" if isinstance(exc, ValueError) else ""  # the request's own fault: a 400
+                request.events.put_nowait(Finished("error", "", Usage(len(request.prompt_token_ids)), str(exc), code))
                 continue
             budget -= need
             self.running.append(_Running(request, seq, Usage(prompt_tokens=len(request.prompt_token_ids))))

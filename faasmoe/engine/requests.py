@@ -48,7 +48,8 @@ class Finished:
     text: str  # the full completion text (stop string removed)
     usage: Usage
     error: str | None = None
-    error_code: str = ""  # with "error": "unavailable" (no worker could run it: retry) or "" (a fault)
+    error_code: str = ""  # with "error": "unavailable" (no worker could run it: retry), "invalid" (the
+    # request cannot be served as asked, e.g. past the KV cache budget) or "" (a fault)
 
 
 @dataclass

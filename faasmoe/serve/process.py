@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from aiohttp import web
 
 from faasmoe.engine.deployments import Deployment, Deployments, DeploymentSpec
@@ -32,7 +33,8 @@ from faasmoe.serve.devices import resolve_devices, trunk_device
 from faasmoe.tenancy.admission import Admission
 from faasmoe.tenancy.database import default_state_path
 from faasmoe.tenancy.ledger import UsageLedger
-from runtime.client import RuntimeClient
+from runtime.budgets import kv_cache_budget
+from runtime.client import DEADLINE_FACTOR, DEADLINE_MIN_S, RuntimeClient
 from runtime.cluster import workers_json
 from runtime.metrics import merge_expositions
 from runtime.scheduler import Scheduler, SchedulerConfig
@@ -71,6 +73,9 @@ class ServeOptions:
     eviction: str = "lru"
     experts: str = "remote"  # "remote": expert functions on workers; "in-process": all resident here (baseline)
     scheduler_timeout: float = SCHEDULER_TIMEOUT_S
+    kv_cache_memory: int | None = None  # per model; None: budgets.kv_cache_budget()
+    invoke_timeout: float = DEADLINE_MIN_S  # the least an invoke may take before it is retried elsewhere
+    invoke_timeout_factor: float = DEADLINE_FACTOR  # x the worker's measured compute for the call's rows
 
 
 def merged_config(opts: ServeOptions) -> ServeConfig:
@@ -158,11 +163,12 @@ class FrontendProcess:
             workers = s.workers if s.workers is not None else (len(devices) if devices[0].startswith("cuda") else 1)
             self.scheduler = Scheduler(SchedulerConfig(
                 listen="127.0.0.1:0", token=token, workers=workers, devices=devices,
-                worker_memory_bytes=self.opts.worker_memory, worker_args=["--eviction", self.opts.eviction]))
+                worker_memory_bytes=self.opts.worker_memory, worker_args=self._worker_args()))
             address = str(await self.scheduler.start())
             await self.scheduler.wait_for_workers(workers, timeout=120)
         if self.opts.experts != "in-process":
-            self.client = await connect_scheduler(address, token, self.opts.scheduler_timeout)
+            self.client = await connect_scheduler(address, token, self.opts.scheduler_timeout,
+                                                  self.opts.invoke_timeout, self.opts.invoke_timeout_factor)
         for model in self.config.models:
             self.deployments.add(self._deployment(model))
         self.deployments.start()
@@ -181,6 +187,11 @@ class FrontendProcess:
         port = self.runner.addresses[0][1] if self.runner.addresses else s.port
         return f"http://{s.host}:{port}"
 
+    def _worker_args(self) -> list[str]:
+        """Flags of the local pool's workers: they may load only the checkpoints served here."""
+        roots = sorted({str(Path(m.path).resolve()) for m in self.config.models})
+        return ["--eviction", self.opts.eviction, *(arg for root in roots for arg in ("--model-root", root))]
+
     def _deployment(self, model: ModelSpec) -> Deployment:
         s = self.config.server
         spec = DeploymentSpec(
@@ -188,6 +199,8 @@ class FrontendProcess:
             expert_block_size=model.expert_block_size,
             keep_alive_s=model.keep_alive if model.keep_alive is not None else s.keep_alive,
             trunk_keep_alive_s=model.trunk_keep_alive, dtype=model.dtype or "float32", device=self.trunk_device,
+            kv_cache_bytes=self.opts.kv_cache_memory or kv_cache_budget(torch.device(self.trunk_device),
+                                                                         len(self.config.models)),
         )
 
         def executor(dep: Deployment):
@@ -244,10 +257,11 @@ class FrontendProcess:
         self.compute.shutdown(wait=False)
 
 
-async def connect_scheduler(address: str, token: str, timeout: float) -> RuntimeClient:
+async def connect_scheduler(address: str, token: str, timeout: float, invoke_timeout: float = DEADLINE_MIN_S,
+                            invoke_timeout_factor: float = DEADLINE_FACTOR) -> RuntimeClient:
     """A client subscribed to the scheduler's routing table. The client redials with backoff (0.1 s up
     to 2 s); past `timeout` this raises SchedulerUnreachable naming the address and what failed."""
-    client = RuntimeClient(address, token, "frontend")
+    client = RuntimeClient(address, token, "frontend", invoke_timeout, invoke_timeout_factor)
     try:
         return await client.start(timeout=timeout)
     except TimeoutError:

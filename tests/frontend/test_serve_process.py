@@ -128,3 +128,32 @@ def test_an_exception_without_a_message_is_still_described() -> None:
             raise TimeoutError() from exc
     except TimeoutError as exc:
         assert "Connection refused" in describe(exc)
+
+
+# --- D13: --kv-cache-memory bounds the KV caches; a request that could never fit is a 400 -------------
+
+
+def test_kv_cache_memory_refuses_what_can_never_fit(model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    per_token = 2 * 3 * 2 * 16 * 4  # k and v x 3 layers x 2 kv heads x head_dim 16 x fp32 (the tiny qwen2_moe)
+    proc = faasmoe("serve", str(model), "--experts", "in-process", "--port", str(port), "--state",
+                   str(tmp_path / "state.db"), "--kv-cache-memory", str(per_token * 64))
+    try:
+        proc.wait_for("faasmoe serving", timeout=60)
+
+        def complete(max_tokens: int) -> tuple[int, dict]:
+            body = json.dumps({"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": max_tokens}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                             {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        status, reply = complete(8)
+        assert status == 200 and reply["usage"]["completion_tokens"] == 8
+        status, reply = complete(200)  # 204 tokens of cache against a budget of 64
+        assert status == 400 and "KV cache budget" in reply["error"]["message"], reply
+    finally:
+        assert proc.stop() == 0, proc.output
