@@ -23,6 +23,7 @@ from runtime.metrics import Registry
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_S = 1.0  # a streaming request's usage so far is committed this often
 POLL_S = 0.25  # how often a handler waiting for tokens checks that its client is still there
 CANCEL_GRACE_S = 10.0  # how long a cancelled request's Finished (and its metered usage) is awaited
 _STATUS = {"stop": "ok", "length": "ok", "cancelled": "cancelled"}
@@ -62,6 +63,11 @@ class FrontendMetrics:
         return self.registry.render()
 
 
+def _log_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("could not checkpoint usage: %s", future.exception())
+
+
 class InFlightRequest:
     """An admitted, submitted request: its events, timing, and the once-only bookkeeping at its end."""
 
@@ -79,6 +85,7 @@ class InFlightRequest:
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
         self.tokens_seen = 0
+        self._checkpointed_at = self._started
         self.done = False
         self._abandoned = False
 
@@ -116,12 +123,26 @@ class InFlightRequest:
     def _observe_token(self) -> None:
         now = time.monotonic()
         self.tokens_seen += 1
+        if now - self._checkpointed_at >= CHECKPOINT_S:
+            self._checkpointed_at = now
+            self._checkpoint()
         if self._first_token_at is None:
             self._first_token_at = now
             self._metrics.ttft.labels(**self._labels).observe(now - self._started)
         else:
             self._metrics.itl.labels(**self._labels).observe(now - self._last_token_at)
         self._last_token_at = now
+
+    def _checkpoint(self) -> None:
+        """Bill the tokens delivered so far (off the loop, fire and forget): a crash loses at most
+        CHECKPOINT_S of them. The expert work is known only at the end, with the final row."""
+        if self._ledger is None:
+            return
+        record = UsageRecord(self.request.request_id, self.tenant.name, self.deployment.name,
+                             len(self.request.prompt_token_ids), self.tokens_seen, started_at=self.request.arrived_at,
+                             finished_at=time.time(), status="running")
+        future = asyncio.get_running_loop().run_in_executor(self._io, self._ledger.checkpoint, record)
+        future.add_done_callback(_log_failure)
 
     async def complete(self, finished: Finished) -> None:
         """Record usage (committed before the client sees the end), update metrics, settle admission."""

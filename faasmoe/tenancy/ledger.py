@@ -22,7 +22,9 @@ from faasmoe.tenancy.database import check_schema, open_database, transaction
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("ok", "cancelled", "error")
+# "running": a request's usage so far, checkpointed while it streams, so that a crash of the server
+# loses at most the last checkpoint interval; its final row replaces it.
+STATUSES = ("ok", "cancelled", "error", "running")
 _SCHEMA_VERSION = 1
 
 
@@ -92,14 +94,26 @@ class UsageLedger:
                     conn.execute(statement)
 
     def record(self, r: UsageRecord) -> bool:
-        """Commit one request's usage; False (and no change) when request_id was already recorded."""
-        values = [getattr(r, name) for name in _FIELDS]
-        sql = f"INSERT OR IGNORE INTO usage ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})"
-        with self._lock, transaction(self._conn) as conn:
-            inserted = conn.execute(sql, values).rowcount == 1
+        """Commit one request's usage (replacing its checkpoint, if any); False (and no change) when its
+        final usage was already recorded."""
+        inserted = self._upsert(r)
         if not inserted:
             log.info("usage of request %s was already recorded; ignoring the duplicate", r.request_id)
         return inserted
+
+    def checkpoint(self, r: UsageRecord) -> bool:
+        """Commit a streaming request's usage so far (status "running"); never overwrites a final row."""
+        if r.status != "running":
+            raise ValueError("a checkpoint has status 'running'")
+        return self._upsert(r)
+
+    def _upsert(self, r: UsageRecord) -> bool:
+        values = [getattr(r, name) for name in _FIELDS]
+        updates = ", ".join(f"{name} = excluded.{name}" for name in _FIELDS if name != "request_id")
+        sql = (f"INSERT INTO usage ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))}) "
+               f"ON CONFLICT (request_id) DO UPDATE SET {updates} WHERE usage.status = 'running'")
+        with self._lock, transaction(self._conn) as conn:
+            return conn.execute(sql, values).rowcount == 1
 
     def query(self, tenant: str | None = None, since: float | None = None,
               model: str | None = None) -> list[UsageRecord]:
@@ -115,13 +129,15 @@ class UsageLedger:
         where, params = _filters(tenant, since, None)
         sums = ", ".join(f"TOTAL({name})" for name in _SUMMED)
         sql = (f"SELECT tenant, model, COUNT(*), SUM(status = 'ok'), SUM(status = 'cancelled'), "
-               f"SUM(status = 'error'), {sums} FROM usage{where} GROUP BY tenant, model ORDER BY tenant, model")
+               f"SUM(status = 'error'), SUM(status = 'running'), {sums} FROM usage{where} "
+               "GROUP BY tenant, model ORDER BY tenant, model")
         with self._lock:
             rows = self._conn.execute(sql, params).fetchall()
         out = []
-        for tenant_name, model, requests, ok, cancelled, errors, *totals in rows:
+        for tenant_name, model, requests, ok, cancelled, errors, running, *totals in rows:
+            # "running": still streaming, or cut off by a crash with the usage of its last checkpoint
             row = {"tenant": tenant_name, "model": model, "requests": requests, "ok": ok,
-                   "cancelled": cancelled, "errors": errors}
+                   "cancelled": cancelled, "errors": errors, "running": running}
             for name, total in zip(_SUMMED, totals):
                 row[name] = total if name.endswith("_s") or name.endswith("seconds") else int(total)
             out.append(row)

@@ -157,3 +157,36 @@ def test_kv_cache_memory_refuses_what_can_never_fit(model: Path, tmp_path: Path)
         assert status == 400 and "KV cache budget" in reply["error"]["message"], reply
     finally:
         assert proc.stop() == 0, proc.output
+
+
+# --- tokens delivered before a crash are billed --------------------------------------------------------
+
+
+def test_tokens_streamed_before_a_crash_are_in_the_ledger(model: Path, tmp_path: Path) -> None:
+    import http.client
+    import os
+    import signal
+
+    from faasmoe.tenancy.ledger import UsageLedger
+
+    port, state = free_port(), tmp_path / "state.db"
+    proc = faasmoe("serve", str(model), "--experts", "in-process", "--port", str(port), "--state", str(state))
+    try:
+        proc.wait_for("faasmoe serving", timeout=60)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4000,
+                                                            "stream": True, "ignore_eos": True}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        received, deadline = 0, time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # stream for a while: past a checkpoint or two
+            if response.fp.readline().startswith(b"data: {"):
+                received += 1
+        os.kill(proc.proc.pid, signal.SIGKILL)
+        proc.proc.wait(10)
+    finally:
+        proc.kill()
+    with UsageLedger(state) as ledger:
+        rows = ledger.query()
+    assert len(rows) == 1 and rows[0].status == "running", rows
+    assert 0 < rows[0].completion_tokens <= received + 50 and rows[0].prompt_tokens == 3
