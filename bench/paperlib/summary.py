@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from bench.paperlib.loadgen import RequestResult
 from bench.paperlib.probe import FunctionUse, ResidencySample
 from bench.paperlib.sampler import Sample
+from faasmoe.engine.executors import parse_function_id
 
 
 def percentile(values: list[float], pct: float) -> float | None:
@@ -95,8 +96,7 @@ def heat_map(functions: dict[str, FunctionUse], probes: int, num_layers: int, nu
     resident = [[0.0] * num_experts for _ in range(num_layers)]
     hits = [[0] * num_experts for _ in range(num_layers)]
     for fid, use in functions.items():
-        _, layer, block = fid.rsplit("/", 2)
-        layer, block = int(layer), int(block)
+        _, _, layer, block, _ = parse_function_id(fid)
         if layer >= num_layers:
             continue
         for e in range(block * block_size, min(num_experts, (block + 1) * block_size)):

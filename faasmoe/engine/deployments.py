@@ -42,6 +42,7 @@ class DeploymentSpec:
     dtype: str = "float32"
     device: str = "cpu"
     kv_cache_bytes: int | None = None  # the engine's KV cache budget; None: unbounded
+    micro_batches: int = 1  # groups of a step that overlap trunk and expert work (remote experts: 2)
 
 
 class Deployment:
@@ -61,6 +62,7 @@ class Deployment:
         cfg = self.config
         self.engine = ModelEngine(
             spec.name, self.trunk, self.executor, self.tokenizer, compute, kv_budget_bytes=spec.kv_cache_bytes,
+            micro_batches=spec.micro_batches,
             kv_bytes_per_token=KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype))
 
     @property

@@ -59,6 +59,14 @@ def function_id(model: str, layer: int, block: int, owner: str = "", weights: st
     return f"{owner}:{base}" if owner else base
 
 
+def parse_function_id(fid: str) -> tuple[str, str, int, int, str]:
+    """(owner, model, layer, block, weights) of an id made by `function_id`."""
+    owner, _, rest = fid.partition(":") if ":" in fid else ("", "", fid)  # tenant names hold no ':'
+    base, _, weights = rest.partition("@")
+    model, layer, block = base.rsplit("/", 2)
+    return owner, model, int(layer), int(block), weights
+
+
 def weights_digest(layout: ExpertLayout, layer: int, first: int, count: int, dtype_name: str) -> str:
     """16 hex digits over the block's checkpoint fingerprint and the dtype it is served in."""
     fingerprint = layout.block_fingerprint(layer, first, count)

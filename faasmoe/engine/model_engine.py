@@ -55,6 +55,7 @@ class ModelEngine:
         max_running: int = 64,
         kv_budget_bytes: int | None = None,
         kv_bytes_per_token: int | None = None,
+        micro_batches: int = 1,
     ) -> None:
         self.name = name
         self._trunk = trunk
@@ -67,6 +68,7 @@ class ModelEngine:
         # (prompt + max_tokens) inside this budget, so no step can run out of cache memory.
         self.kv_budget_bytes = kv_budget_bytes
         self.kv_bytes_per_token = kv_bytes_per_token
+        self.micro_batches = micro_batches  # a step's sequences in this many groups that overlap trunk and experts
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[_Running] = []
         self.steps = 0
@@ -184,11 +186,19 @@ class ModelEngine:
 
     async def _step(self, batch: list[_Running]) -> None:
         trunk = self._trunk()
-        step = PackedStep.build(trunk.config, [r.seq.pending for r in batch], [r.seq.cache for r in batch], trunk.device)
-        logits = await self._forward(trunk, step)
+        groups = micro_batches(batch, self.micro_batches)
+        steps = [PackedStep.build(trunk.config, [r.seq.pending for r in g], [r.seq.cache for r in g], trunk.device)
+                 for g in groups]
+        started = time.perf_counter()
+        # Micro-batches ping-pong: one's trunk math runs while another's experts are on the workers.
+        parts = await asyncio.gather(*(self._forward(trunk, step) for step in steps))
+        self._last_step_s = time.perf_counter() - started
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         cost = self.executor.take_step_cost()
-        step.commit([r.seq.cache for r in batch])
-        lengths = step.lengths
+        for group, step in zip(groups, steps):
+            step.commit([r.seq.cache for r in group])
+        batch = [r for g in groups for r in g]
+        lengths = [n for step in steps for n in step.lengths]
         self.steps += 1
         self.last_active = time.monotonic()
         total = sum(lengths)
@@ -216,16 +226,13 @@ class ModelEngine:
 
     async def _forward(self, trunk: Trunk, step: PackedStep) -> torch.Tensor:
         """Drive the shared decoder generator: trunk halves on the compute thread, experts awaited."""
-        started = time.perf_counter()
         layers = decoder_layers(trunk, step.ids, step.batch)
         done, value = await self._run(_advance, layers, None)
         while not done:
             layer, state = value
             expert_out = await self.executor.run_layer(layer, state.moe_input, state.routing)
             done, value = await self._run(_advance, layers, expert_out)
-        logits = await self._run(trunk.logits, step.last_rows(value))
-        self._last_step_s = time.perf_counter() - started
-        return logits
+        return await self._run(trunk.logits, step.last_rows(value))
 
     def _stream_text(self, r: _Running) -> str:
         """New text that is safe to send: held back while it could still be a stop string's start."""
@@ -242,6 +249,23 @@ class ModelEngine:
     def _finish(self, r: _Running, reason: str, error: str | None = None, error_code: str = "") -> None:
         """The request's last event; the HTTP side meters it from there."""
         r.request.events.put_nowait(Finished(reason, r.seq.text, r.usage, error, error_code))
+
+
+def micro_batches(batch: list[_Running], count: int) -> list[list[_Running]]:
+    """The batch in at most `count` contiguous groups of about equal tokens (each group >= 1 sequence)."""
+    count = max(1, min(count, len(batch)))
+    if count == 1:
+        return [batch]
+    total = sum(len(r.seq.pending) for r in batch)
+    groups: list[list[_Running]] = [[]]
+    filled = 0
+    for i, r in enumerate(batch):
+        left_groups, left_seqs = count - len(groups), len(batch) - i
+        if groups[-1] and left_groups and (filled >= total * len(groups) / count or left_seqs <= left_groups):
+            groups.append([])
+        groups[-1].append(r)
+        filled += len(r.seq.pending)
+    return groups
 
 
 class KVBudgetExceeded(ValueError):

@@ -66,9 +66,10 @@ class ExpertBlock:
 
         Rows are grouped so each active expert runs one matmul pair over all of its rows.
         """
-        order = torch.argsort(local_expert, stable=True)
+        presorted = local_expert.numel() < 2 or bool((local_expert[1:] >= local_expert[:-1]).all())
+        order = None if presorted else torch.argsort(local_expert, stable=True)
         counts = torch.bincount(local_expert, minlength=self.count).tolist()
-        grouped = x[order]
+        grouped = x if order is None else x[order]
         out = torch.empty_like(grouped)
         gate_up, down = self.weights.gate_up, self.weights.down
 
@@ -86,6 +87,8 @@ class ExpertBlock:
         else:
             for task in tasks:
                 task()
+        if order is None:
+            return out
         result = torch.empty_like(out)
         result[order] = out
         return result
@@ -111,7 +114,9 @@ class DispatchPlan:
         tokens = torch.arange(num_tokens, device=experts.device).repeat_interleave(top_k)
         weights = routing.weights.reshape(-1)
         blocks = torch.div(experts, block_size, rounding_mode="floor")
-        order = torch.argsort(blocks, stable=True)
+        # Sorted by expert, so by block and within each block by expert: the worker runs each
+        # expert's rows as one slice, with no sort of its own (ExpertBlock.forward).
+        order = torch.argsort(experts, stable=True)
         blocks, experts, tokens, weights = blocks[order], experts[order], tokens[order], weights[order]
         active, counts = torch.unique_consecutive(blocks, return_counts=True)
         self.calls: list[BlockCall] = []

@@ -148,3 +148,28 @@ async def test_kv_caches_grow_with_their_sequences(model_dir):
     while not isinstance(await asyncio.wait_for(request.events.get(), 30), Finished):
         pass
     await dep.engine.stop()
+
+
+async def test_micro_batches_give_the_same_tokens(model_dir):
+    dep = deployment(model_dir, micro_batches=2)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5], [42], [7, 7]]
+    results = await asyncio.gather(*(run(dep, p, 8) for p in prompts))
+    expected = generate(MoEModel.from_pretrained(model_dir, expert_block_size=4), prompts, max_tokens=8, ignore_eos=True)
+    assert [tokens for tokens, _ in results] == [r.token_ids for r in expected]
+    assert dep.engine.steps == 8
+    await dep.engine.stop()
+
+
+def test_micro_batches_split_by_tokens() -> None:
+    from types import SimpleNamespace
+
+    from faasmoe.engine.model_engine import micro_batches
+
+    def seq(n: int):
+        return SimpleNamespace(seq=SimpleNamespace(pending=[0] * n))
+
+    batch = [seq(1), seq(1), seq(1), seq(1)]
+    assert [len(g) for g in micro_batches(batch, 2)] == [2, 2]
+    assert [len(g) for g in micro_batches(batch, 3)] == [2, 1, 1]
+    assert [len(g) for g in micro_batches([seq(100), seq(1), seq(1)], 2)] == [1, 2]
+    assert micro_batches(batch[:1], 4) == [batch[:1]]
