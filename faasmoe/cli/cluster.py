@@ -143,6 +143,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "compute) before it is retried on another worker; default: 2")
     parser.add_argument("--invoke-timeout-factor", type=float, default=20.0, metavar="F",
                         help="see --invoke-timeout; default: 20")
+    parser.add_argument("--micro-batches", type=int, default=None, metavar="M",
+                        help="split each step into M groups whose trunk and expert work overlap (remote experts); "
+                        "default: 2 with remote experts, 1 in process")
     parser.add_argument("--state", type=Path, default=None,
                         help=f"SQLite file for tenants and the usage ledger; {STATE_HELP}")
     add_secret_arguments(parser, "token", "FAASMOE_TOKEN", "cluster token", "; default: $FAASMOE_TOKEN or a random one")
@@ -192,6 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
         eviction=getattr(args, "eviction", "lru"), experts=getattr(args, "experts", "remote"),
         scheduler_timeout=getattr(args, "scheduler_timeout", 30.0), kv_cache_memory=args.kv_cache_memory,
         invoke_timeout=args.invoke_timeout, invoke_timeout_factor=args.invoke_timeout_factor,
+        micro_batches=args.micro_batches,
     )
     import uvloop
 

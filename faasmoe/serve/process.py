@@ -76,6 +76,7 @@ class ServeOptions:
     kv_cache_memory: int | None = None  # per model; None: budgets.kv_cache_budget()
     invoke_timeout: float = DEADLINE_MIN_S  # the least an invoke may take before it is retried elsewhere
     invoke_timeout_factor: float = DEADLINE_FACTOR  # x the worker's measured compute for the call's rows
+    micro_batches: int | None = None  # None: 2 with remote experts, 1 in process
 
 
 def merged_config(opts: ServeOptions) -> ServeConfig:
@@ -201,6 +202,7 @@ class FrontendProcess:
             trunk_keep_alive_s=model.trunk_keep_alive, dtype=model.dtype or "float32", device=self.trunk_device,
             kv_cache_bytes=self.opts.kv_cache_memory or kv_cache_budget(torch.device(self.trunk_device),
                                                                          len(self.config.models)),
+            micro_batches=self.opts.micro_batches or (1 if self.opts.experts == "in-process" else 2),
         )
 
         def executor(dep: Deployment):
