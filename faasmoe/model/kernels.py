@@ -1,14 +1,17 @@
 """`linear` for the CPU shapes that BLAS handles badly; everything else goes to F.linear.
 
-Two cases, both measured on the 2-core AVX2 machines we test on (see bench/decode.py):
+Two cases, measured on 2-core VMs (see bench/decode.py):
 
 * fp32, a few rows against a tall weight (the 151936x2048 lm_head at decode batch 4-64):
   MKL's sgemm packs the whole weight per call and a second OpenMP thread makes it slower.
   Cache-sized row chunks, split across cores (one intra-op thread per pool thread): 2.5-3.4x.
-* bf16/fp16 weights with 8+ rows (4+ for big weights): without native bf16 instructions the
-  half-precision GEMM costs grow linearly with the rows (x3 at 16 rows, x5.5 at 64). Widening
-  one cache-sized chunk of the weight at a time and running an fp32 GEMM on it is 3-5x faster,
-  with the same fp32 accumulation the half-precision kernel uses.
+* bf16/fp16 weights with 8+ rows (4+ for big weights) on a CPU WITHOUT native half-precision
+  dot products (AVX2 only): there the half-precision GEMM cost grows linearly with the rows (x3 at
+  16 rows, x5.5 at 64), and widening one cache-sized chunk of the weight at a time to run an fp32
+  GEMM on it is 3-5x faster, with the same fp32 accumulation. CPUs with avx512_bf16 / amx_bf16
+  (or avx512_fp16 / amx_fp16) run oneDNN's native kernels, which stream the weight at the memory
+  bandwidth: widening there is 2-3x slower, so it is skipped (detected from /proc/cpuinfo;
+  FAASMOE_CPU_HALF=native|widen overrides).
 
 Every output element stays one full-length dot product, so results match F.linear up to
 summation order.
@@ -16,6 +19,7 @@ summation order.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +34,34 @@ MIN_WIDENED_ROWS = 8  # half-precision: below this the native kernel wins (it is
 MIN_WIDENED_ROWS_BIG = 4
 
 _HALF = (torch.bfloat16, torch.float16)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_half_dtypes(flags: set[str] | None = None, override: str | None = None) -> frozenset[torch.dtype]:
+    """The half-precision dtypes this CPU multiplies natively (no widening to fp32 needed)."""
+    override = os.environ.get("FAASMOE_CPU_HALF", "") if override is None else override
+    if override in ("native", "widen"):
+        return frozenset(_HALF) if override == "native" else frozenset()
+    flags = _cpu_flags() if flags is None else flags
+    native = set()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        native.add(torch.bfloat16)
+    if flags & {"avx512_fp16", "amx_fp16"}:
+        native.add(torch.float16)
+    return frozenset(native)
+
+
+NATIVE_HALF = native_half_dtypes()
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -71,7 +103,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # On a pool thread already (experts run in parallel): no nested fan-out, one core each.
     big = weight.numel() >= MIN_PARALLEL_ELEMENTS and weight.shape[0] >= 4 * CHUNK_ROWS and not _in_pool()
     if weight.dtype in _HALF:
-        if rows >= (MIN_WIDENED_ROWS_BIG if big else MIN_WIDENED_ROWS):
+        if weight.dtype not in NATIVE_HALF and rows >= (MIN_WIDENED_ROWS_BIG if big else MIN_WIDENED_ROWS):
             return _chunked(x, weight, bias, widen=True, parallel=big)
     elif big and rows <= MAX_FP32_CHUNKED_ROWS:
         return _chunked(x, weight, bias, widen=False, parallel=True)
