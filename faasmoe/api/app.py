@@ -307,12 +307,12 @@ async def _collect(request: web.Request, run: InFlightRequest, shape: ResponseSh
         raise ApiError(400, finished.error or "the request cannot be served as asked", "invalid_request_error")
     if finished.finish_reason == "error":
         raise ApiError(500, f"Generation failed: {finished.error}", "server_error")
-    return web.json_response(shape.response(finished, tokens), headers={"X-Request-Id": shape.id})
+    return _json(shape.response(finished, tokens), headers={"X-Request-Id": shape.id})
 
 
 async def _stream(request: web.Request, run: InFlightRequest, shape: ResponseShape,
                   body: GenerationBody) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no", "X-Request-Id": shape.id})
     try:
         await response.prepare(request)
@@ -329,9 +329,8 @@ async def _stream(request: web.Request, run: InFlightRequest, shape: ResponseSha
                 code = event.error_code or None  # "unavailable": a client may retry
                 await _send(response, error_body(f"Generation failed: {event.error}", "server_error", code=code))
             else:
-                await _send(response, shape.final_chunk(event.finish_reason,
-                                                        None if body.include_usage else event.usage))
-                if body.include_usage:
+                await _send(response, shape.final_chunk(event.finish_reason))
+                if body.include_usage:  # as OpenAI and vLLM: usage only when asked, in a chunk of its own
                     await _send(response, shape.usage_chunk(event.usage))
             await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -341,7 +340,16 @@ async def _stream(request: web.Request, run: InFlightRequest, shape: ResponseSha
 
 
 async def _send(response: web.StreamResponse, obj: dict) -> None:
-    await response.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+    await response.write(b"data: " + _dumps(obj).encode() + b"\n\n")
+
+
+def _dumps(obj: object) -> str:
+    """JSON as UTF-8 text (not ASCII escapes), compact: every body and event this API sends."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _json(obj: object, **kwargs) -> web.Response:
+    return web.json_response(obj, dumps=_dumps, **kwargs)
 
 
 # --- models, usage, health, metrics, admin --------------------------------------------------------------

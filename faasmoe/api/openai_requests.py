@@ -8,12 +8,16 @@ Response shapes live in `faasmoe.openai_responses`; nothing here knows about aio
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from faasmoe.engine.sampling import SamplingParams
 from faasmoe.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy `logprobs` integer
@@ -112,6 +116,8 @@ class GenerationBody:
     include_usage: bool = False
     logprobs: int | None = None  # top alternatives per token (0 = the sampled token only); None = off
     echo: bool = False
+    add_generation_prompt: bool = True  # chat: end the templated prompt with the assistant's turn
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat: extra template variables
 
 
 @dataclass
@@ -133,12 +139,17 @@ _NEUTRAL_EXTRAS: dict[str, tuple] = {"top_k": (-1, 0), "min_p": (0,), "repetitio
 _COMPLETION_ONLY = {"prompt", "echo", "best_of", "suffix"}
 _CHAT_ONLY = {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
               "function_call", "parallel_tool_calls", "response_format", "metadata", "store", "service_tier",
-              "modalities"}
+              "modalities", "chat_template_kwargs", "add_generation_prompt"}
+# Unknown fields are ignored, as vLLM does, and logged once per name (at most this many names, so a client
+# sending random names cannot grow the set without bound).
+MAX_LOGGED_UNKNOWN = 1024
+_logged_unknown: set[str] = set()
+_logged_unknown_lock = threading.Lock()
 
 
 def parse_completion(body: dict) -> GenerationBody:
     """Validate a `/v1/completions` body."""
-    _reject_unknown(body, _COMMON | _COMPLETION_ONLY)
+    _ignore_unknown(body, _COMMON | _COMPLETION_ONLY)
     out = _parse_common(body, chat=False)
     out.prompt = _parse_prompt(body.get("prompt"))
     out.max_tokens = _int(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, lo=1)
@@ -155,9 +166,21 @@ def parse_completion(body: dict) -> GenerationBody:
 
 def parse_chat(body: dict) -> GenerationBody:
     """Validate a `/v1/chat/completions` body."""
-    _reject_unknown(body, _COMMON | _CHAT_ONLY)
+    _ignore_unknown(body, _COMMON | _CHAT_ONLY)
     out = _parse_common(body, chat=True)
     out.messages = _parse_messages(body.get("messages"))
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise invalid(f"chat_template_kwargs must be an object, got {_json_type(kwargs)}.", "chat_template_kwargs")
+        if "messages" in kwargs:
+            raise invalid("chat_template_kwargs must not set messages.", "chat_template_kwargs")
+        kwargs = dict(kwargs)
+        out.add_generation_prompt = _bool(kwargs, "add_generation_prompt", True,
+                                          param="chat_template_kwargs.add_generation_prompt")
+        kwargs.pop("add_generation_prompt", None)
+        out.chat_template_kwargs = kwargs
+    out.add_generation_prompt = _bool(body, "add_generation_prompt", out.add_generation_prompt)
     out.max_tokens = _int(body, "max_tokens", None, lo=1)
     out.max_tokens = _int(body, "max_completion_tokens", out.max_tokens, lo=1)  # the newer name wins
     top = _int(body, "top_logprobs", None, lo=0, hi=MAX_CHAT_TOP_LOGPROBS)
@@ -318,7 +341,8 @@ def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_
     echo_text = ""
     if body.chat:
         try:
-            text = tokenizer.apply_chat_template(body.messages or [], add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(body.messages or [], add_generation_prompt=body.add_generation_prompt,
+                                                 **body.chat_template_kwargs)
         except Exception as exc:  # jinja raise_exception() in a template: the conversation's fault
             raise invalid(f"the model's chat template rejected these messages: {exc}", "messages") from None
         ids = tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS etc.
@@ -356,14 +380,18 @@ def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_
 # --- field checks ---------------------------------------------------------------------------------
 
 
-def _reject_unknown(body: dict, known: set[str]) -> None:
+def _ignore_unknown(body: dict, known: set[str]) -> None:
+    """Fields this server does not know are ignored, as vLLM does, with one warning per name."""
     for name, neutral in _NEUTRAL_EXTRAS.items():
         value = body.get(name)
         if value is not None and (isinstance(value, bool) != isinstance(neutral[0], bool) or value not in neutral):
             raise invalid(f"{name} is not supported; send {json.dumps(neutral[0])} or leave it out.", name)
-    unknown = sorted(set(body) - known - set(_NEUTRAL_EXTRAS))
-    if unknown:
-        raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    for name in sorted(set(body) - known - set(_NEUTRAL_EXTRAS)):
+        with _logged_unknown_lock:
+            if name in _logged_unknown or len(_logged_unknown) >= MAX_LOGGED_UNKNOWN:
+                continue
+            _logged_unknown.add(name)
+        log.warning("ignoring the unknown request field %r (logged once per name)", name[:100])
 
 
 def _json_type(value: Any) -> str:

@@ -78,6 +78,7 @@ class ResponseShape:
         self.tokens = TokenText(tokenizer)
         self._pending: list[TokenEvent] = []  # tokens whose logprobs have not been streamed yet
         self._offset = len(echo_text)  # completions' text_offset of the next token
+        self._role_sent = False  # chat streams: the role rides on the first token's chunk
 
     # --- whole responses ------------------------------------------------------------------------
 
@@ -97,25 +98,27 @@ class ResponseShape:
     # --- streams ----------------------------------------------------------------------------------
 
     def first_chunks(self) -> list[dict]:
-        """Chunks sent before any token: chat's role delta; the prompt when completions echo it."""
-        if self.chat:
-            return [self._chunk({"role": "assistant", "content": ""})]
-        return [self._chunk(self.echo_text)] if self.echo_text else []
+        """Chunks sent before any token: the prompt when completions echo it. Chat's role is not one of
+        them: as in vLLM it goes out with the first token, so a client's time to first chunk is real."""
+        return [self._chunk(self.echo_text)] if self.echo_text and not self.chat else []
 
     def token_chunk(self, event: TokenEvent) -> dict | None:
-        """The chunk carrying this token's text, or None while the engine holds its text back."""
+        """The chunk carrying this token's text, or None while the engine holds its text back (chat's
+        first token always has one: the role, with whatever text there is)."""
         if self.logprobs is not None:
             self._pending.append(event)
+        if self.chat and not self._role_sent:
+            self._role_sent = True
+            return self._chunk({"role": "assistant", "content": event.text}, logprobs=self._take_pending())
         if not event.text:
             return None
         return self._chunk({"content": event.text} if self.chat else event.text, logprobs=self._take_pending())
 
-    def final_chunk(self, finish_reason: str, usage: Usage | None = None) -> dict:
-        """The last choice chunk: finish_reason, logprobs still pending, and usage when asked."""
-        chunk = self._chunk({} if self.chat else "", finish_reason, self._take_pending())
-        if usage is not None:
-            chunk["usage"] = usage_dict(usage)
-        return chunk
+    def final_chunk(self, finish_reason: str) -> dict:
+        """The last choice chunk: finish_reason and logprobs still pending (usage has its own chunk)."""
+        delta = {"role": "assistant"} if self.chat and not self._role_sent else {}
+        self._role_sent = True
+        return self._chunk(delta if self.chat else "", finish_reason, self._take_pending())
 
     def usage_chunk(self, usage: Usage) -> dict:
         """stream_options.include_usage: a last chunk with no choices and the request's usage."""
