@@ -31,7 +31,10 @@ def add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
     sched.add_argument("--worker-memory", type=parse_size, default=None, metavar="SIZE",
                        help="expert memory budget of each local worker; default: 90%% of the device's free memory")
     sched.add_argument("--host-cache", type=parse_size_or_zero, default=None, metavar="SIZE",
-                       help="host RAM cache per local worker; default: 25%% of available RAM")
+                       help="host RAM cache of evicted blocks per local worker (pinned on CUDA); default: 25%% "
+                       "of available RAM shared by the GPU workers, 0 (off) on CPU, where it would be the same RAM")
+    sched.add_argument("--host-ttl", type=float, default=None, metavar="SECONDS",
+                       help="local workers drop a block from the host cache after this long unused; default: 600")
     sched.add_argument("--eviction", choices=("lru", "freq"), default="lru", help="local workers' eviction policy")
     sched.add_argument("--keep-alive-policy", choices=("fixed", "adaptive"), default="fixed",
                        help="local workers' keep-alive policy")
@@ -65,7 +68,7 @@ def _scheduler(args: argparse.Namespace) -> int:
     worker_args = ["--eviction", args.eviction, "--keep-alive-policy", args.keep_alive_policy]
     config = SchedulerConfig(listen=args.listen, token=token, workers=workers, devices=devices,
                              worker_memory_bytes=args.worker_memory, host_cache_bytes=args.host_cache,
-                             worker_args=worker_args, heartbeat_timeout_s=args.heartbeat_timeout)
+                             host_ttl_s=args.host_ttl, worker_args=worker_args, heartbeat_timeout_s=args.heartbeat_timeout)
 
     async def main() -> None:
         scheduler = Scheduler(config)
@@ -120,6 +123,11 @@ def _run(coroutine) -> None:
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dirs", metavar="MODEL_DIR", nargs="*", type=Path,
                         help="Hugging Face checkpoint directories to serve as shared models (named by directory)")
+    parser.add_argument("--served-model-name", dest="served_model_names", action="extend", nargs="+", default=None,
+                        metavar="NAME", help="the name(s) clients use, as vLLM's (repeatable; may hold '/', e.g. "
+                        "Qwen/Qwen1.5-MoE-A2.7B-Chat): with one MODEL_DIR the first is its name and the rest aliases, "
+                        "with several one name per MODEL_DIR in order; default: the directory's name (a Hugging Face "
+                        "cache snapshot .../models--Org--Name/snapshots/HASH is Org/Name)")
     parser.add_argument("--config", type=Path, default=None, help="TOML file declaring models, tenants and server")
     parser.add_argument("--host", default=None, help="HTTP host; default: 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="HTTP port; default: 8000 (0 = any free port)")
@@ -145,10 +153,29 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="see --invoke-timeout; default: 20")
     parser.add_argument("--micro-batches", type=int, default=None, metavar="M",
                         help="split each step into M groups whose trunk and expert work overlap (remote experts); "
-                        "default: 2 with remote experts, 1 in process")
+                        "each group calls the experts on its own, so fewer tokens batch per call; default: 1")
     parser.add_argument("--state", type=Path, default=None,
                         help=f"SQLite file for tenants and the usage ledger; {STATE_HELP}")
     add_secret_arguments(parser, "token", "FAASMOE_TOKEN", "cluster token", "; default: $FAASMOE_TOKEN or a random one")
+    parser.add_argument("--allowed-origins", type=_origins, action="extend", default=[], metavar="ORIGINS",
+                        help="CORS: origins browsers may call the API from, comma-separated or a JSON list "
+                        "(vLLM's '[\"*\"]'); '*' = any; default: none (CORS off)")
+    parser.add_argument("--access-log", action="store_true", help="log one line per HTTP request on stdout")
+
+
+def _origins(value: str) -> list[str]:
+    import json
+
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            origins = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {exc}") from None
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise argparse.ArgumentTypeError("must be a JSON list of strings")
+        return [o.strip() for o in origins if o.strip()]
+    return [o.strip() for o in text.split(",") if o.strip()]
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -163,6 +190,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
     serve.add_argument("--worker-memory", type=parse_size, default=None, metavar="SIZE",
                        help="expert memory budget per worker; default: 90%% of the device's free memory")
+    serve.add_argument("--host-cache", type=parse_size_or_zero, default=None, metavar="SIZE",
+                       help="host RAM cache of evicted blocks per worker (pinned on CUDA); it counts as resident: "
+                       "experts scale to zero when it is empty too. Default: 25%% of available RAM shared by the GPU "
+                       "workers, 0 (off) on CPU, where it would be the same RAM")
+    serve.add_argument("--host-ttl", type=float, default=None, metavar="SECONDS",
+                       help="workers drop a block from the host cache after this long unused; default: 600")
     serve.add_argument("--eviction", choices=("lru", "freq"), default="lru",
                        help="workers' eviction policy under the memory budget; default: lru")
     serve.add_argument("--experts", choices=("remote", "in-process"), default="remote",
@@ -185,12 +218,14 @@ def _serve(args: argparse.Namespace) -> int:
     from faasmoe.serve.process import ServeOptions, serve
 
     opts = ServeOptions(
-        model_dirs=args.model_dirs, config=args.config, host=args.host, port=args.port,
+        model_dirs=args.model_dirs, served_model_names=args.served_model_names,
+        allowed_origins=args.allowed_origins, access_log=args.access_log, config=args.config, host=args.host, port=args.port,
         workers=getattr(args, "workers", None), device=getattr(args, "device", None),
         api_key=resolve_secret(args, "api-key", "FAASMOE_API_KEY"),
         admin_key=resolve_secret(args, "admin-key", "FAASMOE_ADMIN_KEY"), keep_alive=args.keep_alive,
         expert_block_size=args.expert_block_size, trunk_keep_alive=args.trunk_keep_alive, dtype=args.dtype,
         state=args.state, worker_memory=getattr(args, "worker_memory", None),
+        host_cache=getattr(args, "host_cache", None), host_ttl=getattr(args, "host_ttl", None),
         scheduler=getattr(args, "scheduler", None), token=resolve_secret(args, "token", "FAASMOE_TOKEN"),
         eviction=getattr(args, "eviction", "lru"), experts=getattr(args, "experts", "remote"),
         scheduler_timeout=getattr(args, "scheduler_timeout", 30.0), kv_cache_memory=args.kv_cache_memory,

@@ -10,11 +10,14 @@ workers and exit 0.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import os
 import secrets
 import signal
+import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ from faasmoe.engine.executors import InProcessExpertExecutor, RemoteExpertExecut
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.experts import LocalExpertExecutor
 from faasmoe.model.moe_model import load_expert_blocks
-from faasmoe.serve.config import ModelSpec, ServeConfig
+from faasmoe.serve.config import MODEL_NAME, ModelSpec, ServeConfig
 from faasmoe.serve.devices import resolve_devices, trunk_device
 from faasmoe.tenancy.admission import Admission
 from faasmoe.tenancy.database import default_state_path
@@ -55,6 +58,9 @@ class ServeOptions:
     """`faasmoe serve` / `faasmoe frontend` flags; None = take it from the config file or the default."""
 
     model_dirs: list[Path] = field(default_factory=list)
+    served_model_names: list[str] | None = None  # one MODEL_DIR: its name, then aliases; several: one name each
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: off
+    access_log: bool = False  # one line per HTTP request on stdout
     config: Path | None = None
     host: str | None = None
     port: int | None = None
@@ -68,6 +74,8 @@ class ServeOptions:
     dtype: str | None = None
     state: Path | None = None
     worker_memory: int | None = None
+    host_cache: int | None = None  # per local worker; None: budgets.host_cache_budget (none on CPU)
+    host_ttl: float | None = None  # seconds a block may sit unused in a worker's host cache; None: 600
     scheduler: str | None = None  # `frontend`: an existing scheduler
     token: str | None = None
     eviction: str = "lru"
@@ -76,7 +84,7 @@ class ServeOptions:
     kv_cache_memory: int | None = None  # per model; None: budgets.kv_cache_budget()
     invoke_timeout: float = DEADLINE_MIN_S  # the least an invoke may take before it is retried elsewhere
     invoke_timeout_factor: float = DEADLINE_FACTOR  # x the worker's measured compute for the call's rows
-    micro_batches: int | None = None  # None: 2 with remote experts, 1 in process
+    micro_batches: int | None = None  # None: 1 (a step's sequences batch together)
 
 
 def merged_config(opts: ServeOptions) -> ServeConfig:
@@ -90,13 +98,26 @@ def merged_config(opts: ServeOptions) -> ServeConfig:
         s.keep_alive = opts.keep_alive
     if opts.state is not None:
         s.state = opts.state
-    for path in opts.model_dirs:
-        name = Path(path).resolve().name
+    names = list(opts.served_model_names or [])
+    if names and len(opts.model_dirs) != 1 and len(names) != len(opts.model_dirs):
+        raise ValueError(f"--served-model-name: {len(names)} names for {len(opts.model_dirs)} MODEL_DIRs; give the "
+                         "names of one MODEL_DIR (the first is its name, the rest aliases) or one name per MODEL_DIR")
+    bad = next((n for n in names if not MODEL_NAME.fullmatch(n)), None)
+    if bad is not None:
+        raise ValueError(f"--served-model-name {bad!r}: use letters, digits, '.', '_', '-' and '/' between them")
+    for i, path in enumerate(opts.model_dirs):
+        path = Path(path)
+        _check_model_dir(path)
+        if names and len(opts.model_dirs) == 1:
+            name, aliases = names[0], names[1:]
+        else:
+            name, aliases = (names[i] if names else default_model_name(path)), []
         if config.model(name) is None:
-            config.models.append(ModelSpec(name=name, path=Path(path)))
+            config.models.append(ModelSpec(name=name, path=path, aliases=aliases))
     if not config.models:
         raise ValueError("nothing to serve: give MODEL_DIR arguments or [[models]] in --config")
     for model in config.models:
+        _check_model_dir(model.path)
         if not (model.path / "config.json").exists():
             raise ValueError(f"model {model.name!r}: no config.json in {model.path}")
         if opts.expert_block_size is not None:
@@ -106,6 +127,59 @@ def merged_config(opts: ServeOptions) -> ServeConfig:
         if opts.dtype is not None:
             model.dtype = opts.dtype
     return config
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.exists():
+        raise ValueError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory (a Hugging Face checkpoint directory is expected)")
+
+
+def default_model_name(path: Path) -> str:
+    """A MODEL_DIR's served name: its directory's, or the repo id of a Hugging Face cache snapshot
+    (`.../models--Org--Name/snapshots/<hash>` is `Org/Name`, not the hash)."""
+    resolved = Path(path).resolve()
+    repo = resolved.parent.parent.name
+    if resolved.parent.name == "snapshots" and repo.startswith("models--") and len(repo) > len("models--"):
+        return repo[len("models--"):].replace("--", "/")  # the cache spells '/' as '--'; ids hold no '--'
+    return resolved.name
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail at once when the HTTP port is taken, before the scheduler and workers start (seconds)."""
+    if not port:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own bind: TIME_WAIT is fine
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise _listen_error(host, port, exc) from None
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> ValueError:
+    if exc.errno == errno.EADDRINUSE:
+        return ValueError(f"port {port} on {host} is already in use (another server listens there): stop it or "
+                          "choose another --port")
+    return ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def access_logger() -> logging.Logger:
+    """`--access-log`: aiohttp's access lines (client, time, request line, status, bytes) on stdout."""
+    logger = logging.getLogger("faasmoe.access")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    return logger
 
 
 class FrontendProcess:
@@ -149,6 +223,7 @@ class FrontendProcess:
 
     async def start(self) -> str:
         s = self.config.server
+        check_port_free(s.host, s.port)
         self._open_tenants()
         if self.tenants is None and not self.opts.api_key and s.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("no API key and no tenants: listening on 127.0.0.1 only, not %s", s.host)
@@ -164,7 +239,8 @@ class FrontendProcess:
             workers = s.workers if s.workers is not None else (len(devices) if devices[0].startswith("cuda") else 1)
             self.scheduler = Scheduler(SchedulerConfig(
                 listen="127.0.0.1:0", token=token, workers=workers, devices=devices,
-                worker_memory_bytes=self.opts.worker_memory, worker_args=self._worker_args()))
+                worker_memory_bytes=self.opts.worker_memory, host_cache_bytes=self.opts.host_cache,
+                host_ttl_s=self.opts.host_ttl, worker_args=self._worker_args()))
             address = str(await self.scheduler.start())
             await self.scheduler.wait_for_workers(workers, timeout=120)
         if self.opts.experts != "in-process":
@@ -180,11 +256,16 @@ class FrontendProcess:
             deployments=self.deployments, tenants=self.tenants, api_key=self.opts.api_key,
             admin_key=s.admin_key or self.opts.api_key, admission=Admission(), ledger=self.ledger,
             cluster_state=self.cluster_state, runtime_metrics=self.runtime_metrics,
+            allowed_origins=tuple(self.opts.allowed_origins),
         )
-        self.runner = FrontendRunner(create_app(ctx), access_log=None, handle_signals=False)
+        self.runner = FrontendRunner(create_app(ctx), access_log=access_logger() if self.opts.access_log else None,
+                                     handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, s.host, s.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # taken since the check at the start
+            raise _listen_error(s.host, s.port, exc) from None
         port = self.runner.addresses[0][1] if self.runner.addresses else s.port
         return f"http://{s.host}:{port}"
 
@@ -197,12 +278,12 @@ class FrontendProcess:
         s = self.config.server
         spec = DeploymentSpec(
             name=model.name, path=model.path, sharing=model.sharing, owner=model.owner or "",
-            expert_block_size=model.expert_block_size,
+            expert_block_size=model.expert_block_size, aliases=tuple(model.aliases),
             keep_alive_s=model.keep_alive if model.keep_alive is not None else s.keep_alive,
             trunk_keep_alive_s=model.trunk_keep_alive, dtype=model.dtype or "float32", device=self.trunk_device,
             kv_cache_bytes=self.opts.kv_cache_memory or kv_cache_budget(torch.device(self.trunk_device),
                                                                          len(self.config.models)),
-            micro_batches=self.opts.micro_batches or (1 if self.opts.experts == "in-process" else 2),
+            micro_batches=self.opts.micro_batches or 1,
         )
 
         def executor(dep: Deployment):
@@ -231,11 +312,22 @@ class FrontendProcess:
         return merge_expositions(texts)
 
     async def cluster_state(self) -> dict:
-        """Workers with what they hold, and residency per model: the admin view."""
-        models = {d.name: {"functions": len(d.executor.functions), "resident_functions": d.executor.resident_functions(),
-                           "resident_bytes": d.executor.resident_bytes(), "trunk_bytes": d.trunk_bytes}
-                  for d in self.deployments.by_name.values()}
-        return {"workers": workers_json(await self._worker_stats()), "models": models, "time": time.time()}
+        """Workers with what they hold, and residency per model: the admin view. Every tier counts:
+        a model's resident_bytes are its device bytes plus what workers keep in their host caches."""
+        stats = await self._worker_stats()
+        host: dict[str, int] = {}
+        for s in stats:
+            for r in s.resident:
+                if r.tier == "host":
+                    host[r.function.function_id] = host.get(r.function.function_id, 0) + r.nbytes
+        models = {}
+        for d in self.deployments.by_name.values():
+            device_bytes = d.executor.resident_bytes()
+            host_bytes = sum(host.get(f.function_id, 0) for f in d.executor.functions)
+            models[d.name] = {"functions": len(d.executor.functions), "resident_functions": d.executor.resident_functions(),
+                              "resident_bytes": device_bytes + host_bytes, "device_bytes": device_bytes,
+                              "host_bytes": host_bytes, "trunk_bytes": d.trunk_bytes}
+        return {"workers": workers_json(stats), "models": models, "time": time.time()}
 
     async def stop(self) -> None:
         """Drain: stop taking requests, finish the running ones, then stop everything."""
