@@ -380,17 +380,21 @@ async def stay_connected(connect: Callable[[], Awaitable[RpcChannel]], session: 
     """
     delay = first_delay_s
     loop = asyncio.get_running_loop()
+    failures = 0  # in a row: the first and every 30th are logged as warnings, the rest at debug
     while True:
         channel: RpcChannel | None = None
         started = loop.time()
         try:
             channel = await connect()
+            failures = 0
             await session(channel)
             log.warning("lost %s; reconnecting", peer)
         except p.ProtocolError:
             raise
         except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            log.debug("%s unreachable: %s", peer, exc)
+            failures += 1
+            log.log(logging.WARNING if failures % 30 == 1 else logging.DEBUG, "%s unreachable (%s); retrying",
+                    peer, exc or type(exc).__name__)
         except Exception:  # a bug in a session must not end the link for good
             log.exception("link to %s failed; reconnecting", peer)
         finally:

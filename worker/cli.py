@@ -26,7 +26,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="expert memory budget on the device, e.g. 40GiB; default: 90%% of what is free now")
     parser.add_argument("--host-cache", type=parse_size_or_zero, default=None, metavar="SIZE",
                         help="host RAM cache of evicted blocks (pinned on CUDA), e.g. 64GiB; default: 25%% of "
-                        "available RAM")
+                        "available RAM on CUDA, 0 (off) on CPU, where it would be the same RAM")
     parser.add_argument("--host-ttl", type=float, default=600.0, metavar="SECONDS",
                         help="drop a block from the host cache after this long unused; default: 600")
     parser.add_argument("--listen", default=None,
@@ -38,6 +38,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         "first); default: any path a peer names")
     add_server_limit_arguments(parser)
     parser.add_argument("--id", dest="worker_id", default=None, help="worker id; default: HOST-RANDOM")
+    parser.add_argument("--join-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="exit (code 2) when not registered with the scheduler this long after start; "
+                        "a scheduler lost later is redialled forever; default: 60")
     parser.add_argument("--eviction", choices=("lru", "freq"), default="lru",
                         help="eviction under the memory budget: lru, or freq (per-layer frequency-weighted)")
     parser.add_argument("--keep-alive-policy", choices=("fixed", "adaptive"), default="fixed",
@@ -81,7 +84,7 @@ def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
         listen=args.listen or "127.0.0.1:0",  # serving the network is a choice, not a default
         device=str(device),
         budget_bytes=args.memory or device_budget(device),
-        host_budget_bytes=args.host_cache if args.host_cache is not None else host_cache_budget(),
+        host_budget_bytes=args.host_cache if args.host_cache is not None else host_cache_budget(device),
         token=token,
         scheduler=scheduler,
         eviction=args.eviction,
@@ -90,6 +93,7 @@ def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
         node=socket.gethostname(),
         parent_pid=getattr(args, "parent_pid", None),
         model_roots=tuple(args.model_roots),
+        join_timeout_s=args.join_timeout,
     )
     worker = Worker(config)
 

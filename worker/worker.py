@@ -50,6 +50,7 @@ class WorkerConfig:
     node: str = ""
     max_parallel_loads: int = 2
     parent_pid: int | None = None  # local pool: die with the scheduler instead of lingering
+    join_timeout_s: float = 60.0  # never registered by then: exit 2 (later losses are retried forever)
     model_roots: tuple[str, ...] = ()  # checkpoints may be loaded only from under these; () = anywhere
 
 
@@ -80,6 +81,7 @@ class Worker:
         self.info: p.WorkerInfo | None = None
         self._stopping = asyncio.Event()
         self.listening = asyncio.Event()  # set once `info` holds the address
+        self._joined = asyncio.Event()  # registered with the scheduler at least once
         self.exit_code = 0
 
     def _keep_alive_for(self, spec: p.FunctionSpec):
@@ -153,8 +155,19 @@ class Worker:
         address = self.config.scheduler
         connect = lambda: dial(address, self.config.token, "worker", self.config.worker_id,
                                self._handle_scheduler_message)
+        link = asyncio.create_task(stay_connected(connect, self._registered, f"scheduler {address}", first_delay_s=0.2))
+        joined = asyncio.create_task(self._joined.wait())
+        await asyncio.wait([link, joined], timeout=self.config.join_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        joined.cancel()
+        if not link.done() and not self._joined.is_set():
+            link.cancel()
+            log.error("cannot reach the scheduler at %s: not registered within %.0fs; is it running, and is "
+                      "this its address?", address, self.config.join_timeout_s)
+            self.exit_code = 2
+            self.stop()
+            return
         try:
-            await stay_connected(connect, self._registered, f"scheduler {address}", first_delay_s=0.2)
+            await link
         except p.ProtocolError as exc:
             # A wrong token or version will not fix itself: stop instead of knocking forever.
             log.error("scheduler %s refused this worker (%s): %s", address, self.config.worker_id, exc)
@@ -169,6 +182,7 @@ class Worker:
         if isinstance(reply, p.Error):
             raise p.ProtocolError(reply.message)
         self._scheduler = channel
+        self._joined.set()
         log.info("registered with scheduler %s", self.config.scheduler)
         try:
             seq = 0
@@ -261,7 +275,8 @@ class Worker:
         counters.update({f"evictions_{k}": v for k, v in s.evictions.items()})
         counters.update(device_bytes=self.store.used_bytes, host_bytes=self.store.host.nbytes,
                         queue_depth=self._queue_depth)
-        host = [p.ResidentFunction(p.FunctionSpec(fid, "", -1, 0, 0), "host", 0) for fid in self.store.host.ids()]
+        host = [p.ResidentFunction(spec or p.FunctionSpec(fid, "", -1, 0, 0), "host", nbytes)
+                for fid, spec, nbytes in self.store.host.held()]
         return p.Stats(req_id, self.info, self._resident_list() + host, counters, self.metrics.render())
 
     async def _invoke(self, message: p.Invoke) -> p.Result | p.Error:

@@ -153,3 +153,14 @@ def test_a_request_no_worker_can_serve_is_a_503_within_a_bound(model_dir, tmp_pa
     finally:
         for proc in (frontend, stuck, sched):
             proc.kill()
+
+
+def test_a_worker_whose_scheduler_is_not_there_says_so_and_exits():
+    worker = faasmoe("worker", "join", f"127.0.0.1:{free_port()}", "--device", "cpu", "--memory", "64MiB",
+                     "--join-timeout", "3", env={"FAASMOE_TOKEN": TOKEN})
+    try:
+        worker.wait_for("unreachable", timeout=30)  # said at once, not only at the end
+        assert worker.proc.wait(30) == 2
+        assert "cannot reach the scheduler at 127.0.0.1:" in worker.output
+    finally:
+        worker.kill()
