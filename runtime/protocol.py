@@ -83,6 +83,7 @@ class FunctionSpec(Message):
     nbytes: int = 0
     owner: str = ""  # tenant of a private function; "" = shared
     keep_alive_s: float = 60.0
+    owner_quota_bytes: int = 0  # private: the most the owner's functions may hold together (0 = no limit)
 
 
 @dataclass

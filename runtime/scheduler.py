@@ -263,6 +263,7 @@ class Scheduler:
         for record in self.workers.values():  # count placements in flight, or a burst lands on one worker
             wid = record.info.worker_id
             record.view.pending = sum(1 for placed in self.pending.values() if wid in placed)
+        self._enforce_quota(request.function)
         chosen = self.placement.choose(fid, nbytes, live, set(request.exclude))
         if not chosen:
             return p.Error(request.req_id, "unavailable",
@@ -272,6 +273,28 @@ class Scheduler:
         self.m_placements.inc()
         self._publish()
         return p.Placement(request.req_id, fid, chosen)
+
+    def _enforce_quota(self, spec: p.FunctionSpec) -> None:
+        """A private function's owner holds at most owner_quota_bytes: before another of its functions
+        is placed, the owner's longest-resident functions are evicted until it fits (a worker keeps
+        the ones in use, so a request's working set may pass the quota until its calls return)."""
+        if not spec.owner or spec.owner_quota_bytes <= 0:
+            return
+        held = [(wid, fid, s.nbytes or 0) for wid, record in self.workers.items() for fid, s in record.specs.items()
+                if s.owner == spec.owner and fid != spec.function_id]
+        total = sum(n for _, _, n in held) + (spec.nbytes or 0)
+        for wid, fid, nbytes in held:  # in load order: the oldest first
+            if total <= spec.owner_quota_bytes:
+                break
+            log.info("evicting %s from %s: tenant %s is at its memory quota", fid, wid, spec.owner)
+            asyncio.create_task(self._evict_quietly(wid, fid, "quota"))
+            total -= nbytes
+
+    async def _evict_quietly(self, wid: str, fid: str, reason: str) -> None:
+        try:
+            await self.evict(wid, fid, reason)
+        except (ConnectionError, TimeoutError, KeyError) as exc:
+            log.warning("evicting %s from %s failed: %r", fid, wid, exc)
 
     def _replicate(self, fid: str) -> None:
         """A function with calls queued up gets one more replica, where memory allows."""

@@ -77,7 +77,7 @@ class RemoteExpertExecutor:
     """One layer's expert work as function calls: one message per worker, combined here."""
 
     def __init__(self, client: RuntimeClient, model: str, path: Path, config: MoEConfig, block_size: int,
-                 dtype: torch.dtype, keep_alive_s: float, owner: str = "") -> None:
+                 dtype: torch.dtype, keep_alive_s: float, owner: str = "", owner_quota_bytes: int = 0) -> None:
         self.client = client
         self.block_size = block_size
         dtype_name = str(dtype).removeprefix("torch.")
@@ -88,7 +88,7 @@ class RemoteExpertExecutor:
                 fid = function_id(model, layer, block, owner, weights_digest(layout, layer, first, count, dtype_name))
                 self.specs[(layer, block)] = p.FunctionSpec(
                     fid, str(Path(path).resolve()), layer, first, count,
-                    dtype_name, count * config.expert_bytes(dtype), owner, keep_alive_s)
+                    dtype_name, count * config.expert_bytes(dtype), owner, keep_alive_s, owner_quota_bytes)
         layout.reader.close()
         self._cost = StepCost()
         self._touched: set[str] = set()

@@ -269,10 +269,18 @@ class FrontendProcess:
         port = self.runner.addresses[0][1] if self.runner.addresses else s.port
         return f"http://{s.host}:{port}"
 
+    def _memory_quota(self, tenant: str) -> int:
+        """The tenant's resident-memory quota for its private models (0: none)."""
+        if not tenant or self.tenants is None:
+            return 0
+        found = self.tenants.get(tenant)
+        return found.memory_quota_bytes if found is not None else 0
+
     def _worker_args(self) -> list[str]:
         """Flags of the local pool's workers: they may load only the checkpoints served here."""
         roots = sorted({str(Path(m.path).resolve()) for m in self.config.models})
-        return ["--eviction", self.opts.eviction, *(arg for root in roots for arg in ("--model-root", root))]
+        ttl = ["--host-ttl", str(self.opts.host_ttl)] if self.opts.host_ttl is not None else []
+        return ["--eviction", self.opts.eviction, *ttl, *(arg for root in roots for arg in ("--model-root", root))]
 
     def _deployment(self, model: ModelSpec) -> Deployment:
         s = self.config.server
@@ -293,7 +301,7 @@ class FrontendProcess:
                 return InProcessExpertExecutor(LocalExpertExecutor(blocks, dep.block_size), self.compute, spec.name)
             owner = spec.owner if spec.sharing == "private" else ""
             return RemoteExpertExecutor(self.client, spec.name, spec.path, dep.config, dep.block_size, dep.dtype,
-                                        spec.keep_alive_s, owner)
+                                        spec.keep_alive_s, owner, self._memory_quota(owner))
 
         return Deployment(spec, executor, self.compute)
 

@@ -7,6 +7,7 @@ block size. Every answer must be its own checkpoint's, as the in-process experts
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 import torch
@@ -70,6 +71,41 @@ async def test_same_name_other_weights_never_share_a_function(tmp_path):
         assert again == cold, "the same weights at another path were loaded again"
     finally:
         for client in frontends:
+            await client.close()
+        worker.stop()
+        sched.stop()
+
+
+async def test_a_private_owner_holds_at_most_its_quota(tmp_path):
+    path = init_checkpoint(tmp_path / "mine", "qwen2_moe", seed=2, progress=False)
+    config = MoEConfig.from_pretrained(path)
+    block_bytes = 4 * config.expert_bytes(torch.float32)
+    sched, address = start_scheduler()
+    worker = join_worker(address, "w0", "256MiB")
+    client = None
+    try:
+        client = await connect(address, 1)
+        executor = RemoteExpertExecutor(client, "mine", path, config, 4, torch.float32, 600.0, owner="acme",
+                                        owner_quota_bytes=2 * block_bytes)
+        layer = config.moe_layers[0]
+        x = torch.randn(6, config.hidden_size, generator=torch.Generator().manual_seed(1))
+        local = in_process(path, 4)
+        for block in range(config.num_experts // 4):  # one block at a time: each call needs a new one
+            experts = torch.full((6, config.top_k), block * 4)
+            experts[:, 1] += 1
+            routing = Routing(experts, torch.full((6, config.top_k), 0.5))
+            assert torch.allclose(await executor.run_layer(layer, x, routing), local.run_layer(layer, x, routing),
+                                  atol=1e-6)
+        held = 0
+        for _ in range(50):  # evictions are asynchronous: wait for the workers to report them
+            stats = await client.cluster_state()
+            held = sum(r.nbytes for s in stats for r in s.resident if r.tier == "device" and r.function.owner == "acme")
+            if held <= 2 * block_bytes:
+                break
+            await asyncio.sleep(0.1)
+        assert 0 < held <= 2 * block_bytes, (held, block_bytes)
+    finally:
+        if client is not None:
             await client.close()
         worker.stop()
         sched.stop()
