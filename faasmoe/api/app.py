@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import json
 import logging
 import uuid
@@ -22,6 +23,7 @@ from faasmoe.api.inflight import ClientGone, FrontendMetrics, InFlightRequest
 from faasmoe.api.openai_requests import (
     ApiError,
     GenerationBody,
+    detokenize_body,
     error_body,
     invalid,
     model_not_found,
@@ -29,6 +31,7 @@ from faasmoe.api.openai_requests import (
     parse_completion,
     parse_json_body,
     prepare,
+    tokenize_body,
 )
 from faasmoe.api.openai_responses import ResponseShape
 from faasmoe.engine.deployments import Deployment, Deployments
@@ -66,6 +69,7 @@ class FrontendContext:
     cluster_state: Callable[[], Awaitable[dict]]  # the body of GET /admin/cluster
     runtime_metrics: Callable[[], Awaitable[str]]  # Prometheus text of the scheduler and workers
     max_waiting: int = 512  # requests queued per model before new ones get 503 (bounded queues)
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any); () = off
 
 
 @dataclass
@@ -84,7 +88,7 @@ OFF_LOOP = web.AppKey("off_loop", ThreadPoolExecutor)
 
 def create_app(ctx: FrontendContext) -> web.Application:
     """The aiohttp application of one frontend."""
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_cors_preflight, _errors], client_max_size=MAX_BODY_BYTES)
     app[CONTEXT] = ctx
     app[METRICS] = FrontendMetrics()
     app[BACKGROUND] = set()
@@ -92,11 +96,17 @@ def create_app(ctx: FrontendContext) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/v1/models/{model:.+}", get_model)  # HF ids hold a '/': Org/Name
     app.router.add_get("/v1/usage", usage)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/version", version)
     app.router.add_get("/health", health)
+    app.router.add_get("/ping", ping)
+    app.router.add_post("/ping", ping)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/cluster", cluster)
+    app.on_response_prepare.append(_cors_headers)
     app.on_shutdown.append(_finish_background)
     app.on_cleanup.append(_stop_off_loop)
     return app
@@ -149,6 +159,42 @@ def _error_response(exc: ApiError, headers: dict[str, str] | None = None) -> web
     merged = {k: v for k, v in (headers or {}).items() if k.lower() not in ("content-type", "content-length")}
     merged.update(exc.headers)
     return web.json_response(exc.body(), status=exc.status, headers=merged)
+
+
+# --- CORS (off unless origins are allowed) -------------------------------------------------------------
+
+
+def _allowed_origin(request: web.Request) -> str | None:
+    """What Access-Control-Allow-Origin says to this request, or None: no CORS headers for it."""
+    origins, origin = request.app[CONTEXT].allowed_origins, request.headers.get("Origin")
+    if not origins or origin is None:
+        return None
+    if "*" in origins:
+        return "*"
+    return origin if origin in origins else None
+
+
+@web.middleware
+async def _cors_preflight(request: web.Request, handler) -> web.StreamResponse:
+    """A browser's preflight (OPTIONS with Access-Control-Request-Method) is answered here, for any path."""
+    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers \
+            or not request.app[CONTEXT].allowed_origins:
+        return await handler(request)
+    if _allowed_origin(request) is None:
+        return _error_response(ApiError(403, "Disallowed CORS origin.", "permission_error", code="cors_origin"))
+    asked = request.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type")
+    return web.Response(headers={"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                                 "Access-Control-Allow-Headers": asked, "Access-Control-Max-Age": "600"})
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response (errors and streams too) tells an allowed origin it may read it."""
+    origin = _allowed_origin(request)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
+        if origin != "*":
+            response.headers["Vary"] = "Origin"
 
 
 # --- authentication ----------------------------------------------------------------------------------
@@ -355,16 +401,18 @@ def _json(obj: object, **kwargs) -> web.Response:
 # --- models, usage, health, metrics, admin --------------------------------------------------------------
 
 
-def _model_card(d: Deployment) -> dict:
+def _model_card(d: Deployment, name: str | None = None) -> dict:
     owner = d.spec.owner if d.spec.sharing == "private" else "faasmoe"
-    return {"id": d.name, "object": "model", "created": d.created, "owned_by": owner, "max_model_len": d.max_context}
+    return {"id": name or d.name, "object": "model", "created": d.created, "owned_by": owner,
+            "max_model_len": d.max_context}
 
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the models this caller may use."""
     tenant = (await _authenticate(request)).tenant
     visible = request.app[CONTEXT].deployments.visible(tenant.name, tenant.allowed_models)
-    return web.json_response({"object": "list", "data": [_model_card(d) for d in visible]})
+    cards = [_model_card(d, name) for d in visible for name in dict.fromkeys((d.name, *d.spec.aliases))]
+    return _json({"object": "list", "data": cards})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -374,7 +422,7 @@ async def get_model(request: web.Request) -> web.Response:
     deployment = request.app[CONTEXT].deployments.get(name, tenant.name, tenant.allowed_models)
     if deployment is None:
         raise model_not_found(name)
-    return web.json_response(_model_card(deployment))
+    return _json(_model_card(deployment, name))
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -396,6 +444,56 @@ async def usage(request: web.Request) -> web.Response:
             raise invalid(str(exc), "since") from None
     rows = await _off_loop(request, ledger.summary, tenant, since)
     return web.json_response({"object": "list", "tenant": tenant, "since": since, "data": rows})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """POST /tokenize (vLLM's): {model?, prompt | messages, ...} -> {count, max_model_len, tokens, token_strs}."""
+    deployment, body = await _tokenizer_request(request)
+    out = await _off_loop(request, tokenize_body, body, deployment.tokenizer)
+    return _json({"count": out["count"], "max_model_len": deployment.max_context, "tokens": out["tokens"],
+                  "token_strs": out["token_strs"]})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """POST /detokenize (vLLM's): {model?, tokens} -> {prompt}."""
+    deployment, body = await _tokenizer_request(request)
+    return _json(await _off_loop(request, detokenize_body, body, deployment.tokenizer, deployment.config.vocab_size))
+
+
+async def _tokenizer_request(request: web.Request) -> tuple[Deployment, dict]:
+    """The caller's model (named, or the only one it may use, as vLLM's optional model) and the body."""
+    tenant = (await _authenticate(request)).tenant
+    body = await _off_loop(request, parse_json_body, await _read_body(request))
+    deployments = request.app[CONTEXT].deployments
+    name = body.get("model")
+    if name is None:
+        visible = deployments.visible(tenant.name, tenant.allowed_models)
+        if len(visible) != 1:
+            raise invalid("you must provide a model parameter: this server serves several models.", "model")
+        return visible[0], body
+    if not isinstance(name, str):
+        raise invalid("model must be a string.", "model")
+    deployment = deployments.get(name, tenant.name, tenant.allowed_models)
+    if deployment is None:
+        raise model_not_found(name)
+    return deployment, body
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("faasmoe")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
+async def version(request: web.Request) -> web.Response:
+    """GET /version (vLLM's): {"version": ...}; no key needed."""
+    return _json({"version": _package_version()})
+
+
+async def ping(request: web.Request) -> web.Response:
+    """GET|POST /ping: 200 with an empty body, as vLLM (and SageMaker) health checks expect; no key needed."""
+    return web.Response()
 
 
 async def health(request: web.Request) -> web.Response:

@@ -169,18 +169,7 @@ def parse_chat(body: dict) -> GenerationBody:
     _ignore_unknown(body, _COMMON | _CHAT_ONLY)
     out = _parse_common(body, chat=True)
     out.messages = _parse_messages(body.get("messages"))
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None:
-        if not isinstance(kwargs, dict):
-            raise invalid(f"chat_template_kwargs must be an object, got {_json_type(kwargs)}.", "chat_template_kwargs")
-        if "messages" in kwargs:
-            raise invalid("chat_template_kwargs must not set messages.", "chat_template_kwargs")
-        kwargs = dict(kwargs)
-        out.add_generation_prompt = _bool(kwargs, "add_generation_prompt", True,
-                                          param="chat_template_kwargs.add_generation_prompt")
-        kwargs.pop("add_generation_prompt", None)
-        out.chat_template_kwargs = kwargs
-    out.add_generation_prompt = _bool(body, "add_generation_prompt", out.add_generation_prompt)
+    out.add_generation_prompt, out.chat_template_kwargs = _template_options(body)
     out.max_tokens = _int(body, "max_tokens", None, lo=1)
     out.max_tokens = _int(body, "max_completion_tokens", out.max_tokens, lo=1)  # the newer name wins
     top = _int(body, "top_logprobs", None, lo=0, hi=MAX_CHAT_TOP_LOGPROBS)
@@ -203,6 +192,56 @@ def parse_chat(body: dict) -> GenerationBody:
     if modalities is not None and modalities != ["text"]:
         raise invalid("modalities must be [\"text\"].", "modalities")
     return out
+
+
+def _template_options(body: dict) -> tuple[bool, dict[str, Any]]:
+    """add_generation_prompt and the extra chat template variables (vLLM's chat_template_kwargs)."""
+    kwargs = body.get("chat_template_kwargs")
+    add = True
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise invalid(f"chat_template_kwargs must be an object, got {_json_type(kwargs)}.", "chat_template_kwargs")
+        if "messages" in kwargs:
+            raise invalid("chat_template_kwargs must not set messages.", "chat_template_kwargs")
+        kwargs = dict(kwargs)
+        add = _bool(kwargs, "add_generation_prompt", True, param="chat_template_kwargs.add_generation_prompt")
+        kwargs.pop("add_generation_prompt", None)
+    return _bool(body, "add_generation_prompt", add), kwargs or {}
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                template_kwargs: dict[str, Any] | None = None) -> str:
+    """The chat template applied to validated messages; a template that refuses them is a 400."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                             **(template_kwargs or {}))
+    except Exception as exc:  # jinja raise_exception() in a template: the conversation's fault
+        raise invalid(f"the model's chat template rejected these messages: {exc}", "messages") from None
+
+
+def tokenize_body(body: dict, tokenizer: Tokenizer) -> dict:
+    """vLLM's POST /tokenize: a prompt, or chat messages through the template -> token ids."""
+    if body.get("messages") is not None:
+        add, kwargs = _template_options(body)
+        text = render_chat(tokenizer, _parse_messages(body["messages"]), add, kwargs)
+        ids = tokenizer.encode(text, add_special_tokens=_bool(body, "add_special_tokens", False))
+    elif isinstance(body.get("prompt"), str):
+        ids = tokenizer.encode(body["prompt"], add_special_tokens=_bool(body, "add_special_tokens", True))
+    else:
+        raise invalid("send a prompt (a string) or messages to tokenize.", "prompt")
+    strs = [tokenizer.id_to_token(t) for t in ids] if _bool(body, "return_token_strs", False) else None
+    return {"count": len(ids), "tokens": ids, "token_strs": strs}
+
+
+def detokenize_body(body: dict, tokenizer: Tokenizer, vocab_size: int) -> dict:
+    """vLLM's POST /detokenize: token ids -> {"prompt": text}."""
+    ids = _int_list(body, "tokens")
+    if ids is None:
+        raise invalid("send tokens, a list of token ids.", "tokens")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise invalid(f"token id {bad} is out of range: this model's ids are 0..{vocab_size - 1}.", "tokens")
+    return {"prompt": tokenizer.decode(ids, skip_special_tokens=False)}
 
 
 def _parse_common(body: dict, chat: bool) -> GenerationBody:
@@ -340,11 +379,7 @@ def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_
     check_prompt_size(body, max_context)
     echo_text = ""
     if body.chat:
-        try:
-            text = tokenizer.apply_chat_template(body.messages or [], add_generation_prompt=body.add_generation_prompt,
-                                                 **body.chat_template_kwargs)
-        except Exception as exc:  # jinja raise_exception() in a template: the conversation's fault
-            raise invalid(f"the model's chat template rejected these messages: {exc}", "messages") from None
+        text = render_chat(tokenizer, body.messages or [], body.add_generation_prompt, body.chat_template_kwargs)
         ids = tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS etc.
         what = "messages"
     elif isinstance(body.prompt, str):

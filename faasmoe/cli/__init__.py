@@ -3,8 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib.metadata
 import logging
 import sys
+
+_OPTIONS_SEEN = "_faasmoe_options_seen"  # namespace attribute: the flags of every parser on the command's path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, with a "did you mean" for a mistyped flag of the subcommand it was meant for."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # A subcommand's parser runs inside its parent's and hands its attributes up: collect all flags.
+        seen = getattr(namespace, _OPTIONS_SEEN, set()) | {o for o in self._option_string_actions if o.startswith("--")}
+        setattr(namespace, _OPTIONS_SEEN, seen)
+        return namespace, extras
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        seen = getattr(namespace, _OPTIONS_SEEN, set())
+        if hasattr(namespace, _OPTIONS_SEEN):
+            delattr(namespace, _OPTIONS_SEEN)
+        if extras:
+            hints = []
+            for arg in extras:
+                near = difflib.get_close_matches(arg.split("=", 1)[0], sorted(seen), n=1) if arg.startswith("--") else []
+                hints.append(f"{arg} (did you mean {near[0]}?)" if near else arg)
+            self.error(f"unrecognized arguments: {' '.join(hints)}")
+        return namespace
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("faasmoe")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     from faasmoe.cli.model import add_generate_parser, add_model_parser
     from faasmoe.cli.tenants import add_tenant_parser, add_usage_parser
 
-    parser = argparse.ArgumentParser(prog="faasmoe", description="Serverless Mixture-of-Experts serving.")
+    parser = ArgumentParser(prog="faasmoe", description="Serverless Mixture-of-Experts serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"faasmoe {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_model_parser(subparsers)
     add_generate_parser(subparsers)

@@ -43,6 +43,7 @@ class DeploymentSpec:
     device: str = "cpu"
     kv_cache_bytes: int | None = None  # the engine's KV cache budget; None: unbounded
     micro_batches: int = 1  # groups of a step that overlap trunk and expert work (remote experts: 2)
+    aliases: tuple[str, ...] = ()  # more names clients may call it by (vLLM's extra --served-model-name)
 
 
 class Deployment:
@@ -76,7 +77,7 @@ class Deployment:
     def visible_to(self, tenant: str, allowed: list[str]) -> bool:
         if self.spec.sharing == "private" and tenant != self.spec.owner:
             return False
-        return "*" in allowed or self.name in allowed
+        return "*" in allowed or self.name in allowed or any(a in allowed for a in self.spec.aliases)
 
     def trunk(self) -> Trunk:
         if self._trunk is None:
@@ -109,19 +110,22 @@ class Deployments:
 
     def __init__(self) -> None:
         self.by_name: dict[str, Deployment] = {}
+        self.aliases: dict[str, str] = {}  # alias -> the deployment's name
         self._reaper: asyncio.Task[None] | None = None
 
     def add(self, deployment: Deployment) -> None:
-        if deployment.name in self.by_name:
-            raise ValueError(f"model {deployment.name!r} is deployed twice")
+        for name in (deployment.name, *deployment.spec.aliases):
+            if name in self.by_name or name in self.aliases or deployment.spec.aliases.count(name) > 1:
+                raise ValueError(f"model {name!r} is deployed twice")
         self.by_name[deployment.name] = deployment
+        self.aliases.update((alias, deployment.name) for alias in deployment.spec.aliases if alias != deployment.name)
 
     def visible(self, tenant: str, allowed: list[str]) -> list[Deployment]:
         return [d for d in self.by_name.values() if d.visible_to(tenant, allowed)]
 
     def get(self, name: str, tenant: str, allowed: list[str]) -> Deployment | None:
         """The model if this tenant may use it; None (-> 404) otherwise, private ones included."""
-        deployment = self.by_name.get(name)
+        deployment = self.by_name.get(self.aliases.get(name, name))
         return deployment if deployment is not None and deployment.visible_to(tenant, allowed) else None
 
     def start(self) -> None:

@@ -20,7 +20,8 @@ from faasmoe.tenancy.limits import ALL_MODELS, InvalidLimit, TenantLimits
 from faasmoe.tenancy.tenants import NAME_PATTERN
 from runtime.sizes import parse_size
 
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no '/' or ':': they delimit function ids
+# '/'-separated segments, as Hugging Face ids (Org/Name); no ':', which delimits a function id's tenant.
+MODEL_NAME = re.compile(r"(?=.{1,128}$)[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)*")
 DTYPES = ("float32", "bfloat16", "float16")
 SHARING = ("shared", "private")
 
@@ -54,6 +55,7 @@ class ModelSpec:
     keep_alive: float | None = None  # None: [server] keep_alive
     trunk_keep_alive: float = 0.0  # 0: never unload the trunk
     dtype: str | None = None  # None: the engine's default
+    aliases: list[str] = field(default_factory=list)  # more names clients may call it by
 
     @property
     def private(self) -> bool:
@@ -209,7 +211,11 @@ def _model(r: _Reader, t: dict, where: str) -> ModelSpec:
         raise r.error(f"{where}.path", f"{path} is not a directory (a Hugging Face checkpoint)")
     name = r.get(t, where, "name", "str", path.name)
     if not MODEL_NAME.fullmatch(name):
-        raise r.error(f"{where}.name", f"{name!r}: use letters, digits, '.', '_', '-' (no '/' or ':')")
+        raise r.error(f"{where}.name", f"{name!r}: use letters, digits, '.', '_', '-' and '/' between them (no ':')")
+    aliases = r.get(t, where, "aliases", "str_list", [])
+    bad = next((a for a in aliases if not MODEL_NAME.fullmatch(a)), None)
+    if bad is not None:
+        raise r.error(f"{where}.aliases", f"{bad!r}: use letters, digits, '.', '_', '-' and '/' between them (no ':')")
     sharing = r.choice(t, where, "sharing", SHARING, "shared")
     owner = r.get(t, where, "owner", "str")
     if sharing == "private" and owner is None:
@@ -221,7 +227,7 @@ def _model(r: _Reader, t: dict, where: str) -> ModelSpec:
         expert_block_size=r.get(t, where, "expert_block_size", "int", None, minimum=1),
         keep_alive=r.get(t, where, "keep_alive", "seconds"),
         trunk_keep_alive=r.get(t, where, "trunk_keep_alive", "seconds", 0.0),
-        dtype=r.choice(t, where, "dtype", DTYPES, None),
+        dtype=r.choice(t, where, "dtype", DTYPES, None), aliases=aliases,
     )
 
 

@@ -163,3 +163,127 @@ async def test_chat_stream_sends_the_role_with_the_first_token(server: Server, m
     assert delta["role"] == "assistant" and "content" in delta
     later = [json.loads(e[len("data: "):]) for e in rest.split("\n\n") if e and e != "data: [DONE]"]
     assert all("role" not in e["choices"][0]["delta"] for e in later)
+
+
+# --- 6: /tokenize, /detokenize, /version, /ping, CORS --------------------------------------------------------
+
+
+async def test_tokenize_and_detokenize(server: Server, checkpoint: Path) -> None:
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    status, _, out = await raw(server, "POST", "/tokenize", {"model": "tiny", "prompt": "Hello world",
+                                                            "return_token_strs": True})
+    ids = tokenizer.encode("Hello world")
+    assert status == 200 and out == {"count": len(ids), "max_model_len": server.deployments.by_name["tiny"].max_context,
+                                     "tokens": ids, "token_strs": [tokenizer.id_to_token(t) for t in ids]}
+    # messages go through the chat template, exactly as a chat completion's prompt
+    status, _, chat = await raw(server, "POST", "/tokenize", {"model": "tiny", "messages": CHAT["messages"]})
+    _, _, done = await raw(server, "POST", "/v1/chat/completions", CHAT)
+    assert status == 200 and chat["count"] == done["usage"]["prompt_tokens"] and chat["token_strs"] is None
+    status, _, back = await raw(server, "POST", "/detokenize", {"model": "tiny", "tokens": ids})
+    assert status == 200 and back == {"prompt": "Hello world"}
+    status, _, payload = await raw(server, "POST", "/detokenize", {"model": "tiny", "tokens": [10**7]})
+    assert status == 400 and assert_error(payload, "invalid_request_error", "tokens")
+    status, _, payload = await raw(server, "POST", "/tokenize", {"model": "nope", "prompt": "x"})
+    assert status == 404 and assert_error(payload, "not_found_error", "model")
+
+
+async def test_version_and_ping(server: Server) -> None:
+    import importlib.metadata
+
+    status, _, out = await raw(server, "GET", "/version", tenant=None)
+    assert status == 200 and out == {"version": importlib.metadata.version("faasmoe")}
+    for method in ("GET", "POST"):
+        status, _, body = await raw(server, method, "/ping", tenant=None)
+        assert status == 200 and body == ""
+
+
+async def test_cors_is_off_by_default_and_on_for_allowed_origins(server: Server) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    async with aiohttp.ClientSession() as session:
+        async with session.options(server.url + "/v1/chat/completions", headers=preflight) as resp:
+            assert resp.status == 405 and "Access-Control-Allow-Origin" not in resp.headers
+        async with session.get(server.url + "/v1/models", headers={"Origin": "https://app.example"}) as resp:
+            assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
+
+    async def nothing() -> str:
+        return ""
+
+    async def no_state() -> dict:
+        return {}
+
+    ctx = FrontendContext(server.deployments, None, None, None, Admission(), None, no_state, nothing,
+                          allowed_origins=("https://app.example",))
+    runner, port = await serve(ctx)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.options(url + "/v1/chat/completions", headers=preflight) as resp:
+                assert resp.status == 200
+                assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+                assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+                assert resp.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+            async with session.options(url + "/v1/models", headers={**preflight, "Origin": "https://evil.example"}) as resp:
+                assert resp.status == 403 and "Access-Control-Allow-Origin" not in resp.headers
+            async with session.post(url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                                    headers={"Origin": "https://app.example"}) as resp:  # a stream too
+                assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+                await resp.read()
+            async with session.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"},
+                                    headers={"Origin": "https://app.example"}) as resp:  # and errors
+                assert resp.status == 404 and resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    finally:
+        await runner.cleanup()
+
+
+# --- 4: served names with '/', aliases -------------------------------------------------------------------------
+
+
+def in_process_experts(compute: ThreadPoolExecutor):
+    import torch
+
+    from faasmoe.engine.executors import InProcessExpertExecutor
+    from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
+    from faasmoe.model.experts import LocalExpertExecutor
+    from faasmoe.model.moe_model import load_expert_blocks
+
+    def local(dep):
+        blocks = load_expert_blocks(ExpertLayout(CheckpointReader(dep.spec.path), dep.config), dep.block_size,
+                                    torch.float32, torch.device("cpu"))
+        return InProcessExpertExecutor(LocalExpertExecutor(blocks, dep.block_size), compute)
+
+    return local
+
+
+async def test_served_names_with_a_slash_and_aliases(server: Server, checkpoint: Path) -> None:
+    from faasmoe.engine.deployments import Deployment, Deployments, DeploymentSpec
+
+    compute = ThreadPoolExecutor(1)
+    deployments = Deployments()
+    spec = DeploymentSpec("Qwen/Qwen1.5-MoE-A2.7B-Chat", checkpoint, expert_block_size=4, aliases=("qwen-moe",))
+    deployments.add(Deployment(spec, in_process_experts(compute), compute))
+    with pytest.raises(ValueError, match="deployed twice"):
+        deployments.add(Deployment(DeploymentSpec("qwen-moe", checkpoint), in_process_experts(compute), compute))
+
+    async def nothing() -> str:
+        return ""
+
+    async def no_state() -> dict:
+        return {}
+
+    runner, port = await serve(FrontendContext(deployments, None, None, None, Admission(), None, no_state, nothing))
+    named = Server(port, deployments, None, {"acme": "k"})
+    try:
+        status, _, models = await raw(named, "GET", "/v1/models")
+        assert status == 200 and [m["id"] for m in models["data"]] == ["Qwen/Qwen1.5-MoE-A2.7B-Chat", "qwen-moe"]
+        for name in ("Qwen/Qwen1.5-MoE-A2.7B-Chat", "qwen-moe"):
+            status, _, card = await raw(named, "GET", f"/v1/models/{name}")
+            assert status == 200 and card["id"] == name
+            status, _, out = await raw(named, "POST", "/v1/completions", {"model": name, "prompt": "x", "max_tokens": 1})
+            assert status == 200 and out["model"] == "Qwen/Qwen1.5-MoE-A2.7B-Chat"
+        status, _, payload = await raw(named, "GET", "/v1/models/Qwen/nope")
+        assert status == 404 and assert_error(payload, "not_found_error", "model")
+    finally:
+        await runner.cleanup()
+        await deployments.stop()
+        compute.shutdown()

@@ -99,7 +99,7 @@ def test_everything_is_optional(tmp_path: Path) -> None:
     ("owner = \"acme\"", "", "models[1].owner", "missing"),
     ("owner = \"acme\"", "owner = \"nobody\"", "models[1].owner", "'nobody' is not a tenant declared"),
     ("name = \"acme-ft\"", "name = \"tiny\"", "models[1].name", "already models[0]"),
-    ("name = \"acme-ft\"", "name = \"org/model\"", "models[1].name", "no '/'"),
+    ("name = \"acme-ft\"", "name = \"org:model\"", "models[1].name", "no ':'"),
     ("path = \"models/acme\"", "path = \"models/missing\"", "models[1].path", "not a directory"),
     ("name = \"ops\"", "name = \"acme\"", "tenants[1].name", "already tenants[0]"),
     ("name = \"ops\"", "name = \"Ops\"", "tenants[1].name", "a-z 0-9"),
