@@ -38,16 +38,18 @@ def cluster(url: str) -> dict:
         return json.loads(response.read())
 
 
-def show_cluster(url: str) -> int:
+def show_cluster(url: str) -> tuple[int, int]:
+    """Print what every worker and model holds; return (device, host-cache) expert bytes over all workers."""
     state = cluster(url)
     for w in state["workers"]:
         fns = ", ".join(w["resident_functions"]) or "(none)"
-        print(f"  worker {w['id']} (pid {w['pid']}, {w['device']}): {w['resident_bytes'] / 2**20:.2f} MiB of experts "
+        print(f"  worker {w['id']} (pid {w['pid']}, {w['device']}): {w['device_bytes'] / 2**20:.2f} MiB of experts "
               f"on device, {w['host_cache_bytes'] / 2**20:.2f} MiB in the host cache; functions: {fns}")
     for name, m in state["models"].items():
-        print(f"  model {name}: {m['resident_functions']} of {m['functions']} expert functions resident "
-              f"({m['resident_bytes'] / 2**20:.2f} MiB), trunk {m['trunk_bytes'] / 2**20:.2f} MiB")
-    return sum(w["resident_bytes"] for w in state["workers"])
+        print(f"  model {name}: {m['resident_functions']} of {m['functions']} expert functions on a device "
+              f"({m['device_bytes'] / 2**20:.2f} MiB), {m['host_bytes'] / 2**20:.2f} MiB in host caches, "
+              f"trunk {m['trunk_bytes'] / 2**20:.2f} MiB")
+    return sum(w["device_bytes"] for w in state["workers"]), sum(w["host_cache_bytes"] for w in state["workers"])
 
 
 def main() -> int:
@@ -97,8 +99,9 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "faasmoe.cli", "usage", "--state", str(work / "state.db")], check=True)
         print(f"\n== waiting {args.keep_alive + 2:g}s, past the keep-alive: idle experts scale to zero")
         time.sleep(args.keep_alive + 2)
-        resident = show_cluster(url)
-        print(f"   resident expert bytes now: {resident}")
+        device, host = show_cluster(url)
+        zero = "scaled to zero" if device + host == 0 else "NOT zero"
+        print(f"   resident expert bytes now: {device + host} ({device} on devices, {host} in host caches: {zero})")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -6,16 +6,18 @@ from runtime import protocol as p
 
 
 def worker_json(s: p.Stats, private: bool = True) -> dict:
-    """A worker, its budget and what it holds on its device and in its host cache; with `private`
+    """A worker, its budget and what it holds on its device and in its host cache (resident_bytes: both); with `private`
     False, tenants' private functions count in the bytes but are not named (their ids carry the
     tenant and the model)."""
     device = [r for r in s.resident if r.tier == "device"]
     named = device if private else [r for r in device if not r.function.owner]
+    device_bytes, host_bytes = sum(r.nbytes for r in device), int(s.counters.get("host_bytes", 0))
     return {
         "id": s.worker.worker_id, "pid": s.worker.pid, "address": s.worker.address, "node": s.worker.node,
         "device": s.worker.device, "budget_bytes": s.worker.budget_bytes,
-        "resident_bytes": sum(r.nbytes for r in device),
-        "host_cache_bytes": int(s.counters.get("host_bytes", 0)),
+        "resident_bytes": device_bytes + host_bytes,  # every tier counts: scaled to zero means both are 0
+        "device_bytes": device_bytes,
+        "host_cache_bytes": host_bytes,
         "resident_functions": sorted(r.function.function_id for r in named),
     }
 

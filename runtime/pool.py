@@ -72,8 +72,9 @@ class LocalPool:
         if memory:
             args += ["--memory", str(memory)]
         host_cache = self.host_cache_bytes
-        if host_cache is None:  # the pool's workers share the host's RAM for their caches too
-            host_cache = host_cache_budget(sharers=len(self.slots))
+        if host_cache is None:  # none on CPU; GPU workers share the host's RAM for their pinned caches
+            gpu_slots = sum(1 for s in self.slots if s.device != "cpu")
+            host_cache = host_cache_budget(torch.device(slot.device), sharers=gpu_slots)
         args += ["--host-cache", str(host_cache)]
         # The token travels in the environment, not argv, so `ps` does not show it.
         env = {**os.environ, "FAASMOE_TOKEN": self.token}

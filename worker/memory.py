@@ -5,11 +5,20 @@ that needs room evicts idle blocks chosen by the eviction policy (never one with
 flight), and what cannot fit is refused with a clear error. Evicted blocks drop to the host
 tier (pinned on CUDA, its own budget, LRU), so reloading a recently used block is a memory
 copy instead of a file read. Concurrent cold calls of one block share a single load.
+
+On CPU the host tier is the same RAM as the device tier, and the page cache already keeps a
+recently read checkpoint's bytes, so CPU workers run with no host tier unless asked. Memory a
+block gives back must leave the process: glibc keeps freed medium-sized allocations (below its
+dynamic mmap threshold, which rises to the size of the largest freed mmap'd chunk, up to 32 MiB)
+in its heaps and arenas, so after blocks leave for good the worker asks it to return the free
+pages (`malloc_trim`); on other libcs that is a no-op.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import time
 from collections import OrderedDict
@@ -41,6 +50,27 @@ class Forbidden(PermissionError):
 
 
 FAILED_LOAD_MEMORY_S = 30.0
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim  # glibc only: musl and others have no such symbol
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def return_free_memory() -> bool:
+    """Hand the allocator's free pages back to the OS (glibc); False where the libc cannot."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 @dataclass
@@ -77,11 +107,11 @@ class HostCache:
     def __init__(self, budget_bytes: int, pin: bool) -> None:
         self.budget_bytes = budget_bytes
         self.pin = pin
-        self._entries: OrderedDict[str, tuple[ExpertWeights, float]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[ExpertWeights, float, FunctionSpec | None]] = OrderedDict()
 
     @property
     def nbytes(self) -> int:
-        return sum(w.nbytes for w, _ in self._entries.values())
+        return sum(w.nbytes for w, _, _ in self._entries.values())
 
     def __contains__(self, function_id: str) -> bool:
         return function_id in self._entries
@@ -89,19 +119,23 @@ class HostCache:
     def ids(self) -> list[str]:
         return list(self._entries)
 
+    def held(self) -> list[tuple[str, FunctionSpec | None, int]]:
+        """(function id, its spec if known, bytes) of every block in this tier."""
+        return [(fid, spec, w.nbytes) for fid, (w, _, spec) in self._entries.items()]
+
     def take(self, function_id: str) -> ExpertWeights | None:
         entry = self._entries.pop(function_id, None)
         return None if entry is None else entry[0]
 
-    def put(self, function_id: str, weights: ExpertWeights, now: float) -> None:
+    def put(self, function_id: str, weights: ExpertWeights, now: float, spec: FunctionSpec | None = None) -> None:
         if weights.nbytes > self.budget_bytes:
             return
         while self._entries and self.nbytes + weights.nbytes > self.budget_bytes:
             self._entries.popitem(last=False)
-        self._entries[function_id] = (weights, now)
+        self._entries[function_id] = (weights, now, spec)
 
     def expire(self, older_than: float) -> list[str]:
-        gone = [fid for fid, (_, at) in self._entries.items() if at < older_than]
+        gone = [fid for fid, (_, at, _) in self._entries.items() if at < older_than]
         for fid in gone:
             del self._entries[fid]
         return gone
@@ -274,20 +308,32 @@ class ExpertStore:
                 f"resident, {len(self.resident) - len(idle)} blocks busy"
             )
         for key in victims:
-            self.evict(key.function_id, "memory")
+            self._drop(key.function_id, "memory")  # the load that follows reuses the memory: no trim
 
     def evict(self, function_id: str, reason: str) -> bool:
-        """Drop an idle block to the host tier; False if it is absent or busy."""
+        """Drop an idle block to the host tier (or out, with none); False if it is absent or busy."""
+        dropped = self._drop(function_id, reason)
+        if dropped:
+            self._return_memory()
+        return dropped
+
+    def _return_memory(self) -> None:
+        if self.device.type == "cpu":  # CUDA memory goes back to torch's caching allocator, by design
+            return_free_memory()
+
+    def _drop(self, function_id: str, reason: str) -> bool:
         resident = self.resident.get(function_id)
         if resident is None or resident.in_flight > 0:
             return False
         del self.resident[function_id]
         self.eviction.on_evict(resident.key)
         weights = resident.block.weights
-        if self.device.type != "cpu":
-            weights = ExpertWeights(weights.gate_up.to("cpu").pin_memory() if self.host.pin else weights.gate_up.cpu(),
-                                    weights.down.to("cpu").pin_memory() if self.host.pin else weights.down.cpu())
-        self.host.put(function_id, weights, time.monotonic())
+        if weights.nbytes <= self.host.budget_bytes:  # else the block leaves every tier
+            if self.device.type != "cpu":
+                pin = self.host.pin
+                weights = ExpertWeights(weights.gate_up.to("cpu").pin_memory() if pin else weights.gate_up.cpu(),
+                                        weights.down.to("cpu").pin_memory() if pin else weights.down.cpu())
+            self.host.put(function_id, weights, time.monotonic(), resident.spec)
         self.stats.evictions[reason] = self.stats.evictions.get(reason, 0) + 1
         self.on_change([], [function_id], reason)
         log.info("evicted %s (%s)", function_id, reason)
@@ -295,16 +341,20 @@ class ExpertStore:
 
     def expire(self, now: float, host_ttl_s: float) -> list[str]:
         """Scale idle blocks to zero by their keep-alive; drop host copies older than host_ttl_s."""
-        expired = []
-        for fid, r in list(self.resident.items()):
-            policy = self.keep_alive(r.spec)
-            if policy.expired(r.key, r.last_used, now, r.in_flight) and self.evict(fid, "keep_alive"):
-                expired.append(fid)
-                at = policy.prewarm_at(r.key, r.last_used)
-                if at is not None and at > now:
-                    self.prewarms[fid] = (r.spec, at, r.last_used)
-        self.host.expire(now - host_ttl_s)
+        expired = [fid for fid in list(self.resident) if self._expire_one(fid, now)]
+        if self.host.expire(now - host_ttl_s) or expired:
+            self._return_memory()
         return expired
+
+    def _expire_one(self, fid: str, now: float) -> bool:
+        r = self.resident[fid]
+        policy = self.keep_alive(r.spec)
+        if not (policy.expired(r.key, r.last_used, now, r.in_flight) and self._drop(fid, "keep_alive")):
+            return False
+        at = policy.prewarm_at(r.key, r.last_used)
+        if at is not None and at > now:
+            self.prewarms[fid] = (r.spec, at, r.last_used)
+        return True
 
     def due_prewarms(self, now: float) -> list[tuple[FunctionSpec, float]]:
         """Functions whose predicted next call is close: (spec, their last real call)."""

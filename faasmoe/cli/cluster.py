@@ -66,9 +66,11 @@ def _scheduler(args: argparse.Namespace) -> int:
     devices = resolve_devices(args.device)
     workers = args.workers if args.workers is not None else (len(devices) if devices[0].startswith("cuda") else 1)
     worker_args = ["--eviction", args.eviction, "--keep-alive-policy", args.keep_alive_policy]
+    if args.host_ttl is not None:
+        worker_args += ["--host-ttl", str(args.host_ttl)]
     config = SchedulerConfig(listen=args.listen, token=token, workers=workers, devices=devices,
                              worker_memory_bytes=args.worker_memory, host_cache_bytes=args.host_cache,
-                             host_ttl_s=args.host_ttl, worker_args=worker_args, heartbeat_timeout_s=args.heartbeat_timeout)
+                             worker_args=worker_args, heartbeat_timeout_s=args.heartbeat_timeout)
 
     async def main() -> None:
         scheduler = Scheduler(config)

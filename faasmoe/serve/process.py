@@ -240,7 +240,7 @@ class FrontendProcess:
             self.scheduler = Scheduler(SchedulerConfig(
                 listen="127.0.0.1:0", token=token, workers=workers, devices=devices,
                 worker_memory_bytes=self.opts.worker_memory, host_cache_bytes=self.opts.host_cache,
-                host_ttl_s=self.opts.host_ttl, worker_args=self._worker_args()))
+                worker_args=self._worker_args()))
             address = str(await self.scheduler.start())
             await self.scheduler.wait_for_workers(workers, timeout=120)
         if self.opts.experts != "in-process":

@@ -190,3 +190,42 @@ def test_tokens_streamed_before_a_crash_are_in_the_ledger(model: Path, tmp_path:
         rows = ledger.query()
     assert len(rows) == 1 and rows[0].status == "running", rows
     assert 0 < rows[0].completion_tokens <= received + 50 and rows[0].prompt_tokens == 3
+
+
+# --- issue 11: the host tier counts as resident; --host-cache / --host-ttl reach the local workers ------
+
+
+def test_host_tier_counts_until_its_ttl_drops_it(model: Path, tmp_path: Path) -> None:
+    port, key = free_port(), KEY_A
+    proc = faasmoe("serve", str(model), "--port", str(port), "--state", str(tmp_path / "state.db"), "--device", "cpu",
+                   "--keep-alive", "0.5", "--host-cache", "64MiB", "--host-ttl", "3", "--api-key", key)
+    try:
+        proc.wait_for("faasmoe serving", timeout=120)
+        body = json.dumps({"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": 2}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+
+        def view() -> dict:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/admin/cluster",
+                                             headers={"Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+
+        seen_host = None
+        deadline = time.monotonic() + 30
+        while True:
+            state = view()
+            m, (w,) = state["models"]["tiny"], state["workers"]
+            assert m["resident_bytes"] == m["device_bytes"] + m["host_bytes"], m
+            assert w["resident_bytes"] == w["device_bytes"] + w["host_cache_bytes"], w
+            if m["device_bytes"] == 0 and m["host_bytes"] > 0:
+                seen_host = m  # scaled off the device, still held in host RAM: not zero yet
+            if seen_host and m["resident_bytes"] == 0:
+                break
+            assert time.monotonic() < deadline, (seen_host, state)
+            time.sleep(0.1)
+        assert seen_host["resident_bytes"] == seen_host["host_bytes"] and w["resident_bytes"] == 0
+    finally:
+        assert proc.stop() == 0, proc.output

@@ -78,3 +78,29 @@ async def test_adaptive_keep_alive_unloads_between_calls_and_prewarms(model_dir)
             await s.prewarm(due, last)
         await asyncio.sleep(0.02)
     assert s.resident[fn.function_id].source == "host"
+
+
+async def test_evicted_blocks_leave_every_tier_without_a_host_cache(model_dir):
+    nbytes = 4 * MoEConfig.from_pretrained(model_dir).expert_bytes(torch.float32)
+    policy = make_keep_alive("fixed", ttl_s=0.0)
+    s = ExpertStore(torch.device("cpu"), 2 * nbytes, HostCache(0, pin=False), make_eviction("lru"), lambda _: policy)
+    r, _ = await s.acquire(spec(model_dir, 0))
+    s.release(r)
+    assert s.expire(time.monotonic() + 1, host_ttl_s=600) == ["t/0/0"]
+    assert s.used_bytes == 0 and s.host.nbytes == 0 and s.host.held() == []
+    with_host = store(model_dir, blocks=2)  # a host tier: the block and its bytes are listed there
+    r, _ = await with_host.acquire(spec(model_dir, 1))
+    with_host.release(r)
+    assert with_host.evict("t/0/1", "test")
+    assert with_host.host.held() == [("t/0/1", spec(model_dir, 1), nbytes)]
+
+
+def test_cpu_workers_have_no_host_cache_by_default():
+    from runtime.budgets import host_cache_budget
+    from worker.memory import return_free_memory
+
+    assert host_cache_budget(torch.device("cpu")) == 0
+    assert host_cache_budget(torch.device("cuda", 0), sharers=2) > 0  # pinned host RAM for GPU workers
+    import platform
+
+    assert return_free_memory() or platform.libc_ver()[0] != "glibc"  # malloc_trim is found where glibc is

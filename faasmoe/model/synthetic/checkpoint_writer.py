@@ -279,7 +279,7 @@ def _clear_old_checkpoint(out: Path) -> None:
 def init_checkpoint(
     out_dir: str | Path,
     family: str,
-    preset: str = "tiny",
+    preset: str | Preset = "tiny",
     layers: int | None = None,
     seed: int = 0,
     dtype: str | torch.dtype | None = None,
@@ -291,9 +291,15 @@ def init_checkpoint(
     """Write a random checkpoint of `family`/`preset` into out_dir (replacing one there) and return it.
 
     dtype None takes the preset's (tiny: float32, real shapes: bfloat16); layers keeps the first
-    N layers; router_skew is the Zipf exponent of expert popularity (module docstring).
+    N layers; router_skew is the Zipf exponent of expert popularity (module docstring). `preset` may
+    also be a Preset of `family` (a custom shape).
     """
-    p = get_preset(family, preset).with_layers(layers)
+    if isinstance(preset, Preset):
+        if preset.family != family:
+            raise ValueError(f"preset of family {preset.family!r} given for family {family!r}")
+        p, preset = preset.with_layers(layers), "custom"
+    else:
+        p = get_preset(family, preset).with_layers(layers)
     dtype_name = _dtype_name(dtype or p.dtype)
     torch_dtype = DTYPES[dtype_name]
     if router_skew < 0 or not math.isfinite(router_skew):
