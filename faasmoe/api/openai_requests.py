@@ -112,6 +112,12 @@ class GenerationBody:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # top alternatives per token (0 = the sampled token only); None = off
@@ -132,10 +138,11 @@ class PreparedPrompt:
 # Options accepted by both endpoints; values other than their neutral ones are rejected below.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
            "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user", "stop_token_ids",
-           "ignore_eos"}
+           "ignore_eos", "top_k", "min_p", "repetition_penalty"}
 # vLLM's extra sampling options that clients send with their neutral value: accepted only as that.
-_NEUTRAL_EXTRAS: dict[str, tuple] = {"top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,),
-                                     "skip_special_tokens": (True,), "include_stop_str_in_output": (False,)}
+_NEUTRAL_EXTRAS: dict[str, tuple] = {"min_tokens": (0,), "skip_special_tokens": (True,),
+                                     "include_stop_str_in_output": (False,)}
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 _COMPLETION_ONLY = {"prompt", "echo", "best_of", "suffix"}
 _CHAT_ONLY = {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
               "function_call", "parallel_tool_calls", "response_format", "metadata", "store", "service_tier",
@@ -260,11 +267,14 @@ def _parse_common(body: dict, chat: bool) -> GenerationBody:
     out.stop = _parse_stop(body.get("stop"))
     out.stop_token_ids = _int_list(body, "stop_token_ids")
     out.ignore_eos = _bool(body, "ignore_eos", False)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0, lo=-2.0, hi=2.0) != 0.0:
-            raise invalid(f"{name} is not supported; send 0 or leave it out.", name)
-    if body.get("logit_bias") not in (None, {}):
-        raise invalid("logit_bias is not supported; send {} or leave it out.", "logit_bias")
+    out.presence_penalty = _number(body, "presence_penalty", 0.0, lo=-2.0, hi=2.0)
+    out.frequency_penalty = _number(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0)
+    out.repetition_penalty = _number(body, "repetition_penalty", 1.0, lo=0.0, hi=math.inf)
+    if out.repetition_penalty == 0.0:
+        raise invalid("repetition_penalty must be greater than 0 (1 = off).", "repetition_penalty")
+    out.top_k = _int(body, "top_k", 0, lo=-1)
+    out.min_p = _number(body, "min_p", 0.0, lo=0.0, hi=1.0)
+    out.logit_bias = _parse_logit_bias(body.get("logit_bias"))
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid(f"user must be a string, got {_json_type(user)}.", "user")
@@ -276,6 +286,22 @@ def _parse_common(body: dict, chat: bool) -> GenerationBody:
         if not isinstance(options, dict):
             raise invalid(f"stream_options must be an object, got {_json_type(options)}.", "stream_options")
         out.include_usage = _bool(options, "include_usage", False, param="stream_options.include_usage")
+    return out
+
+
+def _parse_logit_bias(bias: Any) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias in [-100, 100]} (keys are strings in JSON)."""
+    if bias is None or bias == {}:
+        return None
+    if not isinstance(bias, dict):
+        raise invalid(f"logit_bias must be an object mapping token ids to numbers, got {_json_type(bias)}.", "logit_bias")
+    out = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
+            raise invalid(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise invalid(f"logit_bias values must be numbers in [-100, 100], got {value!r} for {key}.", "logit_bias")
+        out[int(key)] = float(value)
     return out
 
 
@@ -405,10 +431,16 @@ def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_
         raise invalid(f"This model's maximum context length is {max_context} tokens. However, you requested "
                       f"{len(ids) + max_tokens} tokens ({asked}). Please reduce the length of the {what} or "
                       "max_tokens.", what if room < 1 else "max_tokens", "context_length_exceeded")
+    bad = next((t for t in body.logit_bias or {} if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise invalid(f"logit_bias holds token id {bad}, outside this model's ids 0..{vocab_size - 1}.", "logit_bias")
     # vLLM's stop_token_ids stop in addition to EOS; the engine's replace it, so merge here.
     stop_ids = None if body.stop_token_ids is None else sorted(set(body.stop_token_ids) | tokenizer.eos_token_ids)
     params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                            stop=list(body.stop), stop_token_ids=stop_ids, ignore_eos=body.ignore_eos)
+                            stop=list(body.stop), stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, top_k=body.top_k,
+                            min_p=body.min_p, presence_penalty=body.presence_penalty,
+                            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+                            logit_bias=body.logit_bias)
     return PreparedPrompt(ids, params, echo_text if body.echo else "")
 
 

@@ -1,4 +1,5 @@
-"""Next-token choice: greedy, or temperature + nucleus (top-p) sampling with a per-request seed."""
+"""Next-token choice: greedy, or temperature + top-k / min-p / nucleus (top-p) sampling with a per-request
+seed, after vLLM's logits adjustments (logit_bias; repetition, frequency and presence penalties)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None  # None = the model's EOS tokens
     ignore_eos: bool = False
+    top_k: int = 0  # keep the k most likely tokens; 0 (or vLLM's -1) = all
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    presence_penalty: float = 0.0  # OpenAI's: minus this for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often it was generated
+    repetition_penalty: float = 1.0  # HF's / vLLM's: logits of prompt and output tokens /= it (x it if negative)
+    logit_bias: dict[int, float] | None = None  # OpenAI's: added to those tokens' logits
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -28,6 +35,22 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be -1, 0 (all) or positive, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 \
+            or self.repetition_penalty != 1.0
 
 
 class Sampler:
@@ -43,19 +66,47 @@ class Sampler:
             else:
                 self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits [V] -> the next token id."""
+    def __call__(self, logits: torch.Tensor, prompt: list[int] = (), output: list[int] = ()) -> int:
+        """logits [V] (and the tokens so far, for the penalties) -> the next token id."""
+        p = self.params
+        if p.adjusts_logits:
+            logits = adjust_logits(logits, p, prompt, output)
         if self.generator is None:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / self.params.temperature, dim=-1)
-        if self.params.top_p < 1.0:
+        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+        if p.top_p < 1.0 or p.top_k > 0 or p.min_p > 0.0:
             sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= self.params.top_p
-            sorted_probs[drop] = 0.0
+            if p.top_k > 0:
+                sorted_probs[p.top_k:] = 0.0
+            if p.min_p > 0.0:
+                sorted_probs[sorted_probs < p.min_p * sorted_probs[0]] = 0.0
+            if p.top_p < 1.0:
+                # Keep the smallest prefix whose mass reaches top_p of what is left (always at least one token).
+                sorted_probs = sorted_probs / sorted_probs.sum()
+                drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+                sorted_probs[drop] = 0.0
             choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=self.generator)
             return int(order[choice])
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt: list[int] = (),
+                  output: list[int] = ()) -> torch.Tensor:
+    """vLLM's order: logit_bias, then the repetition penalty (HF's RepetitionPenaltyLogitsProcessor over
+    prompt and output tokens), then OpenAI's frequency and presence penalties (output tokens only)."""
+    x = logits.float().clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=x.device)
+        x[ids] += torch.tensor(list(params.logit_bias.values()), dtype=x.dtype, device=x.device)
+    if params.repetition_penalty != 1.0 and (prompt or output):
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=x.device)
+        picked = x[seen]
+        x[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if output and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(list(output), dtype=torch.long, device=x.device), minlength=x.shape[-1])
+        counts = counts[: x.shape[-1]].to(x.dtype)
+        x -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(x.dtype)
+    return x
 
 
 def logprobs_of(logits: torch.Tensor, token: int) -> float:

@@ -62,7 +62,7 @@ class Sequence:
 
     def accept(self, logits: torch.Tensor) -> int:
         """Sample from this step's logits [V], record the token and check the stop conditions."""
-        token = self.sampler(logits)
+        token = self.sampler(logits, self.prompt, self.output)
         self.output.append(token)
         self.logprobs.append(logprobs_of(logits, token))
         self.pending = [token]

@@ -287,3 +287,19 @@ async def test_served_names_with_a_slash_and_aliases(server: Server, checkpoint:
         await runner.cleanup()
         await deployments.stop()
         compute.shutdown()
+
+
+# --- 5: sampling options over HTTP -------------------------------------------------------------------------
+
+
+async def test_sampling_options_reach_the_sampler(server: Server, checkpoint: Path) -> None:
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    forced = tokenizer.encode(" experts", add_special_tokens=False)[0]
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 4, "ignore_eos": True}
+    status, _, out = await raw(server, "POST", "/v1/completions", {**body, "temperature": 1.0, "seed": 3,
+                                                                  "logit_bias": {str(forced): 100}, "top_k": 5,
+                                                                  "min_p": 0.01, "repetition_penalty": 1.0})
+    assert status == 200 and out["choices"][0]["text"] == tokenizer.decode([forced] * 4), out
+    _, _, greedy = await raw(server, "POST", "/v1/completions", {**body, "temperature": 0})
+    _, _, top1 = await raw(server, "POST", "/v1/completions", {**body, "temperature": 1.0, "top_k": 1, "seed": 9})
+    assert top1["choices"][0]["text"] == greedy["choices"][0]["text"]
