@@ -42,6 +42,7 @@ class ClientStats:
     retries: int = 0
     load_s: float = 0.0
     compute_s: float = 0.0
+    prefetches: int = 0  # loads asked ahead of their calls that completed
     per_worker: dict[str, int] = field(default_factory=dict)
 
 
@@ -82,6 +83,7 @@ class RuntimeClient:
         self._known: dict[str, set[str]] = {}  # worker -> function ids whose spec it has been sent
         self._row_cost: dict[str, float] = {}  # worker -> measured compute seconds per row (EWMA)
         self._outcomes: dict[str, list[int]] = {}  # worker -> [ok, failed] since the last report
+        self._prefetching: dict[str, asyncio.Task[None]] = {}
         self._connecting: dict[str, asyncio.Task[RpcChannel]] = {}
         self._routing_ready = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
@@ -220,6 +222,24 @@ class RuntimeClient:
             self.stats.retries += 1
             await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # jitter
         raise InvokeError(f"{len(todo)} calls failed on every worker tried")
+
+    def prefetch(self, spec: p.FunctionSpec) -> None:
+        """Have a worker load `spec` now, without waiting: a cold call that comes later shares the load."""
+        if spec.function_id in self._prefetching:
+            return
+        task = asyncio.create_task(self._prefetch(spec))
+        self._prefetching[spec.function_id] = task
+        task.add_done_callback(lambda _: self._prefetching.pop(spec.function_id, None))
+
+    async def _prefetch(self, spec: p.FunctionSpec) -> None:
+        try:
+            wid = await self.resolve(spec)
+            channel = await self._channel(wid)
+            reply = await channel.request(p.Load(0, spec), timeout=self.deadline_min_s + spec.nbytes / LOAD_FLOOR_BYTES_S)
+            if isinstance(reply, p.Ok):
+                self.stats.prefetches += 1
+        except Exception as exc:  # a hint that failed costs nothing but this line
+            log.debug("prefetching %s failed: %r", spec.function_id, exc)
 
     def _report(self, wid: str, ok: bool, reason: str = "") -> None:
         """Count an outcome on `wid`; a failure goes to the scheduler at once, with the successes

@@ -54,12 +54,21 @@ class FrontendMetrics:
         self.errors = r.counter("faasmoe_request_errors_total", "Requests whose generation failed.", per_request)
         self.rejected = r.counter("faasmoe_requests_rejected_total",
                                   "Requests refused by admission or a full queue, by error code.", ("tenant", "code"))
+        self.prefetches = r.counter("faasmoe_expert_prefetches_total",
+                                    "Expert blocks loaded ahead of their layer (pre-gating): issued, then used or "
+                                    "wasted by that layer's call.", ("model", "outcome"))
+        self._prefetches_seen: dict[tuple[str, str], int] = {}
 
     def render(self, deployments: Deployments) -> str:
         # Queue depths are read when scraped: the engines own them, we only look.
         for d in deployments.by_name.values():
             self.running.labels(model=d.name).set(len(d.engine.running))
             self.waiting.labels(model=d.name).set(len(d.engine.waiting))
+            for outcome, count in vars(d.executor.prefetch_stats).items():  # the executor counts; we publish
+                seen = self._prefetches_seen.get((d.name, outcome), 0)
+                if count > seen:
+                    self.prefetches.labels(model=d.name, outcome=outcome).inc(count - seen)
+                    self._prefetches_seen[(d.name, outcome)] = count
         return self.registry.render()
 
 

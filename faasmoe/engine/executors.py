@@ -49,7 +49,24 @@ class AsyncExpertExecutor(Protocol):
 
     async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor: ...
 
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Warm these experts of `layer` ahead of its call, without waiting (a hint; may do nothing)."""
+
+    @property
+    def prefetch_stats(self) -> PrefetchStats:
+        """What `prefetch` did so far."""
+
     def take_step_cost(self) -> StepCost: ...
+
+
+@dataclass
+class PrefetchStats:
+    """Blocks warmed ahead of their layer: issued (not resident anywhere when predicted), then used
+    by that layer's call, or wasted (the call did not need them)."""
+
+    issued: int = 0
+    used: int = 0
+    wasted: int = 0
 
 
 def function_id(model: str, layer: int, block: int, owner: str = "", weights: str = "") -> str:
@@ -92,14 +109,31 @@ class RemoteExpertExecutor:
         layout.reader.close()
         self._cost = StepCost()
         self._touched: set[str] = set()
+        self.prefetch_stats = PrefetchStats()
+        self._prefetched: dict[int, set[int]] = {}  # layer -> blocks warmed for its next call
 
     @property
     def functions(self) -> list[p.FunctionSpec]:
         return list(self.specs.values())
 
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        routes = self.client.routes
+        blocks = {e // self.block_size for e in experts} - self._prefetched.get(layer, set())
+        cold = [b for b in sorted(blocks) if (layer, b) in self.specs and not routes.get(self.specs[(layer, b)].function_id)]
+        for block in cold:
+            self.client.prefetch(self.specs[(layer, block)])
+        if cold:
+            self._prefetched.setdefault(layer, set()).update(cold)
+            self.prefetch_stats.issued += len(cold)
+
     async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         plan = DispatchPlan(routing, self.block_size)
         calls = [FunctionCall(self.specs[(layer, c.block)], plan.inputs(x, c), c.local_experts) for c in plan.calls]
+        warmed = self._prefetched.pop(layer, None)
+        if warmed:
+            used = len(warmed & {c.block for c in plan.calls})
+            self.prefetch_stats.used += used
+            self.prefetch_stats.wasted += len(warmed) - used
         meter = InvokeMeter()
         outputs = await self.client.invoke(calls, meter)
         cost = self._cost
@@ -154,6 +188,13 @@ class InProcessExpertExecutor:
 
     def resident_functions(self) -> int:
         return sum(len(blocks) for blocks in self.local.blocks.values())
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        pass  # every expert is resident already
+
+    @property
+    def prefetch_stats(self) -> PrefetchStats:
+        return PrefetchStats()
 
     async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         plan_calls = len(DispatchPlan(routing, self.local.block_size).calls)

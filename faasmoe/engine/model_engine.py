@@ -21,6 +21,7 @@ import torch
 
 from faasmoe.engine.executors import AsyncExpertExecutor
 from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
+from faasmoe.engine.sampling import prompt_logprobs
 from faasmoe.engine.sequence import Sequence
 from faasmoe.model.kv_cache import KVCache
 from faasmoe.model.moe_model import PackedStep, check_tokens, decoder_layers
@@ -56,6 +57,7 @@ class ModelEngine:
         kv_budget_bytes: int | None = None,
         kv_bytes_per_token: int | None = None,
         micro_batches: int = 1,
+        prefetch: bool = True,
     ) -> None:
         self.name = name
         self._trunk = trunk
@@ -69,6 +71,7 @@ class ModelEngine:
         self.kv_budget_bytes = kv_budget_bytes
         self.kv_bytes_per_token = kv_bytes_per_token
         self.micro_batches = micro_batches  # a step's sequences in this many groups that overlap trunk and experts
+        self.prefetch = prefetch  # pre-gate the next layer's blocks (a no-op for in-process experts)
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[_Running] = []
         self.steps = 0
@@ -191,7 +194,7 @@ class ModelEngine:
                  for g in groups]
         started = time.perf_counter()
         # Micro-batches ping-pong: one's trunk math runs while another's experts are on the workers.
-        parts = await asyncio.gather(*(self._forward(trunk, step) for step in steps))
+        parts = await asyncio.gather(*(self._forward(trunk, step, g) for step, g in zip(steps, groups)))
         self._last_step_s = time.perf_counter() - started
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         cost = self.executor.take_step_cost()
@@ -224,15 +227,29 @@ class ModelEngine:
         self.running = [r for r in self.running if not r.seq.finished]
         self._drop_cancelled()  # cancelled during the step: they get their Finished too
 
-    async def _forward(self, trunk: Trunk, step: PackedStep) -> torch.Tensor:
+    async def _forward(self, trunk: Trunk, step: PackedStep, group: list[_Running] = ()) -> torch.Tensor:
         """Drive the shared decoder generator: trunk halves on the compute thread, experts awaited."""
         layers = decoder_layers(trunk, step.ids, step.batch)
         done, value = await self._run(_advance, layers, None)
         while not done:
             layer, state = value
+            if self.prefetch:  # the next MoE layer's likely blocks load while this layer's experts run
+                predicted = trunk.pregate(layer, state.moe_input)
+                if predicted is not None:
+                    self.executor.prefetch(*predicted)
             expert_out = await self.executor.run_layer(layer, state.moe_input, state.routing)
             done, value = await self._run(_advance, layers, expert_out)
+        await self._prompt_logprobs(trunk, step, group, value)
         return await self._run(trunk.logits, step.last_rows(value))
+
+    async def _prompt_logprobs(self, trunk: Trunk, step: PackedStep, group: list[_Running], hidden) -> None:
+        """Prefills that asked for their prompt's logprobs get them from every row's logits, not the last alone."""
+        start = 0
+        for r, n in zip(group, step.lengths):
+            if r.request.prompt_logprobs is not None and r.request.prompt_logprobs_result is None and not r.seq.output:
+                r.request.prompt_logprobs_result = await self._run(
+                    prompt_logprobs, trunk.logits, hidden[start:start + n], r.seq.pending, r.request.prompt_logprobs)
+            start += n
 
     def _stream_text(self, r: _Running) -> str:
         """New text that is safe to send: held back while it could still be a stop string's start."""

@@ -109,3 +109,37 @@ async def test_a_private_owner_holds_at_most_its_quota(tmp_path):
             await client.close()
         worker.stop()
         sched.stop()
+
+
+async def test_prefetched_blocks_are_warm_when_their_layer_calls(tmp_path):
+    path = init_checkpoint(tmp_path / "pre", "qwen2_moe", seed=4, progress=False)
+    config = MoEConfig.from_pretrained(path)
+    sched, address = start_scheduler()
+    worker = join_worker(address, "w0", "256MiB")
+    client = None
+    try:
+        client = await connect(address, 1)
+        executor = remote(client, path, 4)
+        layer = config.moe_layers[1]
+        x, routing = layer_input(config)
+        experts = sorted(set(routing.experts.reshape(-1).tolist()))
+        executor.prefetch(layer, experts)
+        blocks = {e // 4 for e in experts}
+        assert executor.prefetch_stats.issued == len(blocks)
+        for _ in range(100):  # the loads run in the background
+            if client.stats.prefetches == len(blocks):
+                break
+            await asyncio.sleep(0.05)
+        assert client.stats.prefetches == len(blocks)
+        got = await executor.run_layer(layer, x, routing)
+        assert torch.allclose(got, in_process(path, 4).run_layer(layer, x, routing), atol=1e-6)
+        cost = executor.take_step_cost()
+        assert cost.cold_starts == 0 and cost.invocations == len(blocks)  # every block was warm already
+        assert (executor.prefetch_stats.used, executor.prefetch_stats.wasted) == (len(blocks), 0)
+        executor.prefetch(layer, experts)  # resident now: nothing to issue
+        assert executor.prefetch_stats.issued == len(blocks)
+    finally:
+        if client is not None:
+            await client.close()
+        worker.stop()
+        sched.stop()
