@@ -31,6 +31,7 @@ from faasmoe.api.openai_requests import (
     parse_completion,
     parse_json_body,
     prepare,
+    prompt_top_logprobs,
     tokenize_body,
 )
 from faasmoe.api.openai_responses import ResponseShape
@@ -267,10 +268,11 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     prompt = await _off_loop(request, prepare, body, deployment.tokenizer, deployment.max_context,
                              deployment.config.vocab_size)
     gen = GenerationRequest(deployment.name, prompt.token_ids, prompt.params, tenant=tenant.name,
-                            logprobs=body.logprobs,
+                            logprobs=body.logprobs, prompt_logprobs=prompt_top_logprobs(body),
                             request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
     shape = ResponseShape(chat, gen.request_id, deployment.name, deployment.tokenizer, body.logprobs,
-                          prompt.echo_text)
+                          prompt.echo_text, prompt_ids=prompt.token_ids, echo_logprobs=body.echo and body.logprobs is not None,
+                          prompt_logprobs=body.prompt_logprobs)
     run = _admit(request, deployment, tenant, gen)
     try:
         run.submit()
@@ -353,7 +355,8 @@ async def _collect(request: web.Request, run: InFlightRequest, shape: ResponseSh
         raise ApiError(400, finished.error or "the request cannot be served as asked", "invalid_request_error")
     if finished.finish_reason == "error":
         raise ApiError(500, f"Generation failed: {finished.error}", "server_error")
-    return _json(shape.response(finished, tokens), headers={"X-Request-Id": shape.id})
+    return _json(shape.response(finished, tokens, run.request.prompt_logprobs_result),
+                 headers={"X-Request-Id": shape.id})
 
 
 async def _stream(request: web.Request, run: InFlightRequest, shape: ResponseShape,
@@ -366,6 +369,8 @@ async def _stream(request: web.Request, run: InFlightRequest, shape: ResponseSha
             await _send(response, chunk)
         async for event in run.events(_closed(request)):
             if isinstance(event, TokenEvent):
+                for chunk in shape.prompt_chunks(run.request.prompt_logprobs_result):  # once, at the first token
+                    await _send(response, chunk)
                 chunk = shape.token_chunk(event)
                 if chunk is not None:
                     await _send(response, chunk)

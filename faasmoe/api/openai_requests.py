@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MAX_STOP_STRINGS = 4
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy `logprobs` integer
 MAX_CHAT_TOP_LOGPROBS = 20
+MAX_PROMPT_LOGPROBS = 20  # vLLM's default max_logprobs
 # Chat requests may omit max_tokens (OpenAI: "up to the context"). The engine reserves KV room
 # and admission charges the tenant for the whole budget up front, so the default is bounded.
 DEFAULT_CHAT_MAX_TOKENS = 4096
@@ -122,8 +123,16 @@ class GenerationBody:
     include_usage: bool = False
     logprobs: int | None = None  # top alternatives per token (0 = the sampled token only); None = off
     echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's: top-N logprobs of every prompt token; None = off
     add_generation_prompt: bool = True  # chat: end the templated prompt with the assistant's turn
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat: extra template variables
+
+
+def prompt_top_logprobs(body: GenerationBody) -> int | None:
+    """How many alternatives the engine keeps per prompt token: vLLM's prompt_logprobs, or the completions
+    logprobs when echo shows the prompt (what lm-eval's loglikelihood asks for); None = none computed."""
+    wanted = [n for n in (body.prompt_logprobs, body.logprobs if body.echo else None) if n is not None]
+    return max(wanted) if wanted else None
 
 
 @dataclass
@@ -138,7 +147,7 @@ class PreparedPrompt:
 # Options accepted by both endpoints; values other than their neutral ones are rejected below.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
            "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user", "stop_token_ids",
-           "ignore_eos", "top_k", "min_p", "repetition_penalty"}
+           "ignore_eos", "top_k", "min_p", "repetition_penalty", "prompt_logprobs"}
 # vLLM's extra sampling options that clients send with their neutral value: accepted only as that.
 _NEUTRAL_EXTRAS: dict[str, tuple] = {"min_tokens": (0,), "skip_special_tokens": (True,),
                                      "include_stop_str_in_output": (False,)}
@@ -162,8 +171,6 @@ def parse_completion(body: dict) -> GenerationBody:
     out.max_tokens = _int(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, lo=1)
     out.logprobs = _int(body, "logprobs", None, lo=0, hi=MAX_COMPLETION_LOGPROBS)
     out.echo = _bool(body, "echo", False)
-    if out.echo and out.logprobs is not None:
-        raise invalid("echo together with logprobs is not supported: prompt logprobs are not computed.", "echo")
     if _int(body, "best_of", 1, lo=1) != 1:
         raise invalid("best_of must be 1: one completion is generated per request.", "best_of")
     if body.get("suffix") not in (None, ""):
@@ -275,6 +282,7 @@ def _parse_common(body: dict, chat: bool) -> GenerationBody:
     out.top_k = _int(body, "top_k", 0, lo=-1)
     out.min_p = _number(body, "min_p", 0.0, lo=0.0, hi=1.0)
     out.logit_bias = _parse_logit_bias(body.get("logit_bias"))
+    out.prompt_logprobs = _int(body, "prompt_logprobs", None, lo=0, hi=MAX_PROMPT_LOGPROBS)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid(f"user must be a string, got {_json_type(user)}.", "user")

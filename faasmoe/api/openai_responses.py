@@ -11,7 +11,7 @@ import functools
 import re
 import time
 
-from faasmoe.engine.requests import Finished, TokenEvent, Usage
+from faasmoe.engine.requests import Finished, PromptLogprob, TokenEvent, Usage
 from faasmoe.model.tokenizer import Tokenizer
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -68,7 +68,8 @@ class ResponseShape:
     """Builds the response objects of one `/v1/completions` or `/v1/chat/completions` request."""
 
     def __init__(self, chat: bool, request_id: str, model: str, tokenizer: Tokenizer, logprobs: int | None,
-                 echo_text: str = "", created: int | None = None) -> None:
+                 echo_text: str = "", created: int | None = None, prompt_ids: list[int] | None = None,
+                 echo_logprobs: bool = False, prompt_logprobs: int | None = None) -> None:
         self.chat = chat
         self.id = request_id
         self.model = model
@@ -79,18 +80,27 @@ class ResponseShape:
         self._pending: list[TokenEvent] = []  # tokens whose logprobs have not been streamed yet
         self._offset = len(echo_text)  # completions' text_offset of the next token
         self._role_sent = False  # chat streams: the role rides on the first token's chunk
+        self.prompt_ids = list(prompt_ids or [])
+        self.echo_logprobs = echo_logprobs  # completions: echo with logprobs covers the prompt's tokens too
+        self.prompt_logprobs = prompt_logprobs  # vLLM's choice-level prompt_logprobs, top N
+        self._prompt_sent = False
 
     # --- whole responses ------------------------------------------------------------------------
 
-    def response(self, finished: Finished, events: list[TokenEvent]) -> dict:
+    def response(self, finished: Finished, events: list[TokenEvent],
+                 prompt: list[PromptLogprob | None] | None = None) -> dict:
         """The non-streamed response (`text_completion` or `chat.completion`)."""
         logprobs = self._logprobs(events)
+        if self.echo_logprobs and not self.chat and prompt is not None:
+            logprobs = self._join(self._echo_logprobs(prompt), logprobs)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": finished.text},
                       "logprobs": logprobs, "finish_reason": finished.finish_reason}
         else:
             choice = {"index": 0, "text": self.echo_text + finished.text, "logprobs": logprobs,
                       "finish_reason": finished.finish_reason}
+        if self.prompt_logprobs is not None and prompt is not None:
+            choice["prompt_logprobs"] = self._vllm_prompt_logprobs(prompt)
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice],
                 "usage": usage_dict(finished.usage)}
@@ -98,9 +108,26 @@ class ResponseShape:
     # --- streams ----------------------------------------------------------------------------------
 
     def first_chunks(self) -> list[dict]:
-        """Chunks sent before any token: the prompt when completions echo it. Chat's role is not one of
-        them: as in vLLM it goes out with the first token, so a client's time to first chunk is real."""
-        return [self._chunk(self.echo_text)] if self.echo_text and not self.chat else []
+        """Chunks sent before any token: the prompt when completions echo it (unless its logprobs are
+        asked for: they exist after prefill, see prompt_chunks). Chat's role is not one of them: as in
+        vLLM it goes out with the first token, so a client's time to first chunk is real."""
+        if self.chat or not self.echo_text or self.echo_logprobs or self.prompt_logprobs is not None:
+            return []
+        self._prompt_sent = True
+        return [self._chunk(self.echo_text)]
+
+    def prompt_chunks(self, prompt: list[PromptLogprob | None] | None) -> list[dict]:
+        """Completions streams: at the first token, the echoed prompt with its logprobs (once)."""
+        if self._prompt_sent or self.chat:
+            return []
+        self._prompt_sent = True
+        if not (self.echo_text or self.prompt_logprobs is not None):
+            return []
+        logprobs = self._echo_logprobs(prompt) if self.echo_logprobs and prompt is not None else None
+        chunk = self._chunk(self.echo_text, logprobs=logprobs)
+        if self.prompt_logprobs is not None and prompt is not None:
+            chunk["choices"][0]["prompt_logprobs"] = self._vllm_prompt_logprobs(prompt)
+        return [chunk]
 
     def token_chunk(self, event: TokenEvent) -> dict | None:
         """The chunk carrying this token's text, or None while the engine holds its text back (chat's
@@ -150,6 +177,42 @@ class ResponseShape:
         if self.logprobs is None:
             return None
         return self._chat_logprobs(events) if self.chat else self._completion_logprobs(events)
+
+    def _echo_logprobs(self, prompt: list[PromptLogprob | None]) -> dict:
+        """The legacy format for the echoed prompt: the first token's logprob and top_logprobs are null."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for token_id, lp in zip(self.prompt_ids, prompt):
+            text = self.tokens.text(token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(None if lp is None else lp.logprob)
+            if lp is None:
+                out["top_logprobs"].append(None)
+            else:
+                top = {self.tokens.text(t): v for t, v in list(lp.top_logprobs.items())[:self.logprobs or 0]}
+                top.setdefault(text, lp.logprob)
+                out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    @staticmethod
+    def _join(first: dict, then: dict | None) -> dict:
+        return first if then is None else {k: first[k] + then[k] for k in first}
+
+    def _vllm_prompt_logprobs(self, prompt: list[PromptLogprob | None]) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt token None (the first) or {id: {logprob, rank, decoded_token}},
+        the prompt token itself and the top N."""
+        out: list[dict | None] = []
+        for token_id, lp in zip(self.prompt_ids, prompt):
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(t): {"logprob": v, "rank": rank, "decoded_token": self.tokens.text(t)}
+                     for rank, (t, v) in enumerate(list(lp.top_logprobs.items())[:self.prompt_logprobs], start=1)}
+            entry[str(token_id)] = {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": self.tokens.text(token_id)}
+            out.append(entry)
+        return out
 
     def _completion_logprobs(self, events: list[TokenEvent]) -> dict:
         """Legacy format: parallel lists; top_logprobs holds the top N and the sampled token."""

@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from faasmoe.engine.sampling import SamplingParams
+from faasmoe.engine.sampling import PromptLogprob, SamplingParams
 
 
 @dataclass
@@ -61,11 +61,14 @@ class GenerationRequest:
     params: SamplingParams
     tenant: str = ""
     logprobs: int | None = None  # top-N logprobs per token (OpenAI `logprobs`), None = off
+    prompt_logprobs: int | None = None  # top-N logprobs per prompt token (0: the prompt token's alone), None = off
     request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     arrived_at: float = field(default_factory=time.time)
     # Filled by the engine as it runs: the HTTP handler reads events from here.
     events: asyncio.Queue[TokenEvent | Finished] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    # Set by the engine at prefill, before the first TokenEvent, when prompt_logprobs is asked for.
+    prompt_logprobs_result: list[PromptLogprob | None] | None = None
 
     def cancel(self) -> None:
         """Client went away: the engine drops the sequence at its next step and frees it."""

@@ -109,6 +109,35 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt: list[int
     return x
 
 
+PROMPT_LOGPROB_ROWS = 256  # rows of [V] log-softmax computed at once: a long prompt must not hold N x V floats
+
+
+@dataclass
+class PromptLogprob:
+    """One prompt token's log-probability given the tokens before it, its rank, and the top alternatives."""
+
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top_logprobs: dict[int, float]
+
+
+def prompt_logprobs(logits_of, hidden: torch.Tensor, tokens: list[int], top: int) -> list[PromptLogprob | None]:
+    """Each prompt token's logprob under the model given the tokens before it (the first has none: None),
+    from the prefill's hidden rows [N, H]; `logits_of` maps rows to logits (the trunk's lm_head)."""
+    out: list[PromptLogprob | None] = [None]
+    for lo in range(0, len(tokens) - 1, PROMPT_LOGPROB_ROWS):
+        hi = min(lo + PROMPT_LOGPROB_ROWS, len(tokens) - 1)
+        lsm = torch.log_softmax(logits_of(hidden[lo:hi]).float(), dim=-1)
+        nxt = torch.tensor(tokens[lo + 1:hi + 1], device=lsm.device)
+        chosen = lsm.gather(1, nxt[:, None])[:, 0]
+        ranks = (lsm > chosen[:, None]).sum(-1) + 1
+        values, indices = torch.topk(lsm, top, dim=-1) if top > 0 else (None, None)
+        for i in range(hi - lo):
+            alternatives = {} if values is None else {int(t): float(v) for t, v in zip(indices[i], values[i])}
+            out.append(PromptLogprob(float(chosen[i]), int(ranks[i]), alternatives))
+    return out
+
+
 def logprobs_of(logits: torch.Tensor, token: int) -> float:
     """Log-probability of `token` under the model's (untempered) distribution."""
     return float(torch.log_softmax(logits.float(), dim=-1)[token])

@@ -303,3 +303,63 @@ async def test_sampling_options_reach_the_sampler(server: Server, checkpoint: Pa
     _, _, greedy = await raw(server, "POST", "/v1/completions", {**body, "temperature": 0})
     _, _, top1 = await raw(server, "POST", "/v1/completions", {**body, "temperature": 1.0, "top_k": 1, "seed": 9})
     assert top1["choices"][0]["text"] == greedy["choices"][0]["text"]
+
+
+# --- 1: prompt logprobs (lm-eval's loglikelihood: echo + logprobs; vLLM's prompt_logprobs) -----------------------
+
+
+def transformers_prompt_logprobs(checkpoint: Path, ids: list[int]):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager",
+                                                              experts_implementation="eager").eval()
+    with torch.no_grad():
+        lsm = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return lsm[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0], lsm
+
+
+async def test_echo_with_logprobs_are_transformers_prompt_logprobs(server: Server, checkpoint: Path) -> None:
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    ids = tokenizer.encode("The capital of France is Paris, and the capital of Italy is Rome.")
+    want, lsm = transformers_prompt_logprobs(checkpoint, ids)
+    # as lm-eval's local-completions sends it, through the openai SDK
+    out = await server.client().completions.create(model="tiny", prompt=[ids], echo=True, logprobs=1, max_tokens=1,
+                                                   temperature=0)
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    got = lp.token_logprobs[1:len(ids)]
+    assert max(abs(a - float(b)) for a, b in zip(got, want)) < 1e-4
+    assert lp.tokens[:len(ids)] == [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.text_offset[0] == 0 and out.choices[0].text.startswith(tokenizer.decode(ids))
+    # lm-eval's is_greedy compares the prompt token with the top alternative: transformers' argmax
+    for i, top in enumerate(lp.top_logprobs[1:len(ids)], start=1):
+        assert max(top, key=top.get) == tokenizer.decode([int(lsm[i - 1].argmax())], skip_special_tokens=False)
+        assert lp.tokens[i] in top
+    # a stream carries the same prompt logprobs in its first chunk
+    chunks = [c async for c in await server.client().completions.create(
+        model="tiny", prompt=[ids], echo=True, logprobs=1, max_tokens=1, temperature=0, stream=True)]
+    assert chunks[0].choices[0].text == tokenizer.decode(ids)
+    assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
+
+
+async def test_vllm_prompt_logprobs_field(server: Server, checkpoint: Path) -> None:
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    ids = tokenizer.encode("Mixture of experts, served as functions.")
+    want, lsm = transformers_prompt_logprobs(checkpoint, ids)
+    status, _, out = await raw(server, "POST", "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 1,
+                                                                  "prompt_logprobs": 2})
+    assert status == 200, out
+    prompt = out["choices"][0]["prompt_logprobs"]
+    assert len(prompt) == len(ids) and prompt[0] is None
+    for i, entry in enumerate(prompt[1:], start=1):
+        own = entry[str(ids[i])]
+        assert abs(own["logprob"] - float(want[i - 1])) < 1e-4
+        assert own["rank"] == int((lsm[i - 1] > lsm[i - 1, ids[i]]).sum()) + 1
+        assert own["decoded_token"] == tokenizer.decode([ids[i]], skip_special_tokens=False)
+        top2 = lsm[i - 1].topk(2).indices.tolist()
+        assert set(entry) == {str(t) for t in top2} | {str(ids[i])}
+    status, _, chat = await raw(server, "POST", "/v1/chat/completions", {**CHAT, "prompt_logprobs": 0})
+    assert status == 200 and chat["choices"][0]["prompt_logprobs"][0] is None
+    assert len(chat["choices"][0]["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert all(len(e) == 1 for e in chat["choices"][0]["prompt_logprobs"][1:])

@@ -336,7 +336,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": "yes"}, "stream"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}},
      "stream_options"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": -2}, "top_k"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"999999": 1}}, "logit_bias"),
