@@ -25,6 +25,26 @@ follow the Zipf target, capped where an expert would need more than every token.
 depends on the token, not its context, as it largely does in trained MoE models; attention and
 experts still read the whole hidden state. Measured on tiny qwen2_moe (16 experts, top-2), the
 busiest expert's load over the mean is ~1.2-1.5 at S=0, 2.3 at 0.5, 4.7 at 1, 7.5 at 1.5.
+
+Routing locality. Token-only routing has no temporal locality: consecutive tokens of a text
+pick the same first expert at chance (1/E), while trained models repeat it more, most in the
+middle layers (Mixtral-8x7B, arXiv 2401.04088 Table 5: 14% at layer 0, 24-28% at layer 15,
+20-26% at layer 31 against 12.5% at random). `routing_locality=L > 0` adds a context part to
+every router: layer 0's first attention head becomes a recency window. Its query and key read
+only the constant channel coordinate, on the two halves of one rotary pair of frequency theta,
+so its score is -A*sin((i-j)*theta) with A*theta = 0.35: weights exp(-0.35*(i-j)) over the last
+few tokens (theta is the highest frequency with pi/theta >= max_position_embeddings, so no
+older token ever scores near the newest). Its value reads the E routing-noise coordinates, its output goes to E
+more channel dimensions (no other writer touches them; embeddings are zero there and every
+row has the same norm, so the window does not depend on the token). Each router then mixes
+token noise and this moving average: logits = sqrt(1-b)*token + sqrt(b)*context (+ the skew
+offsets), with b = L * depth(layer) and depth rising from 0.1 at the first layer to 1 at the
+middle and 0.75 at the last, the shape of Table 5. L=0.4 comes close to it (measured on a
+tiny mixtral over Zipf text: see tests/model/test_routing_locality.py and `python -m
+faasmoe.model.synthetic.routing_stats`); the busiest/mean expert load stays that of token-only
+routing on the same text, 1.4-1.8 (use router_skew for more). It needs a family without q/k norms
+(qwen2_moe, mixtral) and float32 attention (the default compute dtype): the window lives in
+score differences of 0.35 on scores of ~1e4, which bf16 rounds away.
 """
 
 from __future__ import annotations
@@ -55,6 +75,9 @@ INDEX_FILE = "model.safetensors.index.json"
 PROGRESS_MIN_BYTES = 256 * 1024**2  # a tiny checkpoint writes in a blink; no bar for it
 _CHANNEL_BIAS = 4.0  # the constant channel coordinate, in units of the embedding std
 _ROUTER_LOGIT_STD = 1.0  # router logit noise at the embedding's own scale
+_LOCALITY_DECAY = 0.35  # per token: the recency window's weights are exp(-decay * lag)
+# Share of a router's logit variance from the context, over depth (0 = first layer, 1 = last), times L.
+_LOCALITY_DEPTH = ((0.0, 0.1), (0.5, 1.0), (1.0, 0.75))
 
 
 @dataclass(frozen=True)
@@ -189,27 +212,89 @@ def zipf_offsets(num_experts: int, top_k: int, exponent: float, steps: int = 100
     return offsets.float()
 
 
-class _RouterSkew:
-    """Rewrites the embedding, residual writers and routers for `router_skew` (module docstring)."""
+def locality_depth(layer: int, num_layers: int) -> float:
+    """The depth profile of routing locality at `layer` (module docstring); a lone layer gets the peak."""
+    t = 0.5 if num_layers == 1 else layer / (num_layers - 1)
+    (x0, y0), *rest = _LOCALITY_DEPTH
+    for x1, y1 in rest:
+        if t <= x1:
+            return y0 + (y1 - y0) * (t - x0) / (x1 - x0)
+        x0, y0 = x1, y1
+    return y0
 
-    def __init__(self, p: Preset, exponent: float, seed: int) -> None:
-        if p.num_experts + 1 > p.hidden_size:
-            raise ValueError(f"router_skew needs hidden_size > num_experts ({p.hidden_size} <= {p.num_experts})")
+
+class _RouterSkew:
+    """Rewrites the embedding, residual writers, routers (and with locality layer 0's first
+    attention head) for `router_skew` and `routing_locality` (module docstring)."""
+
+    def __init__(self, p: Preset, exponent: float, seed: int, locality: float = 0.0) -> None:
+        E, H = p.num_experts, p.hidden_size
+        ctx = E if locality > 0 else 0
+        if E + 1 + ctx > H:
+            raise ValueError(f"router_skew / routing_locality need hidden_size > {E + ctx} (it is {H})")
+        if locality > 0 and p.qk_norm != "none":
+            raise ValueError(f"routing_locality needs a family without q/k norms (qwen2_moe, mixtral), not {p.family}")
+        if locality > 0 and p.dim_per_head < E:
+            raise ValueError(f"routing_locality needs head_dim >= num_experts ({p.dim_per_head} < {E})")
         gen = torch.Generator().manual_seed(_seed_of(seed, "router_skew"))
-        channel = torch.randperm(p.hidden_size, generator=gen)[: p.num_experts + 1]
-        self.bias_dim, self.noise_dims, self.channel = int(channel[0]), channel[1:], channel
-        self.std, self.seed, self.num_experts = p.initializer_range, seed, p.num_experts
+        channel = torch.randperm(H, generator=gen)[: E + 1 + ctx]
+        self.bias_dim, self.noise_dims, self.ctx_dims = int(channel[0]), channel[1:E + 1], channel[E + 1:]
+        self.channel = channel
+        self.std, self.seed, self.num_experts, self.num_layers = p.initializer_range, seed, E, p.num_layers
         self.bias_value = _CHANNEL_BIAS * self.std
         # Logits scale as sqrt(H)/|h|, and attention grows |h| past the embedding's std*sqrt(H) by
         # about max(1, std*H): this keeps router logits O(1) (selection itself is scale-free).
-        self.scale = _ROUTER_LOGIT_STD * max(1.0, self.std * p.hidden_size)
-        self.offsets = zipf_offsets(p.num_experts, p.top_k, exponent)
+        self.scale = _ROUTER_LOGIT_STD * max(1.0, self.std * H)
+        self.offsets = zipf_offsets(E, p.top_k, exponent)
+        self.locality = locality
+        if locality > 0:
+            self._plan_window(p, gen)
+
+    def _plan_window(self, p: Preset, gen: torch.Generator) -> None:
+        """Layer 0, head 0: score -A*sin((i-j)*theta) on one rotary pair = an exponential recency window.
+
+        Rotary pair f turns (e_f, e_f+d/2) by position*theta: with q on e_f+d/2 and k on e_f, q_i.k_j is
+        -|q||k| sin((i-j)*theta), about -|q||k|*theta*(i-j) while (i-j)*theta < pi/2.
+        """
+        d = p.dim_per_head
+        freqs = 1.0 / p.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        slow = [f for f in range(d // 2) if math.pi / freqs[f] >= p.max_position_embeddings]
+        self.pair = slow[0] if slow else d // 2 - 1
+        theta = float(freqs[self.pair])
+        amplitude = _LOCALITY_DECAY / theta
+        # Every embedding row has norm std*sqrt(H), so after the input norm the constant coordinate is this:
+        normed = math.sqrt(self.std**2 + p.rms_norm_eps)
+        self.qk_weight = math.sqrt(amplitude * math.sqrt(d)) / (self.bias_value / normed)  # |q||k| / sqrt(d) = A
+        self.value_basis, _ = torch.linalg.qr(torch.randn(self.num_experts, self.num_experts, generator=gen))
+        w = torch.exp(-_LOCALITY_DECAY * torch.arange(0, 256, dtype=torch.float64))
+        # The window averages values of std std/normed: this gain gives the context the embedding's std again.
+        self.out_gain = float(w.sum() / w.pow(2).sum().sqrt() * normed)
+        self.head_dim = d
 
     def apply(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        head0 = self.locality > 0 and layer == 0
+        d = getattr(self, "head_dim", 0)
         if name == "model.embed_tokens.weight":
             t[:, self.bias_dim] = self.bias_value
+            if self.locality > 0:  # no context in the embedding, and one norm for every row
+                t[:, self.ctx_dims] = 0.0
+                norm = self.std * math.sqrt(t.shape[1])
+                free = torch.ones(t.shape[1], dtype=torch.bool)
+                free[self.channel[: self.num_experts + 1]] = False
+                fixed = t[:, ~free].pow(2).sum(1, keepdim=True)
+                t[:, free] *= ((norm**2 - fixed).clamp_min(0) / t[:, free].pow(2).sum(1, keepdim=True)).sqrt()
         elif name.endswith(("o_proj.weight", "down_proj.weight", ".w2.weight")):
             t[self.channel, :] = 0.0
+            if head0 and name.endswith("o_proj.weight"):
+                t[:, :d] = 0.0  # head 0 writes the context and nothing else
+                t[self.ctx_dims, torch.arange(self.num_experts)] = self.out_gain
+        elif head0 and name.endswith(("q_proj.weight", "k_proj.weight")):
+            t[:d] = 0.0
+            t[self.pair + (d // 2 if name.endswith("q_proj.weight") else 0), self.bias_dim] = self.qk_weight
+        elif head0 and name.endswith("v_proj.weight"):
+            t[:d] = 0.0
+            t[: self.num_experts, self.noise_dims] = self.value_basis
         elif name.endswith(".gate.weight"):  # a router (not shared_expert_gate)
             gen = torch.Generator().manual_seed(_seed_of(self.seed, name + ":skew"))
             rank = torch.randperm(self.num_experts, generator=gen)
@@ -217,7 +302,11 @@ class _RouterSkew:
             t.zero_()
             # Orthonormal rows read the N(0, std^2) embedding coordinates: i.i.d. noise of std
             # scale*std per expert; the constant coordinate adds offsets in units of that noise.
-            t[:, self.noise_dims] = self.scale * basis
+            share = self.locality * locality_depth(layer, self.num_layers) if self.locality > 0 else 0.0
+            t[:, self.noise_dims] = self.scale * math.sqrt(1 - share) * basis
+            if share:
+                context, _ = torch.linalg.qr(torch.randn(self.num_experts, self.num_experts, generator=gen))
+                t[:, self.ctx_dims] = self.scale * math.sqrt(share) * context
             t[:, self.bias_dim] = self.scale * self.std * self.offsets[rank] / self.bias_value
         return t
 
@@ -287,11 +376,13 @@ def init_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     progress: bool = True,
     expert_format: str = "per_expert",
+    routing_locality: float = 0.0,
 ) -> Path:
     """Write a random checkpoint of `family`/`preset` into out_dir (replacing one there) and return it.
 
     dtype None takes the preset's (tiny: float32, real shapes: bfloat16); layers keeps the first
-    N layers; router_skew is the Zipf exponent of expert popularity (module docstring). `preset` may
+    N layers; router_skew is the Zipf exponent of expert popularity, routing_locality in [0, 1) the
+    share of router logits that follows the last few tokens at the most local layer (module docstring). `preset` may
     also be a Preset of `family` (a custom shape).
     """
     if isinstance(preset, Preset):
@@ -304,6 +395,8 @@ def init_checkpoint(
     torch_dtype = DTYPES[dtype_name]
     if router_skew < 0 or not math.isfinite(router_skew):
         raise ValueError(f"router_skew must be a finite number >= 0, got {router_skew}")
+    if not 0 <= routing_locality < 1:
+        raise ValueError(f"routing_locality must be in [0, 1), got {routing_locality}")
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     if sys.byteorder != "little":
@@ -313,7 +406,7 @@ def init_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     _clear_old_checkpoint(out)
 
-    skew = _RouterSkew(p, router_skew, seed) if router_skew > 0 else None
+    skew = _RouterSkew(p, router_skew, seed, routing_locality) if router_skew > 0 or routing_locality > 0 else None
 
     def make(name: str, shape: tuple[int, ...], init: str) -> torch.Tensor:
         return _make_part(name, shape, init, p.initializer_range, seed, skew)
