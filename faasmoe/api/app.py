@@ -8,6 +8,7 @@ failure leaves through one middleware that renders OpenAI's error JSON.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import importlib.metadata
 import json
@@ -34,9 +35,10 @@ from faasmoe.api.openai_requests import (
     prompt_top_logprobs,
     tokenize_body,
 )
-from faasmoe.api.openai_responses import ResponseShape
+from faasmoe.api.openai_responses import ResponseShape, usage_dict
 from faasmoe.engine.deployments import Deployment, Deployments
-from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent
+from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
+from faasmoe.engine.sampling import SamplingParams
 from faasmoe.tenancy.admission import Admission
 from faasmoe.tenancy.ledger import UsageLedger, parse_since
 from faasmoe.tenancy.tenants import Tenant, TenantStore
@@ -267,20 +269,35 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         raise model_not_found(body.model)
     prompt = await _off_loop(request, prepare, body, deployment.tokenizer, deployment.max_context,
                              deployment.config.vocab_size)
-    gen = GenerationRequest(deployment.name, prompt.token_ids, prompt.params, tenant=tenant.name,
-                            logprobs=body.logprobs, prompt_logprobs=prompt_top_logprobs(body),
-                            request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
-    shape = ResponseShape(chat, gen.request_id, deployment.name, deployment.tokenizer, body.logprobs,
-                          prompt.echo_text, prompt_ids=prompt.token_ids, echo_logprobs=body.echo and body.logprobs is not None,
-                          prompt_logprobs=body.prompt_logprobs)
-    run = _admit(request, deployment, tenant, gen)
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    runs: list[InFlightRequest] = []
+    shapes: list[ResponseShape] = []
     try:
-        run.submit()
+        for i in range(body.n):  # n choices are n sequences, each admitted (and metered) on its own
+            gen = GenerationRequest(deployment.name, prompt.token_ids, _choice_params(prompt.params, i),
+                                    tenant=tenant.name, logprobs=body.logprobs, prompt_logprobs=prompt_top_logprobs(body),
+                                    request_id=request_id if body.n == 1 else f"{request_id}-{i}")
+            shapes.append(ResponseShape(chat, request_id, deployment.name, deployment.tokenizer, body.logprobs,
+                                        prompt.echo_text, prompt_ids=prompt.token_ids,
+                                        echo_logprobs=body.echo and body.logprobs is not None,
+                                        prompt_logprobs=body.prompt_logprobs, index=i))
+            runs.append(_admit(request, deployment, tenant, gen))
+        for run in runs:
+            run.submit()
         if body.stream:
-            return await _stream(request, run, shape, body)
-        return await _collect(request, run, shape)
+            return await _stream(request, runs, shapes, body)
+        return await _collect(request, runs, shapes)
     finally:
-        run.abandon()  # a no-op when it completed; otherwise frees the sequence and the tenant's slot
+        for run in runs:
+            run.abandon()  # a no-op when it completed; otherwise frees the sequence and the tenant's slot
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index` of n: its own seed (seed + index) so that seeded choices differ and reproduce."""
+    if index == 0 or params.seed is None:
+        return params
+    seed = params.seed + index if params.seed + index < 2**64 else params.seed - index
+    return dataclasses.replace(params, seed=seed)
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -335,39 +352,70 @@ def _closed(request: web.Request) -> Callable[[], bool]:
     return lambda: request.transport is None or request.transport.is_closing()
 
 
-async def _collect(request: web.Request, run: InFlightRequest, shape: ResponseShape) -> web.StreamResponse:
-    tokens: list[TokenEvent] = []
-    finished: Finished | None = None
+async def _collect(request: web.Request, runs: list[InFlightRequest], shapes: list[ResponseShape]) -> web.StreamResponse:
     try:
-        async for event in run.events(_closed(request)):
-            if isinstance(event, TokenEvent):
-                tokens.append(event)
-            else:
-                finished = event
+        outcomes = await asyncio.gather(*(_events_of(request, run) for run in runs))
     except ClientGone:
         return web.Response(status=499)  # nginx's "client closed request": only the access log sees it
-    assert finished is not None
-    await run.complete(finished)
-    if finished.finish_reason == "error" and finished.error_code == "unavailable":  # no worker could run it
-        raise ApiError(503, f"No expert worker could serve the request right now ({finished.error}); retry shortly.",
-                       "server_error", code="unavailable", headers={"Retry-After": "1"})
-    if finished.finish_reason == "error" and finished.error_code == "invalid":
-        raise ApiError(400, finished.error or "the request cannot be served as asked", "invalid_request_error")
-    if finished.finish_reason == "error":
-        raise ApiError(500, f"Generation failed: {finished.error}", "server_error")
-    return _json(shape.response(finished, tokens, run.request.prompt_logprobs_result),
-                 headers={"X-Request-Id": shape.id})
+    for run, (finished, _) in zip(runs, outcomes):
+        await run.complete(finished)
+    for finished, _ in outcomes:
+        if finished.finish_reason == "error" and finished.error_code == "unavailable":  # no worker could run it
+            raise ApiError(503, f"No expert worker could serve the request right now ({finished.error}); retry "
+                           "shortly.", "server_error", code="unavailable", headers={"Retry-After": "1"})
+        if finished.finish_reason == "error" and finished.error_code == "invalid":
+            raise ApiError(400, finished.error or "the request cannot be served as asked", "invalid_request_error")
+        if finished.finish_reason == "error":
+            raise ApiError(500, f"Generation failed: {finished.error}", "server_error")
+    bodies = [shape.response(finished, tokens, run.request.prompt_logprobs_result)
+              for shape, run, (finished, tokens) in zip(shapes, runs, outcomes)]
+    out = bodies[0]
+    if len(bodies) > 1:
+        out["choices"] = [b["choices"][0] for b in bodies]
+        out["usage"] = usage_dict(_total_usage([finished.usage for finished, _ in outcomes]))
+    return _json(out, headers={"X-Request-Id": shapes[0].id})
 
 
-async def _stream(request: web.Request, run: InFlightRequest, shape: ResponseShape,
+async def _events_of(request: web.Request, run: InFlightRequest) -> tuple[Finished, list[TokenEvent]]:
+    tokens: list[TokenEvent] = []
+    async for event in run.events(_closed(request)):
+        if isinstance(event, TokenEvent):
+            tokens.append(event)
+        else:
+            return event, tokens
+    raise AssertionError("events end with Finished")
+
+
+def _total_usage(usages: list[Usage]) -> Usage:
+    """n choices of one prompt: its tokens once (as OpenAI reports them), every choice's completion."""
+    return Usage(prompt_tokens=usages[0].prompt_tokens, completion_tokens=sum(u.completion_tokens for u in usages))
+
+
+async def _stream(request: web.Request, runs: list[InFlightRequest], shapes: list[ResponseShape],
                   body: GenerationBody) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no", "X-Request-Id": shape.id})
+                                           "X-Accel-Buffering": "no", "X-Request-Id": shapes[0].id})
+    merged: asyncio.Queue[tuple[int, TokenEvent | Finished | BaseException]] = asyncio.Queue()
+
+    async def pump(i: int, run: InFlightRequest) -> None:  # n choices' events, interleaved as they come
+        try:
+            async for event in run.events(_closed(request)):
+                merged.put_nowait((i, event))
+        except Exception as exc:  # ClientGone: re-raised below
+            merged.put_nowait((i, exc))
+
+    pumps = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
     try:
         await response.prepare(request)
-        for chunk in shape.first_chunks():
-            await _send(response, chunk)
-        async for event in run.events(_closed(request)):
+        for shape in shapes:
+            for chunk in shape.first_chunks():
+                await _send(response, chunk)
+        ends: list[Finished] = []
+        while len(ends) < len(runs):
+            i, event = await merged.get()
+            if isinstance(event, BaseException):
+                raise event
+            run, shape = runs[i], shapes[i]
             if isinstance(event, TokenEvent):
                 for chunk in shape.prompt_chunks(run.request.prompt_logprobs_result):  # once, at the first token
                     await _send(response, chunk)
@@ -375,18 +423,23 @@ async def _stream(request: web.Request, run: InFlightRequest, shape: ResponseSha
                 if chunk is not None:
                     await _send(response, chunk)
                 continue
+            ends.append(event)
             await run.complete(event)  # usage is durable before the client sees the end
             if event.finish_reason == "error":
                 code = event.error_code or None  # "unavailable": a client may retry
                 await _send(response, error_body(f"Generation failed: {event.error}", "server_error", code=code))
             else:
                 await _send(response, shape.final_chunk(event.finish_reason))
-                if body.include_usage:  # as OpenAI and vLLM: usage only when asked, in a chunk of its own
-                    await _send(response, shape.usage_chunk(event.usage))
-            await response.write(b"data: [DONE]\n\n")
+        if body.include_usage and all(e.finish_reason != "error" for e in ends):
+            # as OpenAI and vLLM: usage only when asked, in a chunk of its own
+            await _send(response, shapes[0].usage_chunk(_total_usage([e.usage for e in ends])))
+        await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionResetError:  # ClientGone, or a write to a closed socket
-        log.info("client of %s went away mid-stream", shape.id)
+        log.info("client of %s went away mid-stream", shapes[0].id)
+    finally:
+        for task in pumps:
+            task.cancel()
     return response
 
 

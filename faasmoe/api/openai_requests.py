@@ -23,6 +23,7 @@ MAX_STOP_STRINGS = 4
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy `logprobs` integer
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_PROMPT_LOGPROBS = 20  # vLLM's default max_logprobs
+MAX_CHOICES = 16  # n: each choice is a sequence with its own KV cache and concurrency slot
 # Chat requests may omit max_tokens (OpenAI: "up to the context"). The engine reserves KV room
 # and admission charges the tenant for the whole budget up front, so the default is bounded.
 DEFAULT_CHAT_MAX_TOKENS = 4096
@@ -119,6 +120,7 @@ class GenerationBody:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    n: int = 1  # choices, each its own sequence
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # top alternatives per token (0 = the sampled token only); None = off
@@ -268,8 +270,7 @@ def _parse_common(body: dict, chat: bool) -> GenerationBody:
     out.top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0)
     if out.top_p == 0.0:
         raise invalid("top_p must be greater than 0 and at most 1, got 0.", "top_p")
-    if _int(body, "n", 1, lo=1) != 1:
-        raise invalid("n must be 1: one choice is generated per request.", "n")
+    out.n = _int(body, "n", 1, lo=1, hi=MAX_CHOICES)
     out.seed = _int(body, "seed", None, lo=_SEED_RANGE[0], hi=_SEED_RANGE[1])
     out.stop = _parse_stop(body.get("stop"))
     out.stop_token_ids = _int_list(body, "stop_token_ids")

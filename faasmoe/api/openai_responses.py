@@ -69,7 +69,7 @@ class ResponseShape:
 
     def __init__(self, chat: bool, request_id: str, model: str, tokenizer: Tokenizer, logprobs: int | None,
                  echo_text: str = "", created: int | None = None, prompt_ids: list[int] | None = None,
-                 echo_logprobs: bool = False, prompt_logprobs: int | None = None) -> None:
+                 echo_logprobs: bool = False, prompt_logprobs: int | None = None, index: int = 0) -> None:
         self.chat = chat
         self.id = request_id
         self.model = model
@@ -84,6 +84,7 @@ class ResponseShape:
         self.echo_logprobs = echo_logprobs  # completions: echo with logprobs covers the prompt's tokens too
         self.prompt_logprobs = prompt_logprobs  # vLLM's choice-level prompt_logprobs, top N
         self._prompt_sent = False
+        self.index = index  # the choice's index among n
 
     # --- whole responses ------------------------------------------------------------------------
 
@@ -94,10 +95,10 @@ class ResponseShape:
         if self.echo_logprobs and not self.chat and prompt is not None:
             logprobs = self._join(self._echo_logprobs(prompt), logprobs)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": finished.text},
+            choice = {"index": self.index, "message": {"role": "assistant", "content": finished.text},
                       "logprobs": logprobs, "finish_reason": finished.finish_reason}
         else:
-            choice = {"index": 0, "text": self.echo_text + finished.text, "logprobs": logprobs,
+            choice = {"index": self.index, "text": self.echo_text + finished.text, "logprobs": logprobs,
                       "finish_reason": finished.finish_reason}
         if self.prompt_logprobs is not None and prompt is not None:
             choice["prompt_logprobs"] = self._vllm_prompt_logprobs(prompt)
@@ -152,7 +153,7 @@ class ResponseShape:
         return {**self._envelope(), "choices": [], "usage": usage_dict(usage)}
 
     def _chunk(self, delta: dict | str, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
-        choice: dict = {"index": 0}
+        choice: dict = {"index": self.index}
         if self.chat:
             choice["delta"] = delta
         else:

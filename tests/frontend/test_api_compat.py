@@ -363,3 +363,28 @@ async def test_vllm_prompt_logprobs_field(server: Server, checkpoint: Path) -> N
     assert status == 200 and chat["choices"][0]["prompt_logprobs"][0] is None
     assert len(chat["choices"][0]["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
     assert all(len(e) == 1 for e in chat["choices"][0]["prompt_logprobs"][1:])
+
+
+async def test_n_choices(server: Server) -> None:
+    client = server.client()
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=1.5, seed=11,
+              extra_body={"ignore_eos": True})
+    out = await client.completions.create(**kw, n=3)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    singles = [await client.completions.create(**{**kw, "seed": 11 + i}) for i in range(3)]
+    assert [c.text for c in out.choices] == [s.choices[0].text for s in singles]  # choice i: seed + i
+    assert len({c.text for c in out.choices}) > 1
+    assert out.usage.prompt_tokens == singles[0].usage.prompt_tokens and out.usage.completion_tokens == 18
+    chat = await client.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=4, temperature=0,
+                                                n=2)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
+    chunks = [c async for c in await client.completions.create(**kw, n=3, stream=True,
+                                                               stream_options={"include_usage": True})]
+    texts = ["", "", ""]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in out.choices]
+    assert sorted(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason) == ["length"] * 3
+    assert chunks[-1].usage.completion_tokens == 18 and chunks[-1].usage.prompt_tokens == out.usage.prompt_tokens

@@ -326,7 +326,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny", "prompt": 42}, "prompt"),
     ("/v1/completions", {"model": "tiny"}, "prompt"),
     ("/v1/completions", {"prompt": "x"}, "model"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 0}, "n"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": 3}, "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 6}, "logprobs"),
