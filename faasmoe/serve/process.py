@@ -139,11 +139,11 @@ def _check_model_dir(path: Path) -> None:
 def default_model_name(path: Path) -> str:
     """A MODEL_DIR's served name: its directory's, or the repo id of a Hugging Face cache snapshot
     (`.../models--Org--Name/snapshots/<hash>` is `Org/Name`, not the hash)."""
-    resolved = Path(path).resolve()
-    repo = resolved.parent.parent.name
-    if resolved.parent.name == "snapshots" and repo.startswith("models--") and len(repo) > len("models--"):
-        return repo[len("models--"):].replace("--", "/")  # the cache spells '/' as '--'; ids hold no '--'
-    return resolved.name
+    for where in (Path(os.path.abspath(path)), Path(path).resolve()):  # the path as given, then links followed
+        repo = where.parent.parent.name
+        if where.parent.name == "snapshots" and repo.startswith("models--") and len(repo) > len("models--"):
+            return repo[len("models--"):].replace("--", "/")  # the cache spells '/' as '--'; ids hold no '--'
+    return Path(path).resolve().name
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -170,12 +170,20 @@ def _listen_error(host: str, port: int, exc: OSError) -> ValueError:
     return ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a line is logged (a redirection made later included)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def access_logger() -> logging.Logger:
     """`--access-log`: aiohttp's access lines (client, time, request line, status, bytes) on stdout."""
     logger = logging.getLogger("faasmoe.access")
     logger.setLevel(logging.INFO)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.propagate = False

@@ -3,6 +3,7 @@ failures, --served-model-name and Hugging Face cache snapshots, --allowed-origin
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import logging
 import socket
@@ -96,5 +97,30 @@ def test_allowed_origins_and_access_log_flags(model: Path, capsys) -> None:
     assert args.allowed_origins == [] and not args.access_log
     logger = access_logger()
     assert logger.level == logging.INFO and not logger.propagate
-    logger.info('127.0.0.1 "GET /health HTTP/1.1" 200')
+
+    async def one_request() -> None:  # the frontend's runner, as `serve --access-log` builds it
+        import aiohttp
+        from aiohttp import web
+
+        from faasmoe.api.app import FrontendContext, create_app
+        from faasmoe.api.http_server import FrontendRunner
+        from faasmoe.engine.deployments import Deployments
+        from faasmoe.tenancy.admission import Admission
+
+        async def nothing():
+            return ""
+
+        ctx = FrontendContext(Deployments(), None, None, None, Admission(), None, nothing, nothing)
+        runner = FrontendRunner(create_app(ctx), access_log=logger)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/health") as resp:
+                    assert resp.status == 200
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(one_request())
     assert '"GET /health HTTP/1.1" 200' in capsys.readouterr().out
