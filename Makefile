@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 TINY_MODEL ?= models/tiny-qwen2_moe
 
-.PHONY: install run test bench bench-paper clean
+.PHONY: install run test bench bench-paper bench-peer clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,11 @@ bench: install
 PAPER_ARGS ?=
 bench-paper: install
 	$(PY) bench/paper.py $(PAPER_ARGS)
+
+# FaaSMoE against vLLM's CPU build on this machine (installs vLLM into .venv-vllm/ on first use).
+PEER_ARGS ?=
+bench-peer: install
+	$(PY) bench/peer.py $(PEER_ARGS)
 
 clean:
 	rm -rf $(VENV) models .pytest_cache
