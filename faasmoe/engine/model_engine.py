@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,7 @@ class _Running:
     seq: Sequence
     usage: Usage
     streamed: int = 0  # characters of seq.text already sent
+    unfed: list[int] = field(default_factory=list)  # prompt tokens after this step's prefill chunk
 
 
 class ModelEngine:
@@ -58,6 +59,7 @@ class ModelEngine:
         kv_bytes_per_token: int | None = None,
         micro_batches: int = 1,
         prefetch: bool = True,
+        prefill_chunk_tokens: int = 2048,
     ) -> None:
         self.name = name
         self._trunk = trunk
@@ -72,6 +74,7 @@ class ModelEngine:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.micro_batches = micro_batches  # a step's sequences in this many groups that overlap trunk and experts
         self.prefetch = prefetch  # pre-gate the next layer's blocks (a no-op for in-process experts)
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[_Running] = []
         self.steps = 0
@@ -135,7 +138,7 @@ class ModelEngine:
                 self.waiting.popleft()
                 request.events.put_nowait(Finished("cancelled", "", Usage(len(request.prompt_token_ids))))
                 continue
-            need = len(request.prompt_token_ids)
+            need = min(len(request.prompt_token_ids), self.prefill_chunk_tokens)  # its first chunk
             if need > budget and self.running:
                 break  # next step: a long prompt waits for room rather than starving decodes
             kv = self._kv_worst_case(request)
@@ -187,8 +190,22 @@ class ModelEngine:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
 
+    def _chunk_prefills(self, batch: list[_Running]) -> None:
+        """Chunked prefill: decodes take one token each; prompts share the rest of the step's token
+        budget, in order, at most prefill_chunk_tokens each, so a long prompt does not stall the
+        running decodes for a whole long step. What is left waits in `unfed` for the next step."""
+        room = self.max_batch_tokens - sum(1 for r in batch if r.seq.output)
+        for r in batch:
+            if r.seq.output or r.request.prompt_logprobs is not None:  # prompt logprobs need the prompt whole
+                continue
+            take = max(1, min(len(r.seq.pending), self.prefill_chunk_tokens, room))
+            if take < len(r.seq.pending):
+                r.seq.pending, r.unfed = r.seq.pending[:take], r.seq.pending[take:]
+            room -= take
+
     async def _step(self, batch: list[_Running]) -> None:
         trunk = self._trunk()
+        self._chunk_prefills(batch)
         groups = micro_batches(batch, self.micro_batches)
         steps = [PackedStep.build(trunk.config, [r.seq.pending for r in g], [r.seq.cache for r in g], trunk.device)
                  for g in groups]
@@ -215,6 +232,9 @@ class ModelEngine:
             u.expert_compute_s += cost.compute_s * share
             u.cold_starts += cost.cold_starts * share
             u.resident_byte_seconds += cost.touched_bytes * share * self._last_step_s
+            if r.unfed:  # mid-prompt: nothing to sample yet
+                r.seq.pending, r.unfed = r.unfed, []
+                continue
             token = r.seq.accept(rows[i])
             u.completion_tokens += 1
             top = None

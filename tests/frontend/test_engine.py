@@ -173,3 +173,26 @@ def test_micro_batches_split_by_tokens() -> None:
     assert [len(g) for g in micro_batches(batch, 3)] == [2, 1, 1]
     assert [len(g) for g in micro_batches([seq(100), seq(1), seq(1)], 2)] == [1, 2]
     assert micro_batches(batch[:1], 4) == [batch[:1]]
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_beside_running_decodes(model_dir):
+    dep = deployment(model_dir)
+    dep.engine.prefill_chunk_tokens = 4
+    short, long = [3, 1, 4], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9]
+    first = asyncio.create_task(run(dep, short, 12))
+    while dep.engine.steps < 1:  # the short one is decoding when the long prompt arrives
+        await asyncio.sleep(0.001)
+    request = GenerationRequest("tiny", long, SamplingParams(max_tokens=4, ignore_eos=True))
+    submitted, decoded_before = dep.engine.steps, len(dep.engine.running)
+    dep.engine.submit(request)
+    tokens = [(await asyncio.wait_for(request.events.get(), 60)).token_id]
+    prefill_steps = dep.engine.steps - submitted
+    while not isinstance(event := await asyncio.wait_for(request.events.get(), 60), Finished):
+        tokens.append(event.token_id)
+    short_tokens, _ = await asyncio.wait_for(first, 60)
+    model = MoEModel.from_pretrained(model_dir, expert_block_size=4)
+    assert short_tokens == generate(model, [short], max_tokens=12, ignore_eos=True)[0].token_ids
+    assert tokens == generate(model, [long], max_tokens=4, ignore_eos=True)[0].token_ids
+    # chunks of 4 + 4 + 2, each beside a decode of the short one (+1: the step in flight at submit)
+    assert decoded_before == 1 and prefill_steps in (3, 4)
+    await dep.engine.stop()
