@@ -138,7 +138,7 @@ class ResponseShape:
         if self.chat and not self._role_sent:
             self._role_sent = True
             return self._chunk({"role": "assistant", "content": event.text}, logprobs=self._take_pending())
-        if not event.text:
+        if not event.text and self.logprobs is None:  # as vLLM: a token with no text yet waits, unless its logprob is asked
             return None
         return self._chunk({"content": event.text} if self.chat else event.text, logprobs=self._take_pending())
 

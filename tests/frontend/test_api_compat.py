@@ -388,3 +388,17 @@ async def test_n_choices(server: Server) -> None:
     assert texts == [c.text for c in out.choices]
     assert sorted(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason) == ["length"] * 3
     assert chunks[-1].usage.completion_tokens == 18 and chunks[-1].usage.prompt_tokens == out.usage.prompt_tokens
+
+
+async def test_a_token_without_text_is_streamed_when_its_logprob_is_asked(tmp_path) -> None:
+    from faasmoe.api.openai_responses import ResponseShape
+    from faasmoe.engine.requests import TokenEvent
+    from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
+    from faasmoe.model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(init_checkpoint(tmp_path / "t", "qwen2_moe", progress=False))
+    silent = TokenEvent(token_id=5, text="", logprob=-1.5, top_logprobs={5: -1.5})
+    with_logprobs = ResponseShape(False, "cmpl-1", "tiny", tokenizer, logprobs=1)
+    chunk = with_logprobs.token_chunk(silent)
+    assert chunk is not None and chunk["choices"][0]["logprobs"]["token_logprobs"] == [-1.5]  # clients count it
+    assert ResponseShape(False, "cmpl-2", "tiny", tokenizer, logprobs=None).token_chunk(silent) is None
