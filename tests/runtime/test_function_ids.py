@@ -8,6 +8,7 @@ block size. Every answer must be its own checkpoint's, as the in-process experts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 
 import torch
@@ -32,6 +33,22 @@ def in_process(path, block_size: int) -> LocalExpertExecutor:
     blocks = load_expert_blocks(ExpertLayout(CheckpointReader(path), config), block_size, torch.float32,
                                 torch.device("cpu"))
     return LocalExpertExecutor(blocks, block_size)
+
+
+@contextlib.asynccontextmanager
+async def one_worker_cluster():
+    """A real scheduler, one joined worker and a client connected to both; all stopped after."""
+    sched, address = start_scheduler()
+    worker = join_worker(address, "w0", "256MiB")
+    client = None
+    try:
+        client = await connect(address, 1)
+        yield client
+    finally:
+        if client is not None:
+            await client.close()
+        worker.stop()
+        sched.stop()
 
 
 def layer_input(config: MoEConfig, tokens: int = 12) -> tuple[torch.Tensor, Routing]:
@@ -80,11 +97,7 @@ async def test_a_private_owner_holds_at_most_its_quota(tmp_path):
     path = init_checkpoint(tmp_path / "mine", "qwen2_moe", seed=2, progress=False)
     config = MoEConfig.from_pretrained(path)
     block_bytes = 4 * config.expert_bytes(torch.float32)
-    sched, address = start_scheduler()
-    worker = join_worker(address, "w0", "256MiB")
-    client = None
-    try:
-        client = await connect(address, 1)
+    async with one_worker_cluster() as client:
         executor = RemoteExpertExecutor(client, "mine", path, config, 4, torch.float32, 600.0, owner="acme",
                                         owner_quota_bytes=2 * block_bytes)
         layer = config.moe_layers[0]
@@ -104,21 +117,13 @@ async def test_a_private_owner_holds_at_most_its_quota(tmp_path):
                 break
             await asyncio.sleep(0.1)
         assert 0 < held <= 2 * block_bytes, (held, block_bytes)
-    finally:
-        if client is not None:
-            await client.close()
-        worker.stop()
-        sched.stop()
+
 
 
 async def test_prefetched_blocks_are_warm_when_their_layer_calls(tmp_path):
     path = init_checkpoint(tmp_path / "pre", "qwen2_moe", seed=4, progress=False)
     config = MoEConfig.from_pretrained(path)
-    sched, address = start_scheduler()
-    worker = join_worker(address, "w0", "256MiB")
-    client = None
-    try:
-        client = await connect(address, 1)
+    async with one_worker_cluster() as client:
         executor = remote(client, path, 4)
         layer = config.moe_layers[1]
         x, routing = layer_input(config)
@@ -138,8 +143,3 @@ async def test_prefetched_blocks_are_warm_when_their_layer_calls(tmp_path):
         assert (executor.prefetch_stats.used, executor.prefetch_stats.wasted) == (len(blocks), 0)
         executor.prefetch(layer, experts)  # resident now: nothing to issue
         assert executor.prefetch_stats.issued == len(blocks)
-    finally:
-        if client is not None:
-            await client.close()
-        worker.stop()
-        sched.stop()
