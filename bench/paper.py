@@ -4,15 +4,21 @@
     python bench/paper.py --quick          # 3 tenants, a 30 s schedule: under 5 minutes on 2 cores
     python bench/paper.py --sweep all      # + block size, keep-alive, eviction and router-skew sweeps
     python bench/paper.py --toy            # tiny model, 2 tenants, seconds (the CI test's size)
+    python bench/paper.py --private-models --tenants 8   # each tenant its own fine-tune (seed = tenant)
 
-Setups (bench/paperlib/setups.py): baseline (a full in-process model per tenant), faasmoe-private
+Setups (bench/paperlib/setups.py): baseline (a full in-process model per tenant), whole-model (the
+same, unloading trunk and experts together after the experts' keep-alive idle and reloading the whole
+model on the next request: scale to zero per model, the Knative / Ray Serve way), faasmoe-private
 (per-tenant frontends, private expert functions on one worker pool), faasmoe-shared (one frontend,
 shared functions, cross-tenant batching), local-distribution (per-tenant trunks, shared functions on
 always-on workers). Every setup replays the same seeded schedule (bench/paperlib/workload.py), so
 the completed work is the same; each is measured from the same run: CPU % and RSS over all its
 processes, resident expert bytes, GPU memory on CUDA, client-side TTFT and inter-token latency,
-throughput and cold starts, per tenant and in total. Sweeps rerun faasmoe-shared with one knob
-changed. Prints Markdown, writes bench/results/paper.md, paper.json and paper_*.png.
+throughput and cold starts, GiB·s held (RSS integrated over the window) and the TTFT of cold requests
+(sent after their tenant idled for the keep-alive), per tenant and in total. With --private-models
+every tenant has its own checkpoint of one architecture (6-12 tenants' fine-tunes: different
+seeds). Sweeps rerun faasmoe-shared with one knob changed. Prints Markdown, writes
+bench/results/paper.md, paper.json and paper_*.png.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="schedule length in seconds (default: 120; quick 30)")
     parser.add_argument("--rate", type=float, help="requests/s per tenant while ON (default: 0.25)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
+    parser.add_argument("--private-models", action="store_true",
+                        help="each tenant its own fine-tune of the model (same architecture, weights seeded by the "
+                        "tenant's index), served in every setup; use with --tenants 6..12")
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of: {', '.join(SETUPS)}")
     parser.add_argument("--layers", type=int, help="layers of the real-shaped preset (default: 1)")
     parser.add_argument("--skew", type=float, default=None, help=f"router skew S (default: {DEFAULT_SKEW})")
@@ -107,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for s in args.sweep:
         if s not in SWEEPS:
             parser.error(f"--sweep: unknown sweep {s!r}; choose from {', '.join(SWEEPS)} or all")
+    if args.private_models and {"skew", "eviction"} & set(args.sweep):
+        parser.error("--private-models: the skew and eviction sweeps change the one checkpoint; run them without it")
     return args
 
 
@@ -133,13 +144,14 @@ def machine() -> dict:
 
 def check_memory(args: argparse.Namespace, model_dir: Path) -> None:
     """Refuse to start N full models that cannot fit: the machine would swap or kill processes."""
-    if "baseline" not in args.setups or args.device != "cpu":
+    full = [s for s in ("baseline", "whole-model") if s in args.setups]  # whole-model: when all tenants are busy
+    if not full or args.device != "cpu":
         return
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     need = args.tenants * (weights + 600 * 2**20)
     available = psutil.virtual_memory().available
     if need > available:
-        raise SystemExit(f"baseline needs ~{need / 2**30:.1f} GiB for {args.tenants} full models but "
+        raise SystemExit(f"{full[0]} needs ~{need / 2**30:.1f} GiB for {args.tenants} full models but "
                          f"{available / 2**30:.1f} GiB is available: use fewer --tenants or free memory")
 
 
@@ -159,13 +171,18 @@ def main(argv: list[str] | None = None) -> dict:
     subsets = token_subsets(spec)
     warm = {t: subsets[t][:4] for t in tenants}
     check_memory(args, model_dir)
+    tenant_models = None
+    if args.private_models:  # tenant i's fine-tune has seed i: tenant-0's is the main checkpoint
+        tenant_models = {t: checkpoints.ensure_checkpoint(size, args.skew, args.models_root, seed=i)
+                         for i, t in enumerate(tenants)}
     options = SetupOptions(model_dir=model_dir, dtype=args.dtype or size.dtype, device=args.device,
                            block_size=args.block_size, keep_alive_s=args.keep_alive,
                            keep_alive_policy=args.keep_alive_policy, eviction=args.eviction, workers=args.workers,
                            trunk_keep_alive_s=args.trunk_keep_alive,
                            # On a GPU the host tier is separate (pinned) RAM: keep the worker's default there.
                            host_cache=1 if args.device == "cpu" else None,
-                           threads=None if args.threads in ("auto", "default") else args.threads)
+                           threads=None if args.threads in ("auto", "default") else args.threads,
+                           tenant_models=tenant_models)
     facts = checkpoints.model_facts(size, args.skew, options.dtype)
     fast = args.mode == "toy"
     meta = {
@@ -174,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mode": args.mode, "machine": machine(), "model": facts.name, "model_dir": str(model_dir),
         "model_facts": dataclasses.asdict(facts), "skew": args.skew, "workload": spec.describe(),
         "workload_spec": spec.as_dict(), "requests": len(schedule), "options": options.describe(),
-        "threads": args.threads,
+        "threads": args.threads, "private_models": args.private_models,
     }
     print(f"{meta['command']}\nmodel: {facts.name}, router skew {args.skew:g}\nworkload: {spec.describe()} "
           f"-> {len(schedule)} requests", flush=True)

@@ -48,17 +48,18 @@ SIZES = {
 }
 
 
-def checkpoint_dir(size: ModelSize, skew: float, models_root: Path) -> Path:
+def checkpoint_dir(size: ModelSize, skew: float, models_root: Path, seed: int = 0) -> Path:
     layers = f"{size.layers}l" if size.layers else "all"
-    return models_root / f"paper-{size.preset}-{layers}-{size.dtype}-s{skew:g}"
+    return models_root / (f"paper-{size.preset}-{layers}-{size.dtype}-s{skew:g}" + (f"-seed{seed}" if seed else ""))
 
 
-def ensure_checkpoint(size: ModelSize, skew: float, models_root: Path, log=print) -> Path:
-    """The checkpoint of `size` with router skew `skew`, built on first use."""
-    path = checkpoint_dir(size, skew, models_root)
+def ensure_checkpoint(size: ModelSize, skew: float, models_root: Path, log=print, seed: int = 0) -> Path:
+    """The checkpoint of `size` with router skew `skew`, built on first use; another `seed` is another
+    fine-tune of the same architecture (the private-models workload: one per tenant)."""
+    path = checkpoint_dir(size, skew, models_root, seed)
     if not (path / "config.json").exists():
-        log(f"building {size.describe()} with router skew {skew:g} in {path} ...")
-        init_checkpoint(path, size.family, preset=size.preset, layers=size.layers, seed=0, dtype=size.dtype,
+        log(f"building {size.describe()} with router skew {skew:g}, seed {seed} in {path} ...")
+        init_checkpoint(path, size.family, preset=size.preset, layers=size.layers, seed=seed, dtype=size.dtype,
                         router_skew=skew, progress=False)
     if not streaming_tokenizer_installed(path):
         install_streaming_tokenizer(path)

@@ -57,16 +57,19 @@ def setups_table(setups: list[dict]) -> str:
             s["setup"] + (f" ({s['label']})" if s.get("label") else ""),
             gib(s["rss_bytes_mean"]), gib(s["rss_bytes_peak"]),
             ratio(mem, base_mem) if base else "-",
+            num(s.get("gib_seconds")),
             num(s["cpu_percent_mean"], ".0f"), gib(s["resident_expert_bytes_mean"]),
             gib(s.get("gpu_bytes_mean")) if s.get("gpu_bytes_mean") is not None else "-",
-            f"{ms(s['ttft_p50_s'])} / {ms(s['ttft_p99_s'])}", f"{ms(s['itl_p50_s'])} / {ms(s['itl_p99_s'])}",
+            f"{ms(s['ttft_p50_s'])} / {ms(s['ttft_p99_s'])}",
+            f"{ms(s.get('cold_ttft_p50_s'))} / {ms(s.get('cold_ttft_p99_s'))} ({s.get('cold_requests', '-')})",
+            f"{ms(s['itl_p50_s'])} / {ms(s['itl_p99_s'])}",
             ratio(s["itl_p50_s"], base["itl_p50_s"]) if base else "-",
             num(s["throughput_tok_s"]), s["cold_starts"], f"{s['completed']}/{s['requests']}",
             num(s.get("other_cpu_percent_mean"), ".0f"),
         ])
-    return table(["setup", "RSS mean", "RSS peak", "memory vs baseline", "CPU % mean",
-                  "resident experts", "GPU mem", "TTFT p50/p99 ms", "ITL p50/p99 ms", "ITL p50 vs baseline",
-                  "tok/s", "cold starts", "completed", "other CPU %"], rows)
+    return table(["setup", "RSS mean", "RSS peak", "memory vs baseline", "GiB·s held", "CPU % mean",
+                  "resident experts", "GPU mem", "TTFT p50/p99 ms", "cold TTFT p50/p99 ms (requests)",
+                  "ITL p50/p99 ms", "ITL p50 vs baseline", "tok/s", "cold starts", "completed", "other CPU %"], rows)
 
 
 def tenants_table(setups: list[dict]) -> str:
@@ -141,7 +144,8 @@ def saving_table(setups: list[dict], facts: dict) -> str:
         if s is base:
             continue
         n = len(s["per_tenant"])
-        copies = n if s["setup"] == "faasmoe-private" else 1  # expert sets the setup could hold at once
+        private = s["setup"] in ("faasmoe-private", "whole-model") or s["options"].get("tenant_models")
+        copies = n if private else 1  # expert sets the setup could hold at once
         resident = s["resident_expert_bytes_mean"] or 0
         total = base["rss_bytes_mean"] - s["rss_bytes_mean"]
         trunks = base["trunk_bytes"] - s["trunk_bytes"]
@@ -228,7 +232,7 @@ def markdown(doc: dict) -> str:
     o = meta["options"]
     trunks = (f"unloaded after {o['trunk_keep_alive_s']:g} s idle" if o["trunk_keep_alive_s"] else "never unloaded")
     parts = [
-        f"# FaaSMoE against the paper's four setups ({meta['mode']})",
+        f"# FaaSMoE against the paper's setups and a whole-model scale-to-zero baseline ({meta['mode']})",
         "",
         f"- date: {meta['date']}; elapsed {meta.get('elapsed_s', '?')} s",
         f"- command: `{meta['command']}`",
@@ -241,11 +245,16 @@ def markdown(doc: dict) -> str:
         f"trunks {trunks}",
         f"- torch threads per process ({meta.get('threads', '?')}): "
         + ", ".join(f"{s['setup']} {s['options'].get('threads') or 'torch default'}" for s in setups),
-        f"- workload: {meta['workload']}; {meta['requests']} requests, the same in every setup",
+        f"- workload: {meta['workload']}; {meta['requests']} requests, the same in every setup"
+        + ("; private models: each tenant its own fine-tune (same architecture, seed = tenant index)"
+           if meta.get("private_models") else ""),
         "- measured: the window from the first scheduled send to the last token; RSS and CPU % summed over "
-        "every process of the setup (psutil, every 0.5 s; CPU 100% = one core busy); TTFT and ITL on the "
-        "client, streaming; cold starts from the workers' counters. 'other CPU %' is the rest of the machine "
-        "(this benchmark's client, and any other job: a high value means the run was disturbed)",
+        "every process of the setup (psutil, every 0.5 s; CPU 100% = one core busy); GiB·s held = the integral "
+        "of that RSS over the window; TTFT and ITL on the client, streaming; cold starts from the workers' "
+        "counters (whole-model: the frontends' ledgers, one per reload of trunk and experts); cold TTFT = TTFT "
+        f"of the requests sent after their tenant was idle for at least the keep-alive ({o['keep_alive_s']:g} s), "
+        "the same requests in every setup. 'other CPU %' is the rest of the machine (this benchmark's client, "
+        "and any other job: a high value means the run was disturbed)",
         "",
         "## Setups",
         "",

@@ -94,9 +94,12 @@ def _summarise(plan: RunPlan, remote: bool, results: list[RequestResult], window
     total.update(summary.process_stats(samples, window))
     total.update(summary.residency_stats(probe.samples, window))
     total.update(summary.latency_stats(results, duration))
+    total.update(summary.cold_ttft_stats(results, plan.options.keep_alive_s))
+    total["gib_seconds"] = summary.gib_seconds(samples, window)
     total["trunk_bytes"] = sum(trunk.values())
+    # Workers count their loads; in process, the frontends' ledgers count whole-model reloads.
     total["cold_starts"] = int(counters.get("cold_starts_disk", 0) + counters.get("cold_starts_host", 0)) \
-        if remote else 0
+        if remote else round(sum(u.get("cold_starts", 0) for u in usage.values()))
     total["evictions"] = {k.removeprefix("evictions_"): int(v) for k, v in counters.items()
                           if k.startswith("evictions_") and v}
     total["expert_invocations"] = sum(u.get("expert_invocations", 0) for u in usage.values())
@@ -104,8 +107,10 @@ def _summarise(plan: RunPlan, remote: bool, results: list[RequestResult], window
     for tenant in plan.tenants:
         mine = [r for r in results if r.tenant == tenant]
         entry = summary.latency_stats(mine, duration)
+        entry.update(summary.cold_ttft_stats(mine, plan.options.keep_alive_s))
         if samples and tenant in samples[-1].rss:  # the tenant has processes of its own
             entry.update({k: v for k, v in summary.process_stats(samples, window, tenant).items() if k != "samples"})
+            entry["gib_seconds"] = summary.gib_seconds(samples, window, tenant)
         entry.update(summary.residency_stats(probe.samples, window, tenant))
         entry["cold_starts"] = usage.get(tenant, {}).get("cold_starts")
         entry["expert_invocations"] = usage.get(tenant, {}).get("expert_invocations")

@@ -1,12 +1,20 @@
 """The paper's four deployments, as real `faasmoe` processes on loopback.
 
     baseline            one `faasmoe serve --experts in-process` per tenant: a full model each
+    whole-model         the same, with `--whole-model-keep-alive` = the experts' keep-alive: an idle
+                        tenant's trunk and experts unload together and its next request reloads the
+                        whole model (scale to zero per model, as Knative / Ray Serve min_replicas=0)
     faasmoe-private     one `faasmoe scheduler` pool; one `faasmoe frontend` per tenant whose model
                         is deployed private to it (its own expert functions, `tenant:model/l/b`)
     faasmoe-shared      one scheduler pool and one frontend serving one shared model to all tenants
                         (one engine: tokens of all tenants batch together per expert)
     local-distribution  one scheduler pool; one frontend (trunk) per tenant, all deploying the same
                         shared model with keep_alive = inf: expert functions on always-on workers
+
+With private models (`SetupOptions.tenant_models`: one fine-tune per tenant, same architecture),
+every tenant's requests go to its own checkpoint in every setup; faasmoe-shared then serves all of
+them from one frontend and one pool, each model private to its tenant, so only the processes are
+shared, not the experts.
 
 faasmoe-shared runs as `faasmoe scheduler` + one `faasmoe frontend` rather than one `faasmoe serve`
 (the same FrontendProcess code; serve only puts the scheduler in the frontend's process) because
@@ -31,7 +39,8 @@ from pathlib import Path
 
 from tests.processes import Process, faasmoe, free_port
 
-SETUPS = ("baseline", "faasmoe-private", "faasmoe-shared", "local-distribution")
+SETUPS = ("baseline", "whole-model", "faasmoe-private", "faasmoe-shared", "local-distribution")
+IN_PROCESS = ("baseline", "whole-model")  # full models in the frontends, no worker pool
 ADMIN_KEY = "fm-bench-admin-0123456789abcdefghijklmnop"
 TOKEN = "faasmoe-bench-paper"
 START_TIMEOUT_S = 300.0
@@ -54,6 +63,10 @@ class SetupOptions:
     workers: int = 1
     trunk_keep_alive_s: float = 0.0
     threads: int | None = 1  # torch threads per process (OMP_NUM_THREADS); None: torch's default
+    tenant_models: dict[str, Path] | None = None  # private models: each tenant's own checkpoint; None: model_dir
+
+    def model_of(self, tenant: str) -> Path:
+        return self.tenant_models[tenant] if self.tenant_models else self.model_dir
 
     @property
     def env(self) -> dict[str, str] | None:
@@ -66,7 +79,8 @@ class SetupOptions:
                 "expert_block_size": self.block_size, "keep_alive_s": self.keep_alive_s,
                 "keep_alive_policy": self.keep_alive_policy, "eviction": self.eviction,
                 "worker_memory": self.worker_memory, "host_cache": self.host_cache, "workers": self.workers,
-                "trunk_keep_alive_s": self.trunk_keep_alive_s, "threads": self.threads}
+                "trunk_keep_alive_s": self.trunk_keep_alive_s, "threads": self.threads,
+                "tenant_models": {t: str(m) for t, m in self.tenant_models.items()} if self.tenant_models else None}
 
 
 @dataclass(frozen=True)
@@ -128,7 +142,7 @@ def _config(path: Path, port: int, state: Path, opts: SetupOptions, models: list
     lines = ["[server]", f"port = {port}", f"state = {_toml_str(state)}", f"admin_key = {_toml_str(ADMIN_KEY)}",
              f"device = {_toml_str(opts.device)}", f"keep_alive = {_seconds(opts.keep_alive_s)}", ""]
     for m in models:
-        lines += ["[[models]]", f"name = {_toml_str(m['name'])}", f"path = {_toml_str(opts.model_dir)}",
+        lines += ["[[models]]", f"name = {_toml_str(m['name'])}", f"path = {_toml_str(m.get('path', opts.model_dir))}",
                   f"dtype = {_toml_str(opts.dtype)}", f"expert_block_size = {opts.block_size}",
                   f"keep_alive = {_seconds(m.get('keep_alive', opts.keep_alive_s))}",
                   f"trunk_keep_alive = {_seconds(opts.trunk_keep_alive_s)}"]
@@ -191,12 +205,14 @@ def start_setup(name: str, tenants: list[str], opts: SetupOptions, workdir: Path
     if name not in SETUPS:
         raise ValueError(f"unknown setup {name!r}; choose from {', '.join(SETUPS)}")
     root = workdir / name
-    setup = RunningSetup(name, opts, remote=name != "baseline")
-    if name == "baseline":
+    setup = RunningSetup(name, opts, remote=name not in IN_PROCESS)
+    if name in IN_PROCESS:
+        whole = ["--whole-model-keep-alive", repr(float(opts.keep_alive_s))] if name == "whole-model" else []
         for t in tenants:
             port = free_port()
-            cfg = _config(root / f"{t}.toml", port, root / f"{t}.db", opts, [{"name": opts.model_name}], [t])
-            setup.processes[t] = faasmoe("serve", "--config", str(cfg), "--experts", "in-process", env=opts.env)
+            model = {"name": opts.model_name, "path": opts.model_of(t)}
+            cfg = _config(root / f"{t}.toml", port, root / f"{t}.db", opts, [model], [t])
+            setup.processes[t] = faasmoe("serve", "--config", str(cfg), "--experts", "in-process", *whole, env=opts.env)
             setup.frontends[t] = f"http://127.0.0.1:{port}"
             setup.endpoints[t] = Endpoint(t, setup.frontends[t], tenant_key(t), opts.model_name)
         _wait_serving(setup, tenants)
@@ -204,20 +220,25 @@ def start_setup(name: str, tenants: list[str], opts: SetupOptions, workdir: Path
     address, pool_http = _start_pool(setup, opts)
     if name == "faasmoe-shared":
         port = free_port()
-        cfg = _config(root / "frontend.toml", port, root / "frontend.db", opts, [{"name": opts.model_name}], tenants)
+        if opts.tenant_models:  # one frontend and pool; each tenant's own model, private to it
+            models = {t: {"name": f"{opts.model_name}-{t}", "owner": t, "path": opts.model_of(t)} for t in tenants}
+        else:
+            models = {t: {"name": opts.model_name} for t in tenants}
+        unique = list({m["name"]: m for m in models.values()}.values())
+        cfg = _config(root / "frontend.toml", port, root / "frontend.db", opts, unique, tenants)
         setup.processes["frontend"] = faasmoe("frontend", "--config", str(cfg), "--scheduler", address,
                                               "--token", TOKEN, env=opts.env)
         setup.frontends["frontend"] = f"http://127.0.0.1:{port}"
         for t in tenants:
-            setup.endpoints[t] = Endpoint(t, setup.frontends["frontend"], tenant_key(t), opts.model_name)
+            setup.endpoints[t] = Endpoint(t, setup.frontends["frontend"], tenant_key(t), models[t]["name"])
         _wait_serving(setup, ["frontend"], pool_http, opts.workers)
         return setup
     for t in tenants:
         port = free_port()
         if name == "faasmoe-private":
-            model = {"name": f"{opts.model_name}-{t}", "owner": t}
+            model = {"name": f"{opts.model_name}-{t}", "owner": t, "path": opts.model_of(t)}
         else:  # local-distribution: the same shared functions for every tenant's trunk, never expiring
-            model = {"name": opts.model_name, "keep_alive": float("inf")}
+            model = {"name": opts.model_name, "keep_alive": float("inf"), "path": opts.model_of(t)}
         cfg = _config(root / f"{t}.toml", port, root / f"{t}.db", opts, [model], [t])
         setup.processes[t] = faasmoe("frontend", "--config", str(cfg), "--scheduler", address, "--token", TOKEN,
                                      env=opts.env)

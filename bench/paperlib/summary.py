@@ -41,6 +41,42 @@ def latency_stats(results: list[RequestResult], duration_s: float) -> dict:
     }
 
 
+def cold_requests(results: list[RequestResult], idle_s: float) -> set[str]:
+    """Requests sent after their tenant was idle (nothing in flight) for at least `idle_s`, the keep-alive:
+    the ones that meet a scaled-to-zero model or experts where a setup scales to zero. A function of the
+    schedule and the finish times, so every setup is judged on (about) the same requests; the warm-up
+    before the window counts as the tenants' first activity."""
+    cold: set[str] = set()
+    by_tenant: dict[str, list[RequestResult]] = {}
+    for r in results:
+        by_tenant.setdefault(r.tenant, []).append(r)
+    for mine in by_tenant.values():
+        busy_until = 0.0
+        for r in sorted(mine, key=lambda r: r.scheduled_at):
+            if r.scheduled_at - busy_until >= idle_s:
+                cold.add(r.key)
+            if r.finished_at is not None:
+                busy_until = max(busy_until, r.finished_at)
+    return cold
+
+
+def cold_ttft_stats(results: list[RequestResult], idle_s: float) -> dict:
+    """TTFT of the cold requests (see `cold_requests`)."""
+    cold = cold_requests(results, idle_s)
+    ttft = [r.ttft_s for r in results if r.ok and r.key in cold and r.ttft_s is not None]
+    return {"cold_requests": len(cold), "cold_ttft_p50_s": percentile(ttft, 50), "cold_ttft_p99_s": percentile(ttft, 99)}
+
+
+def gib_seconds(samples: list[Sample], window: Window, group: str | None = None) -> float | None:
+    """Memory held over the window: the integral of RSS (trapezoids between samples), in GiB x seconds."""
+    inside = [s for s in samples if window.holds(s.t)]
+    if len(inside) < 2:
+        return None
+    rss = [s.rss.get(group, 0) if group else s.rss_total for s in inside]
+    area = sum((b.t - a.t) * (x + y) / 2 for a, b, x, y in zip(inside, inside[1:], rss, rss[1:]))
+    return area / 2**30
+
+
 @dataclass
 class Window:
     """The measured window, in wall time."""

@@ -203,6 +203,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--experts", choices=("remote", "in-process"), default="remote",
                        help="remote: expert functions on the worker pool (FaaSMoE); in-process: every expert "
                        "resident in this process, no workers (the full-model baseline). Default: remote")
+    serve.add_argument("--whole-model-keep-alive", type=float, default=0.0, metavar="SECONDS",
+                       help="with --experts in-process: unload an idle model's trunk and every expert after this "
+                       "long, reload both on its next request (one cold start, as Knative or Ray Serve scale a "
+                       "replica to zero); 0 = never, the default")
     serve.set_defaults(handler=_serve)
 
     frontend = subparsers.add_parser(
@@ -230,6 +234,7 @@ def _serve(args: argparse.Namespace) -> int:
         host_cache=getattr(args, "host_cache", None), host_ttl=getattr(args, "host_ttl", None),
         scheduler=getattr(args, "scheduler", None), token=resolve_secret(args, "token", "FAASMOE_TOKEN"),
         eviction=getattr(args, "eviction", "lru"), experts=getattr(args, "experts", "remote"),
+        whole_model_keep_alive=getattr(args, "whole_model_keep_alive", 0.0),
         scheduler_timeout=getattr(args, "scheduler_timeout", 30.0), kv_cache_memory=args.kv_cache_memory,
         invoke_timeout=args.invoke_timeout, invoke_timeout_factor=args.invoke_timeout_factor,
         micro_batches=args.micro_batches,

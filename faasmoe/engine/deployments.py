@@ -4,6 +4,9 @@ A shared deployment has one set of expert functions and one engine for every all
 so their sequences batch together. A private deployment's functions carry its owner's name
 and nobody else can see the model at all (404, not 403). A trunk can be unloaded after its
 own keep-alive and is reloaded by the next request (a model with no traffic costs nothing).
+With in-process experts, a whole-model keep-alive unloads the trunk and every expert together and
+the next request reloads both, as Knative or Ray Serve (min_replicas=0) scale a model replica to
+zero: one cold start, metered like a worker's.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from faasmoe.engine.executors import AsyncExpertExecutor
+from faasmoe.engine.executors import AsyncExpertExecutor, InProcessExpertExecutor
 from faasmoe.engine.model_engine import ModelEngine
 from faasmoe.model.checkpoint import CheckpointReader
 from faasmoe.model.config import MoEConfig, parse_dtype
@@ -39,6 +42,7 @@ class DeploymentSpec:
     expert_block_size: int | None = None  # None: the whole layer is one function
     keep_alive_s: float = 60.0  # expert functions
     trunk_keep_alive_s: float = 0.0  # 0: the trunk stays loaded
+    whole_model_keep_alive_s: float = 0.0  # in-process experts: trunk and experts unload together; 0: never
     dtype: str = "float32"
     device: str = "cpu"
     kv_cache_bytes: int | None = None  # the engine's KV cache budget; None: unbounded
@@ -59,6 +63,8 @@ class Deployment:
         self.created = int(time.time())
         self._trunk: Trunk | None = None
         self.trunk_loads = 0
+        self.model_reloads = 0  # whole-model cold starts
+        self.model_reload_s = 0.0  # their seconds (trunk and experts), together
         self.executor: AsyncExpertExecutor = executor_factory(self)
         cfg = self.config
         self.engine = ModelEngine(
@@ -84,8 +90,15 @@ class Deployment:
             start = time.perf_counter()
             self._trunk = Trunk(self.config, CheckpointReader(self.spec.path), self.dtype, self.device)
             self.trunk_loads += 1
-            log.info("loaded trunk of %s in %.2fs (%d bytes)", self.name, time.perf_counter() - start,
-                     self._trunk.nbytes)
+            experts_s = self.executor.reload() if isinstance(self.executor, InProcessExpertExecutor) else 0.0
+            took = time.perf_counter() - start
+            if experts_s:
+                self.model_reloads += 1
+                self.model_reload_s += took
+                self.engine.last_active = time.monotonic()  # the load was activity: no unload right after it
+                log.info("reloaded the whole model %s in %.2fs (experts %.2fs)", self.name, took, experts_s)
+            else:
+                log.info("loaded trunk of %s in %.2fs (%d bytes)", self.name, took, self._trunk.nbytes)
         return self._trunk
 
     def resident_expert_bytes(self) -> int:
@@ -102,6 +115,21 @@ class Deployment:
             return False
         self._trunk = None
         log.info("unloaded the idle trunk of %s", self.name)
+        return True
+
+    def maybe_unload_model(self, now: float) -> bool:
+        """Whole-model scale to zero: drop the trunk and every in-process expert after their keep-alive idle."""
+        ttl = self.spec.whole_model_keep_alive_s
+        executor = self.executor
+        if ttl <= 0 or not isinstance(executor, InProcessExpertExecutor) or executor.local is None \
+                or self.engine.busy or now - self.engine.last_active < ttl:
+            return False
+        self._trunk = None
+        executor.unload()
+        from worker.memory import return_free_memory  # glibc keeps freed weights in its arenas otherwise
+
+        return_free_memory()
+        log.info("unloaded the idle model %s (trunk and experts)", self.name)
         return True
 
 
@@ -136,6 +164,7 @@ class Deployments:
             await asyncio.sleep(0.5)
             for deployment in self.by_name.values():
                 deployment.maybe_unload_trunk(time.monotonic())
+                deployment.maybe_unload_model(time.monotonic())
 
     @property
     def busy(self) -> bool:

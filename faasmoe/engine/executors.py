@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,29 +167,57 @@ class RemoteExpertExecutor:
 
 
 class InProcessExpertExecutor:
-    """Every expert resident in this process (the full-model baseline), run on the compute thread."""
+    """Every expert resident in this process (the full-model baseline), run on the compute thread.
 
-    def __init__(self, local: LocalExpertExecutor, compute: ThreadPoolExecutor, model: str = "in-process") -> None:
-        self.local = local
+    With a `loader`, the blocks can be dropped (`unload`) and loaded again (`reload`): a whole-model
+    deployment that scales to zero; each reload is a cold start in the step cost, as a worker's is."""
+
+    def __init__(self, local: LocalExpertExecutor, compute: ThreadPoolExecutor, model: str = "in-process",
+                 loader: Callable[[], LocalExpertExecutor] | None = None) -> None:
+        self.local: LocalExpertExecutor | None = local
         self.compute = compute
         self.model = model
+        self.loader = loader
+        self._functions = [p.FunctionSpec(function_id(model, layer, i), "", layer, b.first, b.count,
+                                          str(b.weights.gate_up.dtype).removeprefix("torch."), b.nbytes)
+                           for layer, blocks in local.blocks.items() for i, b in enumerate(blocks)]
+        self._nbytes = local.nbytes
         self._cost = StepCost()
+        self.cold_starts = 0
+        self.load_seconds = 0.0  # every reload's, together
 
     @property
     def functions(self) -> list[p.FunctionSpec]:
-        return [p.FunctionSpec(function_id(self.model, layer, i), "", layer, b.first, b.count,
-                               str(b.weights.gate_up.dtype).removeprefix("torch."), b.nbytes)
-                for layer, blocks in self.local.blocks.items() for i, b in enumerate(blocks)]
+        return list(self._functions)
 
     @property
     def nbytes(self) -> int:
-        return self.local.nbytes
+        return self._nbytes
 
     def resident_bytes(self) -> int:
-        return self.local.nbytes  # the baseline holds every expert, always
+        return self._nbytes if self.local is not None else 0
 
     def resident_functions(self) -> int:
-        return sum(len(blocks) for blocks in self.local.blocks.values())
+        return len(self._functions) if self.local is not None else 0
+
+    def unload(self) -> bool:
+        """Drop every block (only with a loader to bring them back); False when there was nothing to drop."""
+        if self.loader is None or self.local is None:
+            return False
+        self.local = None
+        return True
+
+    def reload(self) -> float:
+        """Load the blocks again if they were dropped (blocking: call it off the event loop); the seconds it took."""
+        if self.local is not None:
+            return 0.0
+        start = time.perf_counter()
+        self.local = self.loader()
+        took = time.perf_counter() - start
+        self.cold_starts += 1
+        self.load_seconds += took
+        self._cost.cold_starts += 1
+        return took
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         pass  # every expert is resident already
@@ -197,14 +227,18 @@ class InProcessExpertExecutor:
         return PrefetchStats()
 
     async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        plan_calls = len(DispatchPlan(routing, self.local.block_size).calls)
-        start = asyncio.get_running_loop().time()
-        out = await asyncio.get_running_loop().run_in_executor(self.compute, self.local.run_layer, layer, x, routing)
+        loop = asyncio.get_running_loop()
+        if self.local is None:  # unloaded between the trunk's reload and this call: load here
+            await loop.run_in_executor(self.compute, self.reload)
+        local = self.local
+        plan_calls = len(DispatchPlan(routing, local.block_size).calls)
+        start = loop.time()
+        out = await loop.run_in_executor(self.compute, local.run_layer, layer, x, routing)
         self._cost.invocations += plan_calls
-        self._cost.compute_s += asyncio.get_running_loop().time() - start
+        self._cost.compute_s += loop.time() - start
         return out
 
     def take_step_cost(self) -> StepCost:
         cost, self._cost = self._cost, StepCost()
-        cost.touched_bytes = self.local.nbytes
+        cost.touched_bytes = self.resident_bytes()
         return cost

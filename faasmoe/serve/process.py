@@ -71,6 +71,7 @@ class ServeOptions:
     keep_alive: float | None = None
     expert_block_size: int | None = None
     trunk_keep_alive: float | None = None
+    whole_model_keep_alive: float = 0.0  # --experts in-process: unload trunk and experts together when idle; 0: never
     dtype: str | None = None
     state: Path | None = None
     worker_memory: int | None = None
@@ -89,6 +90,9 @@ class ServeOptions:
 
 def merged_config(opts: ServeOptions) -> ServeConfig:
     """The TOML config (if any) with MODEL_DIR arguments added as shared models and flags on top."""
+    if opts.whole_model_keep_alive and opts.experts != "in-process":
+        raise ValueError("--whole-model-keep-alive needs --experts in-process (remote experts scale to zero on "
+                         "their own: use --keep-alive and --trunk-keep-alive)")
     config = ServeConfig.load(opts.config) if opts.config else ServeConfig()
     s = config.server
     for name in ("host", "port", "workers", "device", "admin_key"):
@@ -296,7 +300,8 @@ class FrontendProcess:
             name=model.name, path=model.path, sharing=model.sharing, owner=model.owner or "",
             expert_block_size=model.expert_block_size, aliases=tuple(model.aliases),
             keep_alive_s=model.keep_alive if model.keep_alive is not None else s.keep_alive,
-            trunk_keep_alive_s=model.trunk_keep_alive, dtype=model.dtype or "float32", device=self.trunk_device,
+            trunk_keep_alive_s=model.trunk_keep_alive, whole_model_keep_alive_s=self.opts.whole_model_keep_alive,
+            dtype=model.dtype or "float32", device=self.trunk_device,
             kv_cache_bytes=self.opts.kv_cache_memory or kv_cache_budget(torch.device(self.trunk_device),
                                                                          len(self.config.models)),
             micro_batches=self.opts.micro_batches or 1,
@@ -304,9 +309,13 @@ class FrontendProcess:
 
         def executor(dep: Deployment):
             if self.client is None:  # in process: every expert resident in this process
-                blocks = load_expert_blocks(ExpertLayout(CheckpointReader(spec.path), dep.config), dep.block_size,
-                                            dep.dtype, dep.device)
-                return InProcessExpertExecutor(LocalExpertExecutor(blocks, dep.block_size), self.compute, spec.name)
+                def load() -> LocalExpertExecutor:
+                    layout = ExpertLayout(CheckpointReader(spec.path), dep.config)
+                    return LocalExpertExecutor(load_expert_blocks(layout, dep.block_size, dep.dtype, dep.device),
+                                               dep.block_size)
+
+                return InProcessExpertExecutor(load(), self.compute, spec.name,
+                                               loader=load if spec.whole_model_keep_alive_s > 0 else None)
             owner = spec.owner if spec.sharing == "private" else ""
             return RemoteExpertExecutor(self.client, spec.name, spec.path, dep.config, dep.block_size, dep.dtype,
                                         spec.keep_alive_s, owner, self._memory_quota(owner))
@@ -325,7 +334,28 @@ class FrontendProcess:
         texts = [s.metrics_text for s in stats]
         if self.scheduler is not None:
             texts.insert(0, self.scheduler.metrics.render())
+        if self.client is None:  # in process, this process is the worker: its whole-model reloads
+            texts.append(self._in_process_metrics())
         return merge_expositions(texts)
+
+    def _in_process_metrics(self) -> str:
+        """Whole-model reloads as the workers' series: a cold start loads the trunk and every expert."""
+        from runtime.metrics import Registry
+
+        registry = Registry()
+        cold = registry.counter("faasmoe_expert_cold_starts_total", "Calls that loaded their function first",
+                                ("worker", "source"))
+        load_s = registry.counter("faasmoe_model_reload_seconds_total",
+                                  "Seconds spent reloading whole models (trunk and experts) after scale to zero",
+                                  ("model_name",))
+        resident = registry.gauge("faasmoe_resident_expert_bytes", "Expert bytes held, per memory tier",
+                                  ("worker", "tier"))
+        resident.labels(worker="in-process", tier="device").set(
+            sum(d.resident_expert_bytes() for d in self.deployments.by_name.values()))
+        cold.labels(worker="in-process", source="disk").inc(sum(d.model_reloads for d in self.deployments.by_name.values()))
+        for d in self.deployments.by_name.values():
+            load_s.labels(model_name=d.name).inc(d.model_reload_s)
+        return registry.render()
 
     async def cluster_state(self) -> dict:
         """Workers with what they hold, and residency per model: the admin view. Every tier counts:

@@ -37,3 +37,22 @@ def test_paper_toy_run_writes_table_json_and_plots(tmp_path):
         assert row in table
     for name in ("paper_memory.png", "paper_blocksize.png", "paper_heatmap.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_paper_toy_private_models_whole_model_reloads(tmp_path):
+    out = tmp_path / "results"
+    # 8 s with a 1 s keep-alive: tenant-0 idles ~2.5 s before its last burst, so its whole model reloads.
+    main(["--toy", "--private-models", "--duration", "8", "--setups", "baseline,whole-model", "--no-plots",
+          "--out-dir", str(out), "--models-root", str(tmp_path / "models")])
+
+    doc = json.loads((out / "paper.json").read_text())
+    base, whole = doc["setups"]
+    assert (base["setup"], whole["setup"]) == ("baseline", "whole-model")
+    models = whole["options"]["tenant_models"]
+    assert len(set(models.values())) == 2  # each tenant its own fine-tune
+    for s in doc["setups"]:
+        assert {"gib_seconds", "cold_requests", "cold_ttft_p50_s", "cold_ttft_p99_s"} <= set(s)
+        assert s["completed"] == s["requests"] == doc["meta"]["requests"]
+        assert s["gib_seconds"] > 0 and s["cold_requests"] >= 1
+    assert base["cold_starts"] == 0 and whole["cold_starts"] >= 1  # reloads of trunk and experts, from the ledgers
+    assert "| whole-model |" in (out / "paper.md").read_text()

@@ -30,9 +30,12 @@ def deployment(model_dir, **spec) -> Deployment:
     compute = ThreadPoolExecutor(1)
 
     def local(dep: Deployment) -> InProcessExpertExecutor:
-        blocks = load_expert_blocks(ExpertLayout(CheckpointReader(model_dir), dep.config), dep.block_size,
-                                    torch.float32, torch.device("cpu"))
-        return InProcessExpertExecutor(LocalExpertExecutor(blocks, dep.block_size), compute)
+        def load() -> LocalExpertExecutor:
+            blocks = load_expert_blocks(ExpertLayout(CheckpointReader(model_dir), dep.config), dep.block_size,
+                                        torch.float32, torch.device("cpu"))
+            return LocalExpertExecutor(blocks, dep.block_size)
+
+        return InProcessExpertExecutor(load(), compute, loader=load if spec.get("whole_model_keep_alive_s") else None)
 
     return Deployment(DeploymentSpec("tiny", model_dir, expert_block_size=4, **spec), local, compute)
 
@@ -70,6 +73,25 @@ async def test_idle_trunk_unloads_and_reloads(model_dir):
         await asyncio.sleep(0.1)
     again, _ = await run(dep, [4, 5, 6])
     assert again == first and dep.trunk_loads == 2
+    await deployments.stop()
+
+
+async def test_idle_whole_model_unloads_and_reloads_as_one_cold_start(model_dir):
+    dep = deployment(model_dir, whole_model_keep_alive_s=0.2)
+    deployments = Deployments()
+    deployments.add(dep)
+    deployments.start()
+    first, done = await run(dep, [4, 5, 6])
+    assert done.usage.cold_starts == 0 and dep.resident_expert_bytes() == dep.executor.nbytes > 0
+    deadline = asyncio.get_running_loop().time() + 5
+    while dep.trunk_bytes or dep.resident_expert_bytes():
+        assert asyncio.get_running_loop().time() < deadline, "the idle model stayed loaded"
+        await asyncio.sleep(0.1)
+    assert dep.executor.resident_functions() == 0 and dep.executor.functions  # still known, none held
+    again, done = await run(dep, [4, 5, 6])
+    assert again == first and dep.trunk_loads == 2 and dep.model_reloads == 1 and dep.model_reload_s > 0
+    assert done.usage.cold_starts == pytest.approx(1.0)  # the reload is metered as the request's cold start
+    assert dep.resident_expert_bytes() == dep.executor.nbytes
     await deployments.stop()
 
 
