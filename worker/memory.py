@@ -17,8 +17,6 @@ pages (`malloc_trim`); on other libcs that is a no-op.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import time
 from collections import OrderedDict
@@ -31,6 +29,7 @@ import torch
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout, ExpertWeights
 from faasmoe.model.config import MoEConfig, parse_dtype
 from faasmoe.model.experts import ExpertBlock
+from faasmoe.model.host_memory import return_free_memory
 from runtime.policies import EvictionPolicy, FunctionKey, KeepAlivePolicy
 from runtime.protocol import FunctionSpec
 
@@ -50,27 +49,6 @@ class Forbidden(PermissionError):
 
 
 FAILED_LOAD_MEMORY_S = 30.0
-
-
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim  # glibc only: musl and others have no such symbol
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
-def return_free_memory() -> bool:
-    """Hand the allocator's free pages back to the OS (glibc); False where the libc cannot."""
-    if _MALLOC_TRIM is None:
-        return False
-    _MALLOC_TRIM(0)
-    return True
 
 
 @dataclass

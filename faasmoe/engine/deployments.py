@@ -24,6 +24,7 @@ from faasmoe.engine.executors import AsyncExpertExecutor, InProcessExpertExecuto
 from faasmoe.engine.model_engine import ModelEngine
 from faasmoe.model.checkpoint import CheckpointReader
 from faasmoe.model.config import MoEConfig, parse_dtype
+from faasmoe.model.host_memory import return_free_memory
 from faasmoe.model.kv_cache import KVCache
 from faasmoe.model.tokenizer import Tokenizer
 from faasmoe.model.trunk import Trunk
@@ -126,9 +127,7 @@ class Deployment:
             return False
         self._trunk = None
         executor.unload()
-        from worker.memory import return_free_memory  # glibc keeps freed weights in its arenas otherwise
-
-        return_free_memory()
+        return_free_memory()  # glibc keeps freed weights in its arenas otherwise
         log.info("unloaded the idle model %s (trunk and experts)", self.name)
         return True
 

@@ -96,8 +96,8 @@ async def test_evicted_blocks_leave_every_tier_without_a_host_cache(model_dir):
 
 
 def test_cpu_workers_have_no_host_cache_by_default():
+    from faasmoe.model.host_memory import return_free_memory
     from runtime.budgets import host_cache_budget
-    from worker.memory import return_free_memory
 
     assert host_cache_budget(torch.device("cpu")) == 0
     assert host_cache_budget(torch.device("cuda", 0), sharers=2) > 0  # pinned host RAM for GPU workers
