@@ -220,6 +220,4 @@ class InFlightRequest:
         return Finished(reason, "", Usage(prompt_tokens=prompt, completion_tokens=self.tokens_seen), error)
 
     def _in_engine(self) -> bool:
-        engine = self.deployment.engine
-        return any(w is self.request for w in engine.waiting) or any(r.request is self.request
-                                                                      for r in engine.running)
+        return self.deployment.engine.holds(self.request)

@@ -77,6 +77,7 @@ class ModelEngine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[_Running] = []
+        self.starting: GenerationRequest | None = None
         self.steps = 0
         self.last_active = time.monotonic()
         self._last_step_s = 0.0
@@ -94,7 +95,12 @@ class ModelEngine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.starting)
+
+    def holds(self, request: GenerationRequest) -> bool:
+        """Whether the request is queued, starting or running here (else its Finished has been sent)."""
+        return (request is self.starting or any(w is request for w in self.waiting)
+                or any(r.request is request for r in self.running))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -146,6 +152,7 @@ class ModelEngine:
                     and self.kv_reserved_bytes() + kv > self.kv_budget_bytes:
                 break  # it fits once running sequences finish: wait in line
             self.waiting.popleft()
+            self.starting = request  # between the queue and the batch (its trunk may be loading): still ours
             try:
                 seq = await self._start(request)
             except Exception as exc:  # this request cannot start (trunk, cache, bad input): it alone fails
@@ -153,6 +160,8 @@ class ModelEngine:
                 code = "invalid" if isinstance(exc, ValueError) else ""  # the request's own fault: a 400
                 request.events.put_nowait(Finished("error", "", Usage(len(request.prompt_token_ids)), str(exc), code))
                 continue
+            finally:
+                self.starting = None
             budget -= need
             self.running.append(_Running(request, seq, Usage(prompt_tokens=len(request.prompt_token_ids))))
 

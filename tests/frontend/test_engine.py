@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -217,4 +218,18 @@ async def test_a_long_prompt_is_prefilled_in_chunks_beside_running_decodes(model
     assert tokens == generate(model, [long], max_tokens=4, ignore_eos=True)[0].token_ids
     # chunks of 4 + 4 + 2, each beside a decode of the short one (+1: the step in flight at submit)
     assert decoded_before == 1 and prefill_steps in (3, 4)
+    await dep.engine.stop()
+
+
+async def test_a_request_waiting_for_the_compute_thread_is_still_held(model_dir):
+    dep = deployment(model_dir)
+    busy = dep.engine.compute.submit(time.sleep, 1.0)  # another model's step holds the one compute thread
+    request = GenerationRequest("tiny", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
+    dep.engine.submit(request)
+    await asyncio.sleep(0.3)
+    assert request.events.empty() and not busy.done()
+    assert dep.engine.holds(request) and dep.engine.busy  # starting: not dropped, not idle
+    while not isinstance(await asyncio.wait_for(request.events.get(), 30), Finished):
+        pass
+    assert not dep.engine.holds(request)
     await dep.engine.stop()
