@@ -23,6 +23,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,28 @@ def native_half_dtypes(flags: set[str] | None = None, override: str | None = Non
 
 
 NATIVE_HALF = native_half_dtypes()
+_MKLDNN_LINEAR = hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A bf16 weight in oneDNN's blocked layout for x @ W.T. On CPUs with native bf16 its kernel
+    streams the weight 1.1-4x faster than F.linear's at decode rows (lm_head, 1 row: 11.9 -> 23.4
+    GB/s on the avx512_bf16 VM). Holds the same bytes as the plain weight, which it replaces."""
+
+    packed: torch.Tensor
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    nbytes: int
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
+    """The weight in the layout `linear` runs fastest on this CPU (itself where packing does not help)."""
+    if not (_MKLDNN_LINEAR and weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype == torch.bfloat16
+            and torch.bfloat16 in NATIVE_HALF and os.environ.get("FAASMOE_CPU_PACK", "1") != "0"):
+        return weight
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    return PackedWeight(packed, tuple(weight.shape), weight.dtype, weight.nbytes)
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -95,8 +118,12 @@ def _inference(task: Callable[[], None]) -> None:
     task()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x [M, K], weight [N, K], bias), faster on CPU for the two shapes above."""
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x [M, K], weight [N, K], bias), faster on CPU for the two shapes above and for packed weights."""
+    if isinstance(weight, PackedWeight):
+        flat = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        out = torch.ops.mkldnn._linear_pointwise(flat, weight.packed, bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight, bias)
     rows = x.shape[0]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.config import MoEConfig
 from faasmoe.model.experts import Routing, route
-from faasmoe.model.kernels import linear
+from faasmoe.model.kernels import linear, pack_weight
 from faasmoe.model.kv_cache import KVCache
 from faasmoe.model.layers import apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 
@@ -79,7 +79,7 @@ class Trunk:
         if cfg.tie_word_embeddings or not reader.has("lm_head.weight"):
             self.lm_head = self.embed
         else:
-            self.lm_head = self._load("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+            self.lm_head = pack_weight(self._load("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
         self.layers = [self._load_layer(i) for i in range(cfg.num_layers)]
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(device)
         del self._reader
@@ -107,15 +107,15 @@ class Trunk:
         return LayerWeights(
             input_norm=self._load(f"{p}.input_layernorm.weight", (hidden,)),
             post_attention_norm=self._load(f"{p}.post_attention_layernorm.weight", (hidden,)),
-            qkv=qkv,
+            qkv=pack_weight(qkv),
             qkv_bias=qkv_bias,
-            o=self._load(f"{attn}.o_proj.weight", (hidden, q)),
+            o=pack_weight(self._load(f"{attn}.o_proj.weight", (hidden, q))),
             o_bias=self._load(f"{attn}.o_proj.bias", (hidden,)) if cfg.o_bias else None,
             q_norm=self._load(f"{attn}.q_norm.weight", (norm_sizes[0],)) if norm_sizes else None,
             k_norm=self._load(f"{attn}.k_norm.weight", (norm_sizes[1],)) if norm_sizes else None,
             router=router,
-            shared_gate_up=shared_gate_up,
-            shared_down=shared_down,
+            shared_gate_up=None if shared_gate_up is None else pack_weight(shared_gate_up),
+            shared_down=None if shared_down is None else pack_weight(shared_down),
             shared_expert_gate=shared_gate,
         )
 
