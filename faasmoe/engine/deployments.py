@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from faasmoe.engine.executors import AsyncExpertExecutor, InProcessExpertExecutor
+from faasmoe.engine.executors import AsyncExpertExecutor
 from faasmoe.engine.model_engine import ModelEngine
 from faasmoe.model.checkpoint import CheckpointReader
 from faasmoe.model.config import MoEConfig, parse_dtype
@@ -91,7 +91,7 @@ class Deployment:
             start = time.perf_counter()
             self._trunk = Trunk(self.config, CheckpointReader(self.spec.path), self.dtype, self.device)
             self.trunk_loads += 1
-            experts_s = self.executor.reload() if isinstance(self.executor, InProcessExpertExecutor) else 0.0
+            experts_s = self.executor.reload()
             took = time.perf_counter() - start
             if experts_s:
                 self.model_reloads += 1
@@ -121,12 +121,9 @@ class Deployment:
     def maybe_unload_model(self, now: float) -> bool:
         """Whole-model scale to zero: drop the trunk and every in-process expert after their keep-alive idle."""
         ttl = self.spec.whole_model_keep_alive_s
-        executor = self.executor
-        if ttl <= 0 or not isinstance(executor, InProcessExpertExecutor) or executor.local is None \
-                or self.engine.busy or now - self.engine.last_active < ttl:
+        if ttl <= 0 or self.engine.busy or now - self.engine.last_active < ttl or not self.executor.unload():
             return False
         self._trunk = None
-        executor.unload()
         return_free_memory()  # glibc keeps freed weights in its arenas otherwise
         log.info("unloaded the idle model %s (trunk and experts)", self.name)
         return True
@@ -162,8 +159,11 @@ class Deployments:
         while True:
             await asyncio.sleep(0.5)
             for deployment in self.by_name.values():
-                deployment.maybe_unload_trunk(time.monotonic())
-                deployment.maybe_unload_model(time.monotonic())
+                try:
+                    deployment.maybe_unload_trunk(time.monotonic())
+                    deployment.maybe_unload_model(time.monotonic())
+                except Exception:  # one model's failure must not end scale to zero for every model
+                    log.exception("unloading idle parts of %s failed", deployment.name)
 
     @property
     def busy(self) -> bool:

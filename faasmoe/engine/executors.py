@@ -58,6 +58,12 @@ class AsyncExpertExecutor(Protocol):
     def prefetch_stats(self) -> PrefetchStats:
         """What `prefetch` did so far."""
 
+    def unload(self) -> bool:
+        """Whole-model scale to zero: drop every expert held for this model here; False when nothing was."""
+
+    def reload(self) -> float:
+        """Bring back what `unload` dropped (blocking: off the event loop); the seconds it took (0: nothing)."""
+
     def take_step_cost(self) -> StepCost: ...
 
 
@@ -117,6 +123,12 @@ class RemoteExpertExecutor:
     @property
     def functions(self) -> list[p.FunctionSpec]:
         return list(self.specs.values())
+
+    def unload(self) -> bool:
+        return False  # its functions scale to zero on the workers, each by its own keep-alive
+
+    def reload(self) -> float:
+        return 0.0  # cold functions load on their first call
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         routes = self.client.routes
