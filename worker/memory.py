@@ -28,12 +28,14 @@ import torch
 
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout, ExpertWeights
 from faasmoe.model.config import MoEConfig, parse_dtype
-from faasmoe.model.experts import ExpertBlock
+from faasmoe.model.experts import ExpertBlock, PackedExpertWeights, pack_experts
 from faasmoe.model.host_memory import return_free_memory
 from runtime.policies import EvictionPolicy, FunctionKey, KeepAlivePolicy
 from runtime.protocol import FunctionSpec
 
 log = logging.getLogger(__name__)
+
+BlockWeights = ExpertWeights | PackedExpertWeights  # a block's weights as a tier holds them
 
 
 class NoMemory(RuntimeError):
@@ -85,7 +87,7 @@ class HostCache:
     def __init__(self, budget_bytes: int, pin: bool) -> None:
         self.budget_bytes = budget_bytes
         self.pin = pin
-        self._entries: OrderedDict[str, tuple[ExpertWeights, float, FunctionSpec | None]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[BlockWeights, float, FunctionSpec | None]] = OrderedDict()
 
     @property
     def nbytes(self) -> int:
@@ -101,11 +103,11 @@ class HostCache:
         """(function id, its spec if known, bytes) of every block in this tier."""
         return [(fid, spec, w.nbytes) for fid, (w, _, spec) in self._entries.items()]
 
-    def take(self, function_id: str) -> ExpertWeights | None:
+    def take(self, function_id: str) -> BlockWeights | None:
         entry = self._entries.pop(function_id, None)
         return None if entry is None else entry[0]
 
-    def put(self, function_id: str, weights: ExpertWeights, now: float, spec: FunctionSpec | None = None) -> None:
+    def put(self, function_id: str, weights: BlockWeights, now: float, spec: FunctionSpec | None = None) -> None:
         if weights.nbytes > self.budget_bytes:
             return
         while self._entries and self.nbytes + weights.nbytes > self.budget_bytes:
@@ -256,15 +258,17 @@ class ExpertStore:
         log.info("loaded %s from %s in %.1f ms (%d bytes)", spec.function_id, source, seconds * 1e3, nbytes)
         return Resident(spec, ExpertBlock(spec.layer, spec.first, weights), key, now, now, source, seconds)
 
-    def _materialize(self, spec: FunctionSpec, cached: ExpertWeights | None) -> ExpertWeights:
-        """Runs in a thread: host tier or disk -> device (through pinned memory on CUDA)."""
+    def _materialize(self, spec: FunctionSpec, cached: BlockWeights | None) -> BlockWeights:
+        """Runs in a thread: host tier or disk -> device (through pinned memory on CUDA); on CPU in
+        the matmul's fastest layout (packing holds the plain copy too until it is done)."""
         if cached is None:
             reader, config = self.model(spec.model_path)
             layout = ExpertLayout(reader, config)
             pin = self.device.type == "cuda"
             cached = layout.load_block(spec.layer, spec.first, spec.count, parse_dtype(spec.dtype), pin_memory=pin)
         if self.device.type == "cpu":
-            return cached
+            return pack_experts(cached)
+        assert isinstance(cached, ExpertWeights), "only CPU blocks are packed"
         moved = ExpertWeights(cached.gate_up.to(self.device, non_blocking=True),
                               cached.down.to(self.device, non_blocking=True))
         torch.cuda.current_stream(self.device).synchronize()
@@ -307,7 +311,7 @@ class ExpertStore:
         self.eviction.on_evict(resident.key)
         weights = resident.block.weights
         if weights.nbytes <= self.host.budget_bytes:  # else the block leaves every tier
-            if self.device.type != "cpu":
+            if isinstance(weights, ExpertWeights) and self.device.type != "cpu":
                 pin = self.host.pin
                 weights = ExpertWeights(weights.gate_up.to("cpu").pin_memory() if pin else weights.gate_up.cpu(),
                                         weights.down.to("cpu").pin_memory() if pin else weights.down.cpu())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from faasmoe.model.experts import ExpertBlock, run_blocks
 from runtime import protocol as p
 from runtime.metrics import Registry
 from runtime.periodic import every
@@ -346,28 +347,30 @@ class Worker:
             self._row_cost[fid] = per_row if old is None else 0.8 * old + 0.2 * per_row
 
     def _run_calls(self, message: p.Invoke, by_id: dict[str, Resident]) -> tuple[torch.Tensor, float]:
-        """Runs in the compute thread: every call of the message, back to back; and the seconds it took."""
+        """Runs in the compute thread: every call of the message together (their experts share the
+        cores); and the seconds it took."""
         start = time.perf_counter()
         xs, experts = message.x.split(message.rows), message.experts.split(message.rows)
         with torch.inference_mode():
             if self._stream is None:
-                outputs = [self._run_one(fid, x, e, by_id[fid]) for fid, x, e in zip(message.function_ids, xs, experts)]
-                output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+                output = self._run_blocks(message.function_ids, xs, experts, by_id)
             else:
                 with torch.cuda.stream(self._stream):
-                    outputs = [self._run_one(fid, x, e, by_id[fid])
-                               for fid, x, e in zip(message.function_ids, xs, experts)]
-                    output = torch.cat(outputs).to("cpu", non_blocking=True)
+                    output = self._run_blocks(message.function_ids, xs, experts, by_id).to("cpu", non_blocking=True)
                 self._stream.synchronize()
         return output, time.perf_counter() - start
 
-    def _run_one(self, fid: str, x: torch.Tensor, experts: torch.Tensor, resident: Resident) -> torch.Tensor:
-        block = resident.block
-        weights = block.weights.gate_up
-        if x.dim() != 2 or x.shape[1] != weights.shape[-1]:
-            raise ValueError(f"call to {fid}: x has shape {list(x.shape)}, expected [n, {weights.shape[-1]}]")
+    def _run_blocks(self, fids: list[str], xs: tuple[torch.Tensor, ...], experts: tuple[torch.Tensor, ...],
+                    by_id: dict[str, Resident]) -> torch.Tensor:
+        calls = [self._checked_call(fid, x, e, by_id[fid].block) for fid, x, e in zip(fids, xs, experts)]
+        outputs = run_blocks(calls)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _checked_call(self, fid: str, x: torch.Tensor, experts: torch.Tensor,
+                      block: ExpertBlock) -> tuple[ExpertBlock, torch.Tensor, torch.Tensor]:
+        if x.dim() != 2 or x.shape[1] != block.hidden_size:
+            raise ValueError(f"call to {fid}: x has shape {list(x.shape)}, expected [n, {block.hidden_size}]")
         if experts.numel() and not 0 <= int(experts.min()) <= int(experts.max()) < block.count:
             raise ValueError(f"call to {fid}: expert indices must be in 0..{block.count - 1}")
-        x = x.to(self.device, weights.dtype, non_blocking=True)
-        experts = experts.to(self.device, torch.long, non_blocking=True)
-        return block.forward(x, experts)
+        x = x.to(self.device, block.dtype, non_blocking=True)
+        return block, x, experts.to(self.device, torch.long, non_blocking=True)

@@ -191,7 +191,7 @@ class InProcessExpertExecutor:
         self.model = model
         self.loader = loader
         self._functions = [p.FunctionSpec(function_id(model, layer, i), "", layer, b.first, b.count,
-                                          str(b.weights.gate_up.dtype).removeprefix("torch."), b.nbytes)
+                                          str(b.dtype).removeprefix("torch."), b.nbytes)
                            for layer, blocks in local.blocks.items() for i, b in enumerate(blocks)]
         self._nbytes = local.nbytes
         self._cost = StepCost()

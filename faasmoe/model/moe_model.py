@@ -40,7 +40,7 @@ def load_expert_blocks(
     cfg = layout.config
     return {
         layer: [
-            ExpertBlock(layer, first, layout.load_block(layer, first, count, dtype)).to(device)
+            ExpertBlock(layer, first, layout.load_block(layer, first, count, dtype)).to(device).packed()
             for first, count in block_ranges(cfg.num_experts, block_size)
         ]
         for layer in cfg.moe_layers

@@ -47,3 +47,43 @@ def test_a_packed_weight_computes_what_f_linear_does(monkeypatch, rows) -> None:
     assert kernels.pack_weight(w.float()) is not None and not isinstance(kernels.pack_weight(w.float()), kernels.PackedWeight)
     monkeypatch.setattr(kernels, "NATIVE_HALF", frozenset())
     assert kernels.pack_weight(w) is w  # no native bf16: the plain layout
+
+
+def _block(first: int, count: int, dtype: torch.dtype, seed: int):
+    from faasmoe.model.checkpoint import ExpertWeights
+    from faasmoe.model.experts import ExpertBlock
+
+    g = torch.Generator().manual_seed(seed)
+    weights = ExpertWeights(torch.randn(count, 2 * 96, 64, generator=g).to(dtype) * 0.1,
+                            torch.randn(count, 64, 96, generator=g).to(dtype) * 0.1)
+    return ExpertBlock(0, first, weights)
+
+
+@pytest.mark.skipif(not kernels._MKLDNN_LINEAR, reason="this torch has no oneDNN packed linear")
+def test_a_packed_expert_block_computes_what_the_plain_one_does(monkeypatch) -> None:
+    from faasmoe.model.experts import PackedExpertWeights
+
+    monkeypatch.setattr(kernels, "NATIVE_HALF", frozenset({torch.bfloat16}))
+    plain = _block(0, 4, torch.bfloat16, seed=3)
+    packed = plain.packed()
+    assert isinstance(packed.weights, PackedExpertWeights)
+    assert (packed.nbytes, packed.count, packed.hidden_size, packed.dtype) == (plain.nbytes, 4, 64, torch.bfloat16)
+    x = torch.randn(9, 64).to(torch.bfloat16)
+    local = torch.tensor([3, 0, 0, 2, 3, 1, 0, 2, 2])  # unsorted: the block sorts and unsorts
+    assert torch.allclose(packed.forward(x, local).float(), plain.forward(x, local).float(), rtol=2e-2, atol=2e-2)
+    assert packed.packed() is packed and packed.to("cpu") is packed
+    assert _block(0, 2, torch.float32, seed=4).packed().weights.gate_up.dtype == torch.float32  # fp32 stays plain
+    monkeypatch.setattr(kernels, "NATIVE_HALF", frozenset())
+    assert not isinstance(plain.packed().weights, PackedExpertWeights)  # no native bf16: the plain layout
+
+
+def test_several_blocks_run_together_give_each_block_s_own_result(monkeypatch) -> None:
+    from faasmoe.model import experts
+
+    monkeypatch.setattr(experts, "PARALLEL_MIN_BYTES", 0)  # these small experts go to the per-core pool too
+    blocks = [_block(4 * i, 4, torch.float32, seed=i) for i in range(3)]
+    x = [torch.randn(n, 64) for n in (1, 5, 3)]
+    local = [torch.tensor([2]), torch.tensor([0, 0, 1, 3, 3]), torch.tensor([1, 0, 1])]
+    together = experts.run_blocks(list(zip(blocks, x, local)))
+    for block, xi, li, got in zip(blocks, x, local, together):
+        assert torch.allclose(got, block.forward(xi, li), rtol=1e-5, atol=1e-6)
