@@ -24,6 +24,7 @@ from faasmoe.api.inflight import ClientGone, FrontendMetrics, InFlightRequest
 from faasmoe.api.openai_requests import (
     ApiError,
     GenerationBody,
+    PreparedPrompt,
     detokenize_body,
     error_body,
     invalid,
@@ -36,6 +37,7 @@ from faasmoe.api.openai_requests import (
     tokenize_body,
 )
 from faasmoe.api.openai_responses import ResponseShape, usage_dict
+from faasmoe.api.responses_api import ResponsesShape, parse_responses_json
 from faasmoe.engine.deployments import Deployment, Deployments
 from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
 from faasmoe.engine.sampling import SamplingParams
@@ -57,6 +59,7 @@ OFF_LOOP_THREADS = 2
 # Who calls with the admin key generates as this tenant; the leading "_" is not a valid tenant
 # name, so it never shares limits or usage rows with a real one.
 ADMIN_TENANT = "_admin"
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -98,6 +101,7 @@ def create_app(ctx: FrontendContext) -> web.Application:
     app[OFF_LOOP] = ThreadPoolExecutor(OFF_LOOP_THREADS, thread_name_prefix="frontend-off-loop")
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)  # HF ids hold a '/': Org/Name
     app.router.add_get("/v1/usage", usage)
@@ -260,15 +264,39 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, chat=True)
 
 
-async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+async def responses(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses: OpenAI's Responses API (text in, text out), run as a chat request."""
+    tenant, deployment, body, prompt = await _prepared(request, parse_responses_json)
+    shape = ResponsesShape(body, deployment.name, deployment.tokenizer)
+    gen = GenerationRequest(deployment.name, prompt.token_ids, prompt.params, tenant=tenant.name,
+                            logprobs=body.logprobs, request_id=shape.id)
+    run = _admit(request, deployment, tenant, gen)
+    try:
+        run.submit()
+        if body.stream:
+            return await _stream_events(request, run, shape)
+        return await _collect(request, [run], [shape])
+    finally:
+        run.abandon()  # a no-op when it completed; otherwise frees the sequence and the tenant's slot
+
+
+async def _prepared(request: web.Request, parse: Callable, *args) -> tuple[Tenant, Deployment, GenerationBody,
+                                                                           PreparedPrompt]:
+    """Authenticate, parse the body with `parse(raw, *args)`, find the caller's model (404 if it may not see
+    it) and tokenize the prompt for it: the first half of every generation handler."""
     ctx = request.app[CONTEXT]
     tenant = (await _authenticate(request)).tenant
-    body = await _off_loop(request, _parse_generation_body, await _read_body(request), chat)
+    body = await _off_loop(request, parse, await _read_body(request), *args)
     deployment = ctx.deployments.get(body.model, tenant.name, tenant.allowed_models)
     if deployment is None:
         raise model_not_found(body.model)
     prompt = await _off_loop(request, prepare, body, deployment.tokenizer, deployment.max_context,
                              deployment.config.vocab_size)
+    return tenant, deployment, body, prompt
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    tenant, deployment, body, prompt = await _prepared(request, _parse_generation_body, chat)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     runs: list[InFlightRequest] = []
     shapes: list[ResponseShape] = []
@@ -352,7 +380,8 @@ def _closed(request: web.Request) -> Callable[[], bool]:
     return lambda: request.transport is None or request.transport.is_closing()
 
 
-async def _collect(request: web.Request, runs: list[InFlightRequest], shapes: list[ResponseShape]) -> web.StreamResponse:
+async def _collect(request: web.Request, runs: list[InFlightRequest],
+                   shapes: list[ResponseShape] | list[ResponsesShape]) -> web.StreamResponse:
     try:
         outcomes = await asyncio.gather(*(_events_of(request, run) for run in runs))
     except ClientGone:
@@ -393,8 +422,7 @@ def _total_usage(usages: list[Usage]) -> Usage:
 
 async def _stream(request: web.Request, runs: list[InFlightRequest], shapes: list[ResponseShape],
                   body: GenerationBody) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no", "X-Request-Id": shapes[0].id})
+    response = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-Id": shapes[0].id})
     merged: asyncio.Queue[tuple[int, TokenEvent | Finished | BaseException]] = asyncio.Queue()
 
     async def pump(i: int, run: InFlightRequest) -> None:  # n choices' events, interleaved as they come
@@ -443,8 +471,31 @@ async def _stream(request: web.Request, runs: list[InFlightRequest], shapes: lis
     return response
 
 
-async def _send(response: web.StreamResponse, obj: dict) -> None:
-    await response.write(b"data: " + _dumps(obj).encode() + b"\n\n")
+async def _stream_events(request: web.Request, run: InFlightRequest, shape: ResponsesShape) -> web.StreamResponse:
+    """A Responses API stream: typed events, each with its `event:` line as OpenAI sends them; no [DONE]."""
+    response = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-Id": shape.id})
+    try:
+        await response.prepare(request)
+        for out in shape.start_events():
+            await _send(response, out, event=True)
+        async for event in run.events(_closed(request)):
+            if isinstance(event, TokenEvent):
+                for out in shape.token_events(event):
+                    await _send(response, out, event=True)
+            else:
+                await run.complete(event)  # usage is durable before the client sees the end
+                for out in shape.end_events(event):
+                    await _send(response, out, event=True)
+        await response.write_eof()
+    except ConnectionResetError:  # ClientGone, or a write to a closed socket
+        log.info("client of %s went away mid-stream", shape.id)
+    return response
+
+
+async def _send(response: web.StreamResponse, obj: dict, event: bool = False) -> None:
+    """One server-sent event; with `event`, an `event:` line names its type (the Responses API's framing)."""
+    head = b"event: " + obj["type"].encode() + b"\n" if event else b""
+    await response.write(head + b"data: " + _dumps(obj).encode() + b"\n\n")
 
 
 def _dumps(obj: object) -> str:
