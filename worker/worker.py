@@ -63,7 +63,7 @@ class Worker:
         self.device = torch.device(config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.metrics = Registry()
+        self.metrics = Registry("worker", config.worker_id)
         self._define_metrics()
         self._keep_alive: dict[float, object] = {}
         self.store = ExpertStore(

@@ -73,7 +73,10 @@ def _scheduler(args: argparse.Namespace) -> int:
                              worker_args=worker_args, heartbeat_timeout_s=args.heartbeat_timeout)
 
     async def main() -> None:
+        from runtime.metrics import ProcessMetrics
+
         scheduler = Scheduler(config)
+        scheduler.metrics.register(ProcessMetrics("scheduler"))  # this process is the scheduler alone
         address = await scheduler.start()
         print(f"scheduler listening at {address} with {workers} local worker(s) on {', '.join(devices)}", flush=True)
         if args.http:

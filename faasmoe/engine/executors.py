@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from faasmoe.engine.hits import RecentHits
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.config import MoEConfig
 from faasmoe.model.experts import DispatchPlan, LocalExpertExecutor, Routing
@@ -34,6 +35,8 @@ class StepCost:
 class AsyncExpertExecutor(Protocol):
     """Runs one layer's routed experts and returns their weighted sum, asynchronously; reports what
     the expert work of the step so far cost (metering) and what the model's experts hold."""
+
+    hits: RecentHits  # calls per function in the last seconds (the dashboard's hit map)
 
     @property
     def functions(self) -> list[p.FunctionSpec]:
@@ -115,6 +118,7 @@ class RemoteExpertExecutor:
                     fid, str(Path(path).resolve()), layer, first, count,
                     dtype_name, count * config.expert_bytes(dtype), owner, keep_alive_s, owner_quota_bytes)
         layout.reader.close()
+        self.hits = RecentHits(spec.function_id for spec in self.specs.values())
         self._cost = StepCost()
         self._touched: set[str] = set()
         self.prefetch_stats = PrefetchStats()
@@ -150,6 +154,7 @@ class RemoteExpertExecutor:
             self.prefetch_stats.wasted += len(warmed) - used
         meter = InvokeMeter()
         outputs = await self.client.invoke(calls, meter)
+        self.hits.record((c.function.function_id for c in calls), meter.cold_starts)
         cost = self._cost
         cost.invocations += len(calls)
         cost.cold_starts += meter.cold_starts
@@ -194,6 +199,7 @@ class InProcessExpertExecutor:
                                           str(b.dtype).removeprefix("torch."), b.nbytes)
                            for layer, blocks in local.blocks.items() for i, b in enumerate(blocks)]
         self._nbytes = local.nbytes
+        self.hits = RecentHits(f.function_id for f in self._functions)
         self._cost = StepCost()
         self.cold_starts = 0
         self.load_seconds = 0.0  # every reload's, together
@@ -243,10 +249,11 @@ class InProcessExpertExecutor:
         if self.local is None:  # unloaded between the trunk's reload and this call: load here
             await loop.run_in_executor(self.compute, self.reload)
         local = self.local
-        plan_calls = len(DispatchPlan(routing, local.block_size).calls)
+        blocks = [c.block for c in DispatchPlan(routing, local.block_size).calls]
         start = loop.time()
         out = await loop.run_in_executor(self.compute, local.run_layer, layer, x, routing)
-        self._cost.invocations += plan_calls
+        self.hits.record(function_id(self.model, layer, b) for b in blocks)
+        self._cost.invocations += len(blocks)
         self._cost.compute_s += loop.time() - start
         return out
 

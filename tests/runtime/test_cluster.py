@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.config import MoEConfig
@@ -112,7 +113,12 @@ async def test_cold_then_warm_invoke_over_a_local_pool(model_dir):
         for name in ("faasmoe_resident_expert_bytes", "faasmoe_worker_invoke_seconds", "faasmoe_expert_load_seconds",
                      "faasmoe_worker_queue_depth", "faasmoe_expert_evictions_total", "faasmoe_scheduler_workers"):
             assert text.count(f"# TYPE {name} ") == 1, name  # one family, both workers' samples inside
-        assert 'faasmoe_resident_expert_bytes{worker="local-0",tier="device"}' in text
+        series = {(s.name, frozenset(s.labels.items())): s.value
+                  for family in text_string_to_metric_families(text) for s in family.samples}
+        assert ("faasmoe_resident_expert_bytes", frozenset({("worker", "local-0"), ("tier", "device")})) in series
+        processes = {dict(labels)["component"] + "/" + dict(labels)["worker"]
+                     for name, labels in series if name == "process_resident_memory_bytes"}
+        assert processes == {"scheduler/", "worker/local-0", "worker/local-1"}  # each process told apart
         cluster = json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{http_port}/cluster"))
         assert sorted(w["id"] for w in cluster["workers"]) == ["local-0", "local-1"]
         assert sum(len(w["resident_functions"]) for w in cluster["workers"]) == 4

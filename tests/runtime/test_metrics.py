@@ -1,177 +1,106 @@
-"""Prometheus text exposition: the output parses line by line and means what it says."""
+"""runtime.metrics: one prometheus_client registry per component, process metrics labelled with the
+process's role, and merged or redacted expositions that prometheus_client's own parser reads back."""
 
 from __future__ import annotations
 
-import math
-import re
-import threading
+import os
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.metrics import LATENCY_BUCKETS, Registry, format_value
-
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_SAMPLE = re.compile(rf'({_NAME})(\{{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*\}})? (\S+)\Z')
-_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+from runtime.metrics import LATENCY_BUCKETS, REQUEST_BUCKETS, TOKEN_BUCKETS, Registry, merge_expositions, redact_exposition
 
 
-def _unescape(v: str) -> str:
-    return re.sub(r"\\([\\\"n])", lambda m: "\n" if m.group(1) == "n" else m.group(1), v)
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """{(sample name, labels): value}, read by the reference parser (which fails on a malformed line)."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def parse(text: str) -> tuple[dict[str, tuple[str, str]], list[tuple[str, dict[str, str], float]]]:
-    """A strict reader of format 0.0.4: {name: (type, help)} and [(name, labels, value)]."""
-    assert text.endswith("\n")
-    families: dict[str, list[str]] = {}
-    samples: list[tuple[str, dict[str, str], float]] = []
-    for line in text.splitlines():
-        if m := re.fullmatch(rf"# HELP ({_NAME}) (.*)", line):
-            families.setdefault(m[1], ["", ""])[1] = m[2]
-        elif m := re.fullmatch(rf"# TYPE ({_NAME}) (counter|gauge|histogram)", line):
-            families.setdefault(m[1], ["", ""])[0] = m[2]
-        else:
-            m = _SAMPLE.fullmatch(line)
-            assert m, f"unparsable line {line!r}"
-            labels = {k: _unescape(v) for k, v in _PAIR.findall(m[2] or "")}
-            samples.append((m[1], labels, float(m[3])))
-    return {k: (v[0], v[1]) for k, v in families.items()}, samples
+def types(text: str) -> dict[str, str]:
+    return {family.name: family.type for family in text_string_to_metric_families(text)}
 
 
-def test_counter_gauge_render_and_parse() -> None:
+def test_counter_gauge_histogram_render_and_parse() -> None:
     r = Registry()
-    calls = r.counter("faasmoe_expert_invocations_total", "Expert function calls.", ("model", "function"))
-    calls.labels(model="m", function="m/0/1").inc()
-    calls.labels(model="m", function="m/0/1").inc(2)
-    calls.labels(model="m", function="m/3/0").inc()
-    resident = r.gauge("faasmoe_resident_expert_bytes", "Bytes of resident expert functions.")
-    resident.set(1024)
-    resident.inc(10)
-    resident.dec(4)
-    families, samples = parse(r.render())
-    assert families == {
-        "faasmoe_expert_invocations_total": ("counter", "Expert function calls."),
-        "faasmoe_resident_expert_bytes": ("gauge", "Bytes of resident expert functions."),
-    }
-    assert ("faasmoe_expert_invocations_total", {"model": "m", "function": "m/0/1"}, 3.0) in samples
-    assert ("faasmoe_expert_invocations_total", {"model": "m", "function": "m/3/0"}, 1.0) in samples
-    assert ("faasmoe_resident_expert_bytes", {}, 1030.0) in samples
-
-
-def test_label_less_series_exist_at_zero_and_labelled_ones_on_first_use() -> None:
-    r = Registry()
-    r.counter("a_total", "a")
-    r.counter("b_total", "b", ("tenant",))
-    _, samples = parse(r.render())
-    assert samples == [("a_total", {}, 0.0)]
-
-
-def test_histogram_buckets_are_cumulative_with_inf_sum_and_count() -> None:
-    r = Registry()
-    h = r.histogram("faasmoe_time_to_first_token_seconds", "TTFT.", ("model",), buckets=(0.1, 1.0, 10.0))
+    calls = r.counter("faasmoe_expert_invocations_total", "Expert function calls.", ("model_name", "function"))
+    calls.labels(model_name="m", function="m/0/1").inc()
+    calls.labels(model_name="m", function="m/0/1").inc(2)
+    r.gauge("faasmoe_resident_expert_bytes", "Bytes of resident expert functions.").set(1024)
+    ttft = r.histogram("faasmoe_time_to_first_token_seconds", "TTFT.", ("model_name",), buckets=(0.1, 1.0, 10.0))
     for v in (0.05, 0.1, 0.5, 2.0, 20.0):
-        h.labels(model="m").observe(v)
-    families, samples = parse(r.render())
-    assert families["faasmoe_time_to_first_token_seconds"][0] == "histogram"
-    buckets = [(s[1]["le"], s[2]) for s in samples if s[0].endswith("_bucket")]
-    assert buckets == [("0.1", 2.0), ("1.0", 3.0), ("10.0", 4.0), ("+Inf", 5.0)]  # le is inclusive
-    assert all(s[1]["model"] == "m" for s in samples)
-    values = {s[0]: s[2] for s in samples}
-    assert values["faasmoe_time_to_first_token_seconds_sum"] == pytest.approx(22.65)
-    assert values["faasmoe_time_to_first_token_seconds_count"] == 5.0
-    counts = [c for _, c in buckets]
-    assert counts == sorted(counts) and counts[-1] == values["faasmoe_time_to_first_token_seconds_count"]
-
-
-def test_default_latency_buckets_span_microseconds_to_seconds() -> None:
-    assert LATENCY_BUCKETS[0] <= 100e-6 and LATENCY_BUCKETS[-1] >= 30.0
-    assert list(LATENCY_BUCKETS) == sorted(set(LATENCY_BUCKETS))
-    h = Registry().histogram("lat_seconds", "latency")
-    h.observe(75e-6)
-    _, samples = parse("".join(line + "\n" for line in h.render()))
-    first = next(s for s in samples if s[0] == "lat_seconds_bucket" and s[2] == 1.0)
-    assert float(first[1]["le"]) == 100e-6
-
-
-def test_label_values_escaped() -> None:
-    r = Registry()
-    c = r.counter("x_total", 'help with \\ and\nnewline', ("v",))
-    nasty = 'a\\b"c\nd'
-    c.labels(v=nasty).inc()
+        ttft.labels(model_name="m").observe(v)
     text = r.render()
-    assert 'x_total{v="a\\\\b\\"c\\nd"} 1.0\n' in text
-    assert "# HELP x_total help with \\\\ and\\nnewline\n" in text
-    families, samples = parse(text)
-    assert samples == [("x_total", {"v": nasty}, 1.0)]
-    assert families["x_total"][1] == "help with \\\\ and\\nnewline"  # escaped on the wire
+    assert "# TYPE faasmoe_expert_invocations_total counter\n" in text  # the name as the contract spells it
+    assert "_created" not in text  # no per-series timestamps: they cannot be summed or merged
+    got = samples(text)
+    assert got[("faasmoe_expert_invocations_total", frozenset({("model_name", "m"), ("function", "m/0/1")}))] == 3
+    assert got[("faasmoe_resident_expert_bytes", frozenset())] == 1024
+    m = ("model_name", "m")
+    assert [got[("faasmoe_time_to_first_token_seconds_bucket", frozenset({m, ("le", le)}))]
+            for le in ("0.1", "1.0", "10.0", "+Inf")] == [2, 3, 4, 5]  # le is inclusive, buckets cumulative
+    assert got[("faasmoe_time_to_first_token_seconds_sum", frozenset({m}))] == pytest.approx(22.65)
+    assert types(text) == {"faasmoe_expert_invocations": "counter", "faasmoe_resident_expert_bytes": "gauge",
+                           "faasmoe_time_to_first_token_seconds": "histogram"}
 
 
-def test_names_and_labels_validated() -> None:
-    r = Registry()
+def test_counters_must_end_in_total_and_registries_are_separate() -> None:
     with pytest.raises(ValueError, match="_total"):
-        r.counter("faasmoe_expert_invocations", "no suffix")
-    for bad in ("1abc_total", "a-b_total", "a b_total", ""):
-        with pytest.raises(ValueError, match="metric name"):
-            r.counter(bad, "bad")
-    with pytest.raises(ValueError, match="label"):
-        r.gauge("g", "g", ("bad-label",))
-    with pytest.raises(ValueError, match="le"):
-        r.histogram("h", "h", ("le",))
-    with pytest.raises(ValueError, match="increasing"):
-        r.histogram("h", "h", buckets=(1.0, 0.5))
-    g = r.gauge("g", "g", ("a",))
-    with pytest.raises(ValueError, match="expects labels"):
-        g.labels(b="1")
-    with pytest.raises(ValueError, match="expects labels"):
-        g.set(1)  # a labelled metric has no label-less series
-    with pytest.raises(ValueError, match="only goes up"):
-        r.counter("c_total", "c").inc(-1)
+        Registry().counter("faasmoe_expert_invocations", "no suffix")
+    a, b = Registry(), Registry()  # two components in one process (tests) do not collide
+    a.counter("faasmoe_x_total", "x").inc()
+    b.counter("faasmoe_x_total", "x")
+    assert samples(a.render())[("faasmoe_x_total", frozenset())] == 1
+    assert samples(b.render())[("faasmoe_x_total", frozenset())] == 0
+    with pytest.raises(ValueError, match="Duplicated"):
+        a.gauge("faasmoe_x_total", "again")
 
 
-def test_registering_twice_returns_the_same_metric_or_fails_on_conflict() -> None:
+def test_buckets_are_increasing_and_span_their_ranges() -> None:
+    for buckets in (LATENCY_BUCKETS, REQUEST_BUCKETS, TOKEN_BUCKETS):
+        assert list(buckets) == sorted(set(buckets))
+    assert LATENCY_BUCKETS[0] <= 100e-6 and LATENCY_BUCKETS[-1] >= 30.0
+    assert REQUEST_BUCKETS[-1] >= 1800.0 and TOKEN_BUCKETS[0] == 1 and TOKEN_BUCKETS[-1] >= 128 * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="the process collector reads /proc")
+def test_process_metrics_carry_the_component_and_worker() -> None:
+    worker = Registry("worker", "local-3")
+    frontend = Registry("frontend")
+    merged = merge_expositions([frontend.render(), worker.render()])
+    got = samples(merged)
+    rss = {labels: v for (name, labels), v in got.items() if name == "process_resident_memory_bytes"}
+    assert set(rss) == {frozenset({("component", "frontend"), ("worker", "")}),
+                        frozenset({("component", "worker"), ("worker", "local-3")})}
+    assert all(v > 1e6 for v in rss.values())  # this test process's RSS, both times
+    assert any(name == "process_cpu_seconds_total" for name, _ in got)
+    assert types(merged)["process_cpu_seconds"] == "counter"
+    assert not [name for name, _ in samples(Registry().render()) if name.startswith("process_")]
+
+
+def test_merge_keeps_each_family_contiguous_with_one_header() -> None:
+    a, b = Registry(), Registry()
+    for r, worker in ((a, "w0"), (b, "w1")):
+        r.counter("faasmoe_expert_invocations_total", "calls", ("worker",)).labels(worker=worker).inc()
+        r.gauge("faasmoe_worker_queue_depth", "depth", ("worker",)).labels(worker=worker).set(2)
+    merged = merge_expositions([a.render(), b.render()])
+    assert merged.count("# TYPE faasmoe_expert_invocations_total counter") == 1
+    lines = [line.split("{")[0] for line in merged.splitlines() if not line.startswith("#")]
+    assert lines == ["faasmoe_expert_invocations_total"] * 2 + ["faasmoe_worker_queue_depth"] * 2
+    assert len(samples(merged)) == 4
+
+
+def test_redaction_drops_hidden_series_and_sums_tenants_away() -> None:
     r = Registry()
-    a = r.counter("c_total", "c", ("x",))
-    assert r.counter("c_total", "c", ("x",)) is a
-    with pytest.raises(ValueError, match="already registered"):
-        r.gauge("c_total", "c", ("x",))
-    with pytest.raises(ValueError, match="already registered"):
-        r.counter("c_total", "c", ("y",))
-
-
-def test_remove_drops_a_series() -> None:
-    r = Registry()
-    g = r.gauge("resident_bytes", "r", ("function",))
-    g.labels(function="m/0/0").set(5)
-    g.labels(function="m/0/1").set(7)
-    g.remove(function="m/0/0")
-    _, samples = parse(r.render())
-    assert samples == [("resident_bytes", {"function": "m/0/1"}, 7.0)]
-
-
-def test_concurrent_increments_sum_exactly() -> None:
-    r = Registry()
-    c = r.counter("hits_total", "h", ("worker",))
-    h = r.histogram("lat_seconds", "l", buckets=(0.5,))
-    n_threads, n = 8, 5000
-
-    def work(i: int) -> None:
-        for j in range(n):
-            c.labels(worker=str(j % 3)).inc()
-            h.observe(0.25 if j % 2 else 1.0)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    _, samples = parse(r.render())
-    assert sum(v for name, _, v in samples if name == "hits_total") == n_threads * n
-    values = {(name, labels.get("le")): v for name, labels, v in samples}
-    assert values[("lat_seconds_count", None)] == n_threads * n
-    assert values[("lat_seconds_bucket", "0.5")] == n_threads * n / 2
-    assert values[("lat_seconds_sum", None)] == pytest.approx(n_threads * n * 0.625)
-
-
-def test_format_value_special_floats() -> None:
-    assert [format_value(v) for v in (math.inf, -math.inf, math.nan, 3, 5e-05)] == [
-        "+Inf", "-Inf", "NaN", "3.0", "5e-05",
-    ]
+    tokens = r.counter("faasmoe_prompt_tokens_total", "tokens", ("model_name", "tenant"))
+    ttft = r.histogram("faasmoe_time_to_first_token_seconds", "TTFT", ("model_name", "tenant"), buckets=(1.0,))
+    for model, tenant, n in (("shared", "a", 3), ("shared", "b", 4), ("secret", "a", 5)):
+        tokens.labels(model_name=model, tenant=tenant).inc(n)
+        ttft.labels(model_name=model, tenant=tenant).observe(0.5)
+    public = redact_exposition(r.render(), aggregate=("tenant",), hidden={"model_name": {"secret"}})
+    assert "secret" not in public and "tenant" not in public
+    got = samples(public)
+    shared = frozenset({("model_name", "shared")})
+    assert got[("faasmoe_prompt_tokens_total", shared)] == 7
+    assert got[("faasmoe_time_to_first_token_seconds_count", shared)] == 2
+    assert got[("faasmoe_time_to_first_token_seconds_bucket", shared | {("le", "+Inf")})] == 2
