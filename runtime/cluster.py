@@ -10,15 +10,19 @@ def worker_json(s: p.Stats, private: bool = True) -> dict:
     False, tenants' private functions count in the bytes but are not named (their ids carry the
     tenant and the model)."""
     device = [r for r in s.resident if r.tier == "device"]
+    host = [r for r in s.resident if r.tier == "host"]
     named = device if private else [r for r in device if not r.function.owner]
+    named_host = host if private else [r for r in host if not r.function.owner]
     device_bytes, host_bytes = sum(r.nbytes for r in device), int(s.counters.get("host_bytes", 0))
     return {
         "id": s.worker.worker_id, "pid": s.worker.pid, "address": s.worker.address, "node": s.worker.node,
         "device": s.worker.device, "budget_bytes": s.worker.budget_bytes,
+        "host_budget_bytes": s.worker.host_budget_bytes,
         "resident_bytes": device_bytes + host_bytes,  # every tier counts: scaled to zero means both are 0
         "device_bytes": device_bytes,
         "host_cache_bytes": host_bytes,
-        "resident_functions": sorted(r.function.function_id for r in named),
+        "resident_functions": sorted(r.function.function_id for r in named),  # on the device
+        "host_functions": sorted(r.function.function_id for r in named_host),  # in the host cache only
     }
 
 
