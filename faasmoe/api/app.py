@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from faasmoe.api import dashboard
 from faasmoe.api.inflight import ClientGone, FrontendMetrics, InFlightRequest
 from faasmoe.api.openai_requests import (
     ApiError,
@@ -113,6 +114,7 @@ def create_app(ctx: FrontendContext) -> web.Application:
     app.router.add_post("/ping", ping)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/cluster", cluster)
+    dashboard.install(app, authorize=_require_admin, context=CONTEXT, off_loop=OFF_LOOP)  # /dashboard, its JSON
     app.on_response_prepare.append(_cors_headers)
     app.on_shutdown.append(_finish_background)
     app.on_cleanup.append(_stop_off_loop)
