@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from faasmoe.api import dashboard
-from faasmoe.api.inflight import ClientGone, FrontendMetrics, InFlightRequest
+from faasmoe.api.inflight import ClientGone, InFlightRequest
+from faasmoe.api.metrics import FrontendMetrics
 from faasmoe.api.openai_requests import (
     ApiError,
     GenerationBody,
@@ -95,9 +96,10 @@ OFF_LOOP = web.AppKey("off_loop", ThreadPoolExecutor)
 
 def create_app(ctx: FrontendContext) -> web.Application:
     """The aiohttp application of one frontend."""
-    app = web.Application(middlewares=[_cors_preflight, _errors], client_max_size=MAX_BODY_BYTES)
+    series = FrontendMetrics()
+    app = web.Application(middlewares=[series.count_http, _cors_preflight, _errors], client_max_size=MAX_BODY_BYTES)
     app[CONTEXT] = ctx
-    app[METRICS] = FrontendMetrics()
+    app[METRICS] = series
     app[BACKGROUND] = set()
     app[OFF_LOOP] = ThreadPoolExecutor(OFF_LOOP_THREADS, thread_name_prefix="frontend-off-loop")
     app.router.add_post("/v1/completions", completions)
@@ -618,7 +620,9 @@ async def metrics(request: web.Request) -> web.Response:
     and drops private models, whose names must stay invisible (DESIGN.md: 404, not 403)."""
     ctx = request.app[CONTEXT]
     admin = await _scraped_by_admin(request)
-    own = request.app[METRICS].render(ctx.deployments)
+    series = request.app[METRICS]
+    series.read_engines(ctx.deployments)
+    own = await _off_loop(request, series.registry.render)  # not on the loop: streams would stall for its ms
     try:
         runtime = await ctx.runtime_metrics()
     except Exception:  # a scheduler outage must not blind the frontend's own metrics
@@ -627,7 +631,7 @@ async def metrics(request: web.Request) -> web.Response:
     text = merge_expositions([own, runtime])
     if not admin:
         private = {d.name for d in ctx.deployments.by_name.values() if d.spec.sharing == "private"}
-        text = redact_exposition(text, aggregate=("tenant",), hidden={"model": private, "model_name": private})
+        text = redact_exposition(text, aggregate=("tenant",), hidden={"model_name": private})
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -1,4 +1,4 @@
-"""One admitted request on the frontend, from admission to its usage row, and the frontend's metrics.
+"""One admitted request on the frontend, from admission to its usage row and its metrics.
 
 Every request that passed admission must be finished exactly once, however it ends (finished,
 failed, or its client went away): the usage row is written, the tenant's tokens settled and its
@@ -14,12 +14,12 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
-from faasmoe.engine.deployments import Deployment, Deployments
+from faasmoe.api.metrics import FrontendMetrics, finished_reason
+from faasmoe.engine.deployments import Deployment
 from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
 from faasmoe.tenancy.admission import Admission
 from faasmoe.tenancy.ledger import UsageLedger, UsageRecord
 from faasmoe.tenancy.tenants import Tenant
-from runtime.metrics import Registry
 
 log = logging.getLogger(__name__)
 
@@ -31,45 +31,6 @@ _STATUS = {"stop": "ok", "length": "ok", "cancelled": "cancelled"}
 
 class ClientGone(ConnectionResetError):
     """The HTTP client closed its connection while its request was generating."""
-
-
-class FrontendMetrics:
-    """The frontend's Prometheus series (vLLM's names, prefixed faasmoe_)."""
-
-    def __init__(self) -> None:
-        self.registry = r = Registry()
-        per_request = ("model", "tenant")
-        self.ttft = r.histogram("faasmoe_time_to_first_token_seconds",
-                                "Time from arrival to the first generated token.", per_request)
-        self.itl = r.histogram("faasmoe_inter_token_latency_seconds", "Time between two tokens of a request.",
-                               per_request)
-        self.e2e = r.histogram("faasmoe_e2e_request_latency_seconds", "Time from arrival to the last token.",
-                               per_request)
-        self.running = r.gauge("faasmoe_num_requests_running", "Sequences in the model's running batch.", ("model",))
-        self.waiting = r.gauge("faasmoe_num_requests_waiting", "Requests queued for the model's batch.", ("model",))
-        self.prompt_tokens = r.counter("faasmoe_prompt_tokens_total", "Prompt tokens processed.", per_request)
-        self.generation_tokens = r.counter("faasmoe_generation_tokens_total", "Tokens generated.", per_request)
-        self.success = r.counter("faasmoe_request_success_total", "Requests that ended without an error.",
-                                 ("model", "tenant", "finish_reason"))
-        self.errors = r.counter("faasmoe_request_errors_total", "Requests whose generation failed.", per_request)
-        self.rejected = r.counter("faasmoe_requests_rejected_total",
-                                  "Requests refused by admission or a full queue, by error code.", ("tenant", "code"))
-        self.prefetches = r.counter("faasmoe_expert_prefetches_total",
-                                    "Expert blocks loaded ahead of their layer (pre-gating): issued, then used or "
-                                    "wasted by that layer's call.", ("model", "outcome"))
-        self._prefetches_seen: dict[tuple[str, str], int] = {}
-
-    def render(self, deployments: Deployments) -> str:
-        # Queue depths are read when scraped: the engines own them, we only look.
-        for d in deployments.by_name.values():
-            self.running.labels(model=d.name).set(len(d.engine.running))
-            self.waiting.labels(model=d.name).set(len(d.engine.waiting))
-            for outcome, count in vars(d.executor.prefetch_stats).items():  # the executor counts; we publish
-                seen = self._prefetches_seen.get((d.name, outcome), 0)
-                if count > seen:
-                    self.prefetches.labels(model=d.name, outcome=outcome).inc(count - seen)
-                    self._prefetches_seen[(d.name, outcome)] = count
-        return self.registry.render()
 
 
 def _log_failure(future: asyncio.Future) -> None:
@@ -89,7 +50,7 @@ class InFlightRequest:
         self.charged = charged
         self._admission, self._ledger, self._metrics, self._background = admission, ledger, metrics, background
         self._io = io  # where the ledger's SQLite commit runs: never on the event loop (None: asyncio's default)
-        self._labels = {"model": deployment.name, "tenant": tenant.name}
+        self._labels = {"model_name": deployment.name, "tenant": tenant.name}
         self._started = time.monotonic()
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
@@ -174,15 +135,28 @@ class InFlightRequest:
             log.exception("could not record the usage of %s", self.request.request_id)
         finally:
             self._admission.settle(self.tenant, self.charged, usage.total_tokens)
-        m = self._metrics
-        m.e2e.labels(**self._labels).observe(time.monotonic() - self._started)
-        m.prompt_tokens.labels(**self._labels).inc(usage.prompt_tokens)
-        m.generation_tokens.labels(**self._labels).inc(usage.completion_tokens)
-        if status == "error":
-            m.errors.labels(**self._labels).inc()
+        self._observe_end(finished, usage, status == "error")
+
+    def _observe_end(self, finished: Finished, usage: Usage, failed: bool) -> None:
+        """The request's series, vLLM's way: its phases are queue (arrival to the engine taking it),
+        prefill (to the first token) and decode (to the last)."""
+        m, labels, now = self._metrics, self._labels, time.monotonic()
+        m.prompt_tokens.labels(**labels).inc(usage.prompt_tokens)
+        m.generation_tokens.labels(**labels).inc(usage.completion_tokens)
+        if failed:
+            m.errors.labels(**labels).inc()
             log.warning("request %s of %s failed: %s", self.request.request_id, self.tenant.name, finished.error)
-        else:
-            m.success.labels(**self._labels, finish_reason=finished.finish_reason).inc()
+            return
+        m.success.labels(**labels, finished_reason=finished_reason(finished.finish_reason)).inc()
+        m.e2e.labels(**labels).observe(now - self._started)
+        m.request_prompt_tokens.labels(**labels).observe(usage.prompt_tokens)
+        m.request_generation_tokens.labels(**labels).observe(usage.completion_tokens)
+        scheduled = self.request.scheduled_at
+        if scheduled is not None:  # else it never left the queue (cancelled while waiting)
+            m.queue_time.labels(**labels).observe(max(0.0, scheduled - self._started))
+            if self._first_token_at is not None:
+                m.prefill_time.labels(**labels).observe(max(0.0, self._first_token_at - scheduled))
+                m.decode_time.labels(**labels).observe(self._last_token_at - self._first_token_at)
 
     def abandon(self) -> None:
         """The client is gone (or the handler failed): cancel, and complete once the engine let go."""

@@ -152,6 +152,7 @@ class ModelEngine:
                     and self.kv_reserved_bytes() + kv > self.kv_budget_bytes:
                 break  # it fits once running sequences finish: wait in line
             self.waiting.popleft()
+            request.scheduled_at = time.monotonic()
             self.starting = request  # between the queue and the batch (its trunk may be loading): still ours
             try:
                 seq = await self._start(request)

@@ -44,7 +44,7 @@ class TokenEvent:
 class Finished:
     """The end of a request's stream."""
 
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    finish_reason: str  # "stop" | "length" | "cancelled" (metrics: vLLM's "abort") | "error"
     text: str  # the full completion text (stop string removed)
     usage: Usage
     error: str | None = None
@@ -67,6 +67,7 @@ class GenerationRequest:
     # Filled by the engine as it runs: the HTTP handler reads events from here.
     events: asyncio.Queue[TokenEvent | Finished] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    scheduled_at: float | None = None  # time.monotonic() when the engine took it from its queue (metrics)
     # Set by the engine at prefill, before the first TokenEvent, when prompt_logprobs is asked for.
     prompt_logprobs_result: list[PromptLogprob | None] | None = None
 

@@ -192,7 +192,7 @@ async def test_metrics_show_tenants_and_private_models_to_admins_only(server: Se
         assert status == 200
     status, _, full = await raw(server, "GET", "/metrics", tenant="admin")
     assert status == 200
-    assert 'model="secret"' in full and 'tenant="beta"' in full and 'tenant="acme"' in full
+    assert 'model_name="secret"' in full and 'tenant="beta"' in full and 'tenant="acme"' in full
     prompt_tokens = {line.split()[0]: float(line.split()[1]) for line in full.splitlines()
                      if line.startswith("faasmoe_prompt_tokens_total{")}
     for scraper in (None, "acme"):  # nobody, or a tenant that is not an admin
@@ -201,11 +201,11 @@ async def test_metrics_show_tenants_and_private_models_to_admins_only(server: Se
         assert "secret" not in public and "tenant=" not in public and "beta" not in public, public
         assert '# TYPE faasmoe_time_to_first_token_seconds histogram' in public
         # the shared model's series summed over tenants: the same totals, no names
-        shared = sum(v for k, v in prompt_tokens.items() if 'model="tiny"' in k)
-        assert f'faasmoe_prompt_tokens_total{{model="tiny"}} {shared!r}' in public
+        shared = sum(v for k, v in prompt_tokens.items() if 'model_name="tiny"' in k)
+        assert f'faasmoe_prompt_tokens_total{{model_name="tiny"}} {shared!r}' in public
         counts = sum(float(line.split()[1]) for line in full.splitlines()
-                     if line.startswith("faasmoe_time_to_first_token_seconds_count{") and 'model="tiny"' in line)
-        assert f'faasmoe_time_to_first_token_seconds_count{{model="tiny"}} {counts!r}' in public
+                     if line.startswith("faasmoe_time_to_first_token_seconds_count{") and 'model_name="tiny"' in line)
+        assert f'faasmoe_time_to_first_token_seconds_count{{model_name="tiny"}} {counts!r}' in public
     server.keys["wrong"] = "fm-acme-not-a-key"
     status, _, payload = await raw(server, "GET", "/metrics", tenant="wrong")  # a misconfigured scraper finds out
     assert status == 401 and assert_error(payload, "authentication_error")

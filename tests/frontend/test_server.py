@@ -457,21 +457,21 @@ async def test_metrics_health_and_admin(server: Server) -> None:
             assert resp.status == 200 and await resp.json() == {"status": "ok"}
     series = {(s.name, frozenset(s.labels.items())): s.value
               for family in text_string_to_metric_families(text) for s in family.samples}
-    acme = {("model", "tiny"), ("tenant", "acme")}
+    acme = {("model_name", "tiny"), ("tenant", "acme")}
     for family in ("faasmoe_time_to_first_token_seconds", "faasmoe_inter_token_latency_seconds",
                    "faasmoe_e2e_request_latency_seconds"):
         assert f"# TYPE {family} histogram" in text
         assert (f"{family}_bucket", frozenset(acme | {("le", "+Inf")})) in series
-    for name, labels in (("faasmoe_num_requests_running", {("model", "tiny")}),
-                         ("faasmoe_num_requests_waiting", {("model", "tiny")}),
+    for name, labels in (("faasmoe_num_requests_running", {("model_name", "tiny")}),
+                         ("faasmoe_num_requests_waiting", {("model_name", "tiny")}),
                          ("faasmoe_prompt_tokens_total", acme), ("faasmoe_generation_tokens_total", acme),
-                         ("faasmoe_request_success_total", acme | {("finish_reason", "length")}),
-                         ("faasmoe_request_success_total", {("model", "tiny"), ("tenant", "solo"),
-                                                            ("finish_reason", "cancelled")}),
+                         ("faasmoe_request_success_total", acme | {("finished_reason", "length")}),
+                         ("faasmoe_request_success_total", {("model_name", "tiny"), ("tenant", "solo"),
+                                                            ("finished_reason", "abort")}),
                          ("faasmoe_requests_rejected_total", {("tenant", "metered"), ("code", "rate_limit_exceeded")}),
                          ("faasmoe_expert_invocations_total", set())):
         assert (name, frozenset(labels)) in series, (name, labels)
-    assert series[("faasmoe_num_requests_running", frozenset({("model", "tiny")}))] == 0
+    assert series[("faasmoe_num_requests_running", frozenset({("model_name", "tiny")}))] == 0
     assert series[("faasmoe_expert_invocations_total", frozenset())] == 7
     status, _, payload = await raw(server, "GET", "/admin/cluster", tenant=None)
     assert status == 401 and assert_error(payload, "authentication_error")
@@ -515,7 +515,7 @@ async def test_single_tenant_and_open_modes(server: Server) -> None:
                 out = await local.client("right").completions.create(model="tiny", prompt="x", max_tokens=2)
                 assert out.usage.completion_tokens >= 1
                 _, _, text = await raw(local, "GET", "/metrics", tenant="right")  # the operator: every series
-                assert 'faasmoe_prompt_tokens_total{model="tiny",tenant="default"}' in text
+                assert 'faasmoe_prompt_tokens_total{model_name="tiny",tenant="default"}' in text
             if api_key is None:  # a full queue is a 503 with Retry-After, never an unbounded wait
                 status, headers, payload = await raw(local, "POST", "/v1/completions",
                                                      {"model": "tiny", "prompt": "x"}, tenant="right")
