@@ -1,9 +1,9 @@
 """`make run`: start `faasmoe serve` on the tiny model with two tenants and two workers, and show it.
 
-Sends a streamed completion from one tenant and a chat from the other, prints the answers,
-which expert functions are resident where, and the usage ledger; then waits past the
-keep-alive to show the experts scaled to zero, and stops the server cleanly. The tiny model
-has random weights: its text is noise; the plumbing is what is on show.
+Prints the live view's URL (/dashboard), sends a streamed completion from one tenant and a chat
+from the other, prints the answers, which expert functions are resident where, and the usage
+ledger; then waits past the keep-alive to show the experts scaled to zero, and stops the server
+cleanly. The tiny model has random weights: its text is noise; the plumbing is what is on show.
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ def main() -> int:
     url = f"http://127.0.0.1:{args.port}"
     try:
         wait_ready(proc)
+        # acme is an admin tenant; the key rides in the fragment, which the browser never sends to a server
+        print(f"\n== live view (open it while the demo runs; --keep-alive 60 gives you longer): "
+              f"{url}/dashboard#key={KEYS['acme']}")
         acme = openai.OpenAI(base_url=url + "/v1", api_key=KEYS["acme"])
         globex = openai.OpenAI(base_url=url + "/v1", api_key=KEYS["globex"])
         print("\n== tenant acme, streamed completion (random weights: the text is noise)")

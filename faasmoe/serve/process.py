@@ -438,7 +438,8 @@ async def serve(opts: ServeOptions) -> int:
         for tenant, key in process.printed_keys.items():
             print(f"new API key for tenant {tenant} (shown once): {key}", flush=True)
         models = ", ".join(process.deployments.by_name)
-        print(f"faasmoe serving {models} at {url}/v1 (OpenAI API); metrics at {url}/metrics", flush=True)
+        print(f"faasmoe serving {models} at {url}/v1 (OpenAI API); metrics at {url}/metrics; "
+              f"dashboard at {url}/dashboard (admin key)", flush=True)
         await stop.wait()
         print("shutting down: draining in-flight requests", flush=True)
     finally:
