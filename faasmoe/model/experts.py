@@ -118,7 +118,7 @@ class ExpertBlock:
         presorted = local_expert.numel() < 2 or bool((local_expert[1:] >= local_expert[:-1]).all())
         order = None if presorted else torch.argsort(local_expert, stable=True)
         counts = torch.bincount(local_expert, minlength=self.count).tolist()
-        grouped = x if order is None else x[order]
+        grouped = x if order is None else x.index_select(0, order)
         out = torch.empty_like(grouped)
         gate_up, down = self.weights.gate_up, self.weights.down
 
@@ -145,9 +145,7 @@ class _BlockRun:
     def result(self) -> torch.Tensor:
         if self.order is None:
             return self.out
-        result = torch.empty_like(self.out)
-        result[self.order] = self.out
-        return result
+        return torch.empty_like(self.out).index_copy_(0, self.order, self.out)
 
 
 def run_blocks(calls: list[tuple[ExpertBlock, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -187,7 +185,11 @@ class DispatchPlan:
         # Sorted by expert, so by block and within each block by expert: the worker runs each
         # expert's rows as one slice, with no sort of its own (ExpertBlock.forward).
         order = torch.argsort(experts, stable=True)
-        blocks, experts, tokens, weights = blocks[order], experts[order], tokens[order], weights[order]
+        blocks, experts, tokens, weights = (t.index_select(0, order) for t in (blocks, experts, tokens, weights))
+        # Where each token's k rows sit among the sorted ones, in expert order (as the reference adds them).
+        rank = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+        self._gather = rank.view(num_tokens, top_k).sort(dim=1).values
+        self._weights = weights
         active, counts = torch.unique_consecutive(blocks, return_counts=True)
         self.calls: list[BlockCall] = []
         start = 0
@@ -197,13 +199,20 @@ class DispatchPlan:
             start += n
 
     def inputs(self, x: torch.Tensor, call: BlockCall) -> torch.Tensor:
-        return x[call.tokens]
+        return x.index_select(0, call.tokens)
 
     def combine(self, outputs: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """Sum of weight * expert output per token, in block order (deterministic)."""
-        out = torch.zeros(self.num_tokens, like.shape[-1], dtype=like.dtype, device=like.device)
-        for call, y in zip(self.calls, outputs):
-            out.index_add_(0, call.tokens, y * call.weights.to(y.dtype)[:, None])
+        """Sum of weight * expert output per token, added in expert order like the reference does.
+        A gather and k adds: index_add_ costs ~10 ms per call in fp32 on CPU (torch 2.13), even for one row."""
+        if not self.calls:
+            return torch.zeros(self.num_tokens, like.shape[-1], dtype=like.dtype, device=like.device)
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        # index_select, not y[idx]: advanced indexing costs ~100 us here against ~6 us.
+        y = (y * self._weights.to(y.dtype)[:, None]).index_select(0, self._gather.view(-1))
+        y = y.view(self.num_tokens, -1, y.shape[-1])  # [tokens, k, hidden]
+        out = y[:, 0].to(like.dtype).contiguous()
+        for j in range(1, y.shape[1]):
+            out += y[:, j]
         return out
 
 

@@ -96,7 +96,7 @@ class PackedStep:
 
     def last_rows(self, h: torch.Tensor) -> torch.Tensor:
         """Each sequence's last new token's row of h [N, ...] -> [S, ...]."""
-        return h[torch.tensor(self.lengths, device=h.device).cumsum(0) - 1]
+        return h.index_select(0, torch.tensor(self.lengths, device=h.device).cumsum(0) - 1)
 
     def commit(self, caches: list[KVCache]) -> None:
         for cache, n in zip(caches, self.lengths):
