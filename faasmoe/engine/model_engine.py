@@ -222,8 +222,9 @@ class ModelEngine:
         started = time.perf_counter()
         # Micro-batches ping-pong: one's trunk math runs while another's experts are on the workers.
         parts = await asyncio.gather(*(self._forward(trunk, step, g) for step, g in zip(steps, groups)))
+        # One lm_head for every group: it is most of a decode step's bytes, read once, not once per group.
+        logits = await self._run(trunk.logits, parts[0] if len(parts) == 1 else torch.cat(parts))
         self._last_step_s = time.perf_counter() - started
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         cost = self.executor.take_step_cost()
         for group, step in zip(groups, steps):
             step.commit([r.seq.cache for r in group])
@@ -258,7 +259,8 @@ class ModelEngine:
         self._drop_cancelled()  # cancelled during the step: they get their Finished too
 
     async def _forward(self, trunk: Trunk, step: PackedStep, group: list[_Running] = ()) -> torch.Tensor:
-        """Drive the shared decoder generator: trunk halves on the compute thread, experts awaited."""
+        """Drive the shared decoder generator: trunk halves on the compute thread, experts awaited.
+        Returns the hidden state of each sequence's last row (the lm_head runs once per step)."""
         layers = decoder_layers(trunk, step.ids, step.batch)
         done, value = await self._run(_advance, layers, None)
         while not done:
@@ -270,7 +272,7 @@ class ModelEngine:
             expert_out = await self.executor.run_layer(layer, state.moe_input, state.routing)
             done, value = await self._run(_advance, layers, expert_out)
         await self._prompt_logprobs(trunk, step, group, value)
-        return await self._run(trunk.logits, step.last_rows(value))
+        return step.last_rows(value)
 
     async def _prompt_logprobs(self, trunk: Trunk, step: PackedStep, group: list[_Running], hidden) -> None:
         """Prefills that asked for their prompt's logprobs get them from every row's logits, not the last alone."""
