@@ -87,3 +87,20 @@ def test_several_blocks_run_together_give_each_block_s_own_result(monkeypatch) -
     together = experts.run_blocks(list(zip(blocks, x, local)))
     for block, xi, li, got in zip(blocks, x, local, together):
         assert torch.allclose(got, block.forward(xi, li), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_adds_in_expert_order_as_the_reference_does(dtype) -> None:
+    from faasmoe.model.experts import DispatchPlan, Routing
+
+    g = torch.Generator().manual_seed(7)
+    experts = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(6)])  # 6 tokens, top-4 of 16
+    routing = Routing(experts, torch.rand(6, 4, generator=g))
+    plan = DispatchPlan(routing, block_size=4)  # a token may hit two experts of one block
+    outputs = [torch.randn(c.tokens.numel(), 32, generator=g).to(dtype) for c in plan.calls]
+    reference = torch.zeros(6, 32, dtype=dtype)  # transformers: index_add_ expert by expert
+    for call, y in zip(plan.calls, outputs):
+        for e in call.local_experts.unique().tolist():
+            rows = call.local_experts == e
+            reference.index_add_(0, call.tokens[rows], y[rows] * call.weights[rows].to(dtype)[:, None])
+    assert torch.equal(plan.combine(outputs, torch.empty(6, 32, dtype=dtype)), reference)
