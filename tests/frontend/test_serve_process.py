@@ -142,7 +142,8 @@ def test_kv_cache_memory_refuses_what_can_never_fit(model: Path, tmp_path: Path)
         proc.wait_for("faasmoe serving", timeout=60)
 
         def complete(max_tokens: int) -> tuple[int, dict]:
-            body = json.dumps({"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": max_tokens}).encode()
+            body = json.dumps({"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": max_tokens,
+                               "ignore_eos": True}).encode()
             request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                              {"Content-Type": "application/json"})
             try:
