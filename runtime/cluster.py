@@ -11,8 +11,8 @@ def worker_json(s: p.Stats, private: bool = True) -> dict:
     tenant and the model)."""
     device = [r for r in s.resident if r.tier == "device"]
     host = [r for r in s.resident if r.tier == "host"]
-    named = device if private else [r for r in device if not r.function.owner]
-    named_host = host if private else [r for r in host if not r.function.owner]
+    named = device if private else [r for r in device if not _owned(r.function)]
+    named_host = host if private else [r for r in host if not _owned(r.function)]
     device_bytes, host_bytes = sum(r.nbytes for r in device), int(s.counters.get("host_bytes", 0))
     return {
         "id": s.worker.worker_id, "pid": s.worker.pid, "address": s.worker.address, "node": s.worker.node,
@@ -24,6 +24,12 @@ def worker_json(s: p.Stats, private: bool = True) -> dict:
         "resident_functions": sorted(r.function.function_id for r in named),  # on the device
         "host_functions": sorted(r.function.function_id for r in named_host),  # in the host cache only
     }
+
+
+def _owned(fn: p.FunctionSpec) -> bool:
+    """A tenant's private function: by its owner, or by its id (`tenant:model/...`) when the worker
+    no longer has the spec of a block in its host cache and reports it with an empty owner."""
+    return bool(fn.owner) or ":" in fn.function_id.split("/", 1)[0]
 
 
 def workers_json(stats: list[p.Stats], private: bool = True) -> list[dict]:
