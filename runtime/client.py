@@ -4,6 +4,8 @@ A `RuntimeClient` keeps the scheduler's pushed routing table and a connection pe
 `invoke` takes one layer's calls, sends one message per worker, and returns the outputs in
 call order. Invocations are idempotent, so when a worker dies mid-call (or cannot fit a
 block) its calls are re-placed elsewhere and retried: the caller sees the right result, late.
+A worker on this host gets each connection's activations and outputs through shared memory
+(`runtime.shm`; the socket carries only the message) unless FAASMOE_SHM=0.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import uuid
 from dataclasses import dataclass, field
 
 import torch
 
 from runtime import protocol as p
+from runtime import shm
 from runtime.transport import RpcChannel, dial, stay_connected
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,7 @@ class InvokeError(RuntimeError):
 class ClientStats:
     invocations: int = 0  # function calls sent
     messages: int = 0  # invoke messages sent (one per worker per layer)
+    shm_messages: int = 0  # of those, the ones whose tensors went through shared memory
     cold_starts: int = 0
     retries: int = 0
     load_s: float = 0.0
@@ -68,8 +73,13 @@ class RuntimeClient:
     """Connection to one cluster: the routing table plus a channel per worker."""
 
     def __init__(self, scheduler: str, token: str, client_id: str | None = None,
-                 deadline_min_s: float = DEADLINE_MIN_S, deadline_factor: float = DEADLINE_FACTOR) -> None:
+                 deadline_min_s: float = DEADLINE_MIN_S, deadline_factor: float = DEADLINE_FACTOR,
+                 shm_slots: int | None = None, shm_slot_bytes: int = shm.DEFAULT_SLOT_BYTES) -> None:
+        """`shm_slots`: invokes in flight per worker connection through shared memory, each up to
+        `shm_slot_bytes` of activations and of outputs (default: shm.DEFAULT_SLOTS, 0 when FAASMOE_SHM=0)."""
         self.scheduler_address = scheduler
+        self.shm_slots = (shm.DEFAULT_SLOTS if shm.enabled() else 0) if shm_slots is None else shm_slots
+        self.shm_slot_bytes = shm_slot_bytes
         self.deadline_min_s = deadline_min_s
         self.deadline_factor = deadline_factor
         self.token = token
@@ -161,9 +171,37 @@ class RuntimeClient:
         if info is None:
             raise ConnectionError(f"worker {wid} is not in the routing table")
         channel = await dial(info.address, self.token, "frontend", self.client_id)
+        try:
+            await self._share_memory(wid, info, channel)
+        except BaseException:
+            await channel.close()
+            raise
         self._channels[wid] = channel
         self._known[wid] = set()  # a new connection may be a restarted worker
         return channel
+
+    async def _share_memory(self, wid: str, info: p.WorkerInfo, channel: RpcChannel) -> None:
+        """Offer a worker on this host a shared-memory region for the connection; it decides."""
+        if not self.shm_slots or (info.node and info.node != socket.gethostname()):
+            log.info("worker %s at %s: invokes over the socket (%s)", wid, info.address,
+                     "shared memory is off" if not self.shm_slots else f"on another host, {info.node}")
+            return
+        try:
+            region = shm.OfferedRegion.create(self.shm_slots, self.shm_slot_bytes)
+        except OSError as exc:
+            log.warning("worker %s: invokes over the socket (no shared memory here: %s)", wid, exc)
+            return
+        try:
+            reply = await channel.request(region.offer(), timeout=10)
+        finally:
+            region.unlink()  # mapped on both sides (or refused): nothing to leak from here on
+        if isinstance(reply, p.Ok):
+            channel.conn.region = region
+            log.info("worker %s at %s: invokes through shared memory (%d slots of %d KiB)", wid, info.address,
+                     region.slots, region.slot_bytes >> 10)
+        else:
+            log.info("worker %s at %s: invokes over the socket (%s)", wid, info.address,
+                     getattr(reply, "message", type(reply).__name__))
 
     async def resolve(self, spec: p.FunctionSpec, exclude: set[str] = frozenset()) -> str:
         """A worker for the function: one of its replicas in the table at random (spreads load), else the
@@ -271,15 +309,13 @@ class RuntimeClient:
         known = self._known.setdefault(wid, set())
         ids = [c.function.function_id for c in calls]
         rows = [c.x.shape[0] for c in calls]
-        x = calls[0].x if len(calls) == 1 else torch.cat([c.x for c in calls])
-        experts = calls[0].experts if len(calls) == 1 else torch.cat([c.experts for c in calls])
         specs = {c.function.function_id: c.function for c in calls if c.function.function_id not in known}
         deadline = self.deadline_s(wid, calls)
-        reply = await channel.request(p.Invoke(0, ids, rows, x, experts, list(specs.values())), timeout=deadline)
+        reply = await self._send_invoke(channel, calls, ids, rows, list(specs.values()), deadline)
         if isinstance(reply, p.Error) and reply.code == "unknown_function":  # it forgot (restart): tell it all
             known.clear()
             specs = {c.function.function_id: c.function for c in calls}
-            reply = await channel.request(p.Invoke(0, ids, rows, x, experts, list(specs.values())), timeout=deadline)
+            reply = await self._send_invoke(channel, calls, ids, rows, list(specs.values()), deadline)
         if isinstance(reply, p.Result):
             known.update(specs)
         if isinstance(reply, p.Error):
@@ -304,6 +340,23 @@ class RuntimeClient:
             meter.messages += 1
         return list(reply.output.split(rows))
 
+    async def _send_invoke(self, channel: RpcChannel, calls: list[FunctionCall], ids: list[str], rows: list[int],
+                           specs: list[p.FunctionSpec], deadline: float) -> p.Message:
+        """One invoke message and its reply; the tensors go through shared memory when they fit a free slot."""
+        xs, experts = [c.x for c in calls], [c.experts for c in calls]
+        region = channel.conn.region
+        if region is not None:
+            out_nbytes = sum(rows) * xs[0].shape[-1] * max(_itemsize(c.function.dtype) for c in calls)
+            placed = region.place(xs, experts, out_nbytes)
+            if placed is not None:
+                x, e, out_offset = placed
+                self.stats.shm_messages += 1
+                return await channel.request(p.Invoke(0, ids, rows, x, e, specs, out_offset, region.slot_bytes),
+                                             timeout=deadline)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        e = experts[0] if len(experts) == 1 else torch.cat(experts)
+        return await channel.request(p.Invoke(0, ids, rows, x, e, specs), timeout=deadline)
+
     async def close(self) -> None:
         if self._keeper is not None:
             self._keeper.cancel()
@@ -312,3 +365,9 @@ class RuntimeClient:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of a FunctionSpec's dtype name (the dtype of its outputs)."""
+    found = getattr(torch, dtype, None)
+    return found.itemsize if isinstance(found, torch.dtype) else 8

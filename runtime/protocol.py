@@ -6,6 +6,9 @@ msgpack ext value naming its dtype, shape and byte range in the raw part, so ten
 beside the message, never re-encoded, and decode as zero-copy views. Nested structs are maps
 with their own type code. After the join handshake, TCP frames end in a 16-byte HMAC of the
 frame and a per-direction sequence number (`seal` / `unseal`), keyed from the handshake.
+A connection whose two ends share a memory region (a frontend and a worker on one host,
+`runtime.shm`) sends a tensor that lies in that region as a second extension type: the same
+descriptor, its offset counted from the region's start, and no bytes in the frame.
 Nothing outside this module defines messages.
 """
 
@@ -26,7 +29,7 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: shared-memory tensors (ShmOffer, Invoke.out_offset)
 DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
 # Until a peer has proven the token it may send only handshake-sized frames: a stranger must not
 # be able to make a server buffer hundreds of MiB by announcing a big frame.
@@ -35,6 +38,8 @@ FRAME_MAC_BYTES = 16
 _LENGTHS = struct.Struct(">II")
 _TENSOR_HEAD = struct.Struct("<BBQQ")  # dtype code, ndim, offset, nbytes; then ndim x u64 shape
 _EXT_TENSOR = 1
+_EXT_SHARED_TENSOR = 2  # a tensor in the connection's shared region: descriptor only
+SHARED_ALIGN = 64  # where a peer asks for output in the shared region, the offset is a multiple of this
 
 # Decoded tensors are read-only views of the received frame; torch warns once about that.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -42,6 +47,18 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 class ProtocolError(Exception):
     """A frame we refuse: malformed, oversized, unknown type, wrong version or bad auth."""
+
+
+class TensorRegion(typing.Protocol):
+    """Memory both ends of a connection have mapped (`runtime.shm`): tensors in it travel by reference."""
+
+    nbytes: int
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """Where a contiguous CPU tensor's bytes start in the region; None unless they lie wholly inside."""
+
+    def view(self, offset: int, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor over bytes offset..offset+nbytes (in bounds); may refuse with ProtocolError."""
 
 
 _DTYPES: list[torch.dtype] = [
@@ -167,6 +184,8 @@ class Invoke(Message):
     calls into two tensors keeps the per-message cost flat however many functions it holds.
     `specs` describes functions this worker has not been told about yet; the per-token path
     sends only ids (a worker that lacks a spec answers `unknown_function`).
+    `out_offset` >= 0 (a multiple of SHARED_ALIGN): write the output into the connection's shared
+    region there, if it fits in `out_nbytes`, and send it as a reference; -1: in the reply frame.
     """
 
     TYPE: ClassVar[int] = 22
@@ -176,6 +195,8 @@ class Invoke(Message):
     x: torch.Tensor
     experts: torch.Tensor
     specs: list[FunctionSpec] = field(default_factory=list)
+    out_offset: int = -1
+    out_nbytes: int = 0
 
 
 @dataclass
@@ -202,6 +223,23 @@ class Error(Message):
 class Ok(Message):
     TYPE: ClassVar[int] = 25
     req_id: int
+
+
+@dataclass
+class ShmOffer(Message):
+    """A frontend offers this connection its shared-memory region for tensors (`runtime.shm`).
+
+    A worker on the same host (`boot_id` and `host` are its own) maps `/dev/shm/<name>` if it can
+    open it and finds `cookie` at its start (the same memory, not a namesake), unlinks it and answers
+    Ok; otherwise Error `shm_unavailable`, and the connection stays on the socket alone."""
+
+    TYPE: ClassVar[int] = 28
+    req_id: int
+    name: str
+    nbytes: int
+    boot_id: str
+    host: str
+    cookie: bytes
 
 
 @dataclass
@@ -313,8 +351,10 @@ class WorkerReport(Message):
 # --- encoding ------------------------------------------------------------------------------
 
 
-def encode(message: Message) -> list[bytes | memoryview]:
-    """A message as frame pieces for `writer.writelines` (tensor bytes are not copied)."""
+def encode(message: Message, region: TensorRegion | None = None) -> list[bytes | memoryview]:
+    """A message as frame pieces for `writer.writelines` (tensor bytes are not copied).
+
+    Tensors that lie in `region` (the connection's shared memory) are sent as references to it."""
     buffers: list[memoryview] = []
     offset = 0
 
@@ -331,6 +371,10 @@ def encode(message: Message) -> list[bytes | memoryview]:
             code = _DTYPE_CODE.get(t.dtype)
             if code is None:
                 raise ProtocolError(f"cannot send tensors of dtype {t.dtype}")
+            shared = region.offset_of(t) if region is not None and t.numel() else None
+            if shared is not None:
+                desc = _TENSOR_HEAD.pack(code, t.dim(), shared, t.nbytes) + struct.pack(f"<{t.dim()}Q", *t.shape)
+                return msgpack.ExtType(_EXT_SHARED_TENSOR, desc)
             raw = _raw_bytes(t)
             buffers.append(raw)
             shape = t.shape
@@ -380,8 +424,9 @@ def frame_length(prefix: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
     return length
 
 
-def decode(body: bytes | bytearray | memoryview) -> Message:
-    """A frame body (everything after the length prefix) -> its message; tensors are views."""
+def decode(body: bytes | bytearray | memoryview, region: TensorRegion | None = None) -> Message:
+    """A frame body (everything after the length prefix) -> its message; tensors are views (of the
+    frame, or of `region` for shared ones; a reference outside it is a ProtocolError)."""
     view = memoryview(body)
     if len(view) < 4:
         raise ProtocolError("frame too short")
@@ -393,6 +438,8 @@ def decode(body: bytes | bytearray | memoryview) -> Message:
     def ext_hook(code: int, payload: bytes) -> Any:
         if code == _EXT_TENSOR:
             return _decode_tensor(payload, data)
+        if code == _EXT_SHARED_TENSOR:
+            return _decode_shared_tensor(payload, region)
         raise ProtocolError(f"unknown msgpack extension {code}")
 
     try:
@@ -404,7 +451,17 @@ def decode(body: bytes | bytearray | memoryview) -> Message:
         raise ProtocolError(f"malformed frame: {exc}") from exc
     if not isinstance(message, Message):
         raise ProtocolError("malformed message envelope")
+    if isinstance(message, Invoke) and message.out_offset != -1:
+        _check_output_span(message, region)
     return message
+
+
+def _check_output_span(message: Invoke, region: TensorRegion | None) -> None:
+    if region is None:
+        raise ProtocolError("Invoke.out_offset on a connection without shared memory")
+    offset, nbytes = message.out_offset, message.out_nbytes
+    if offset < 0 or nbytes < 0 or offset % SHARED_ALIGN or offset + nbytes > region.nbytes:
+        raise ProtocolError(f"Invoke output span {offset}+{nbytes} is not in the {region.nbytes}-byte shared region")
 
 
 def _build(fields: dict[str, Any]) -> Any:
@@ -494,6 +551,27 @@ def _decode_tensor(payload: bytes, data: memoryview) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     raw = torch.frombuffer(data, dtype=torch.uint8, count=nbytes, offset=offset)
     return raw.view(dtype).view(shape)
+
+
+def _decode_shared_tensor(payload: bytes, region: TensorRegion | None) -> torch.Tensor:
+    try:
+        code, ndim, offset, nbytes = _TENSOR_HEAD.unpack_from(payload)
+        shape = struct.unpack_from(f"<{ndim}Q", payload, _TENSOR_HEAD.size)
+        if len(payload) != _TENSOR_HEAD.size + 8 * ndim:
+            raise ValueError("trailing bytes")
+        dtype = _DTYPES[code]
+    except Exception as exc:
+        raise ProtocolError(f"malformed shared tensor descriptor: {exc}") from exc
+    if region is None:
+        raise ProtocolError("a shared-memory tensor on a connection without shared memory")
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count * dtype.itemsize != nbytes or nbytes == 0:
+        raise ProtocolError("shared tensor descriptor: shape and length disagree")
+    if offset % dtype.itemsize or offset + nbytes > region.nbytes:
+        raise ProtocolError(f"shared tensor at {offset}+{nbytes} is not in the {region.nbytes}-byte region")
+    return region.view(offset, nbytes).view(dtype).view(shape)
 
 
 # --- join handshake --------------------------------------------------------------------------

@@ -24,8 +24,12 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from runtime import protocol as p
+
+if TYPE_CHECKING:
+    from runtime.shm import SharedRegion
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,8 @@ class Connection:
         peer = writer.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix-peer"
         self.peer_id = ""  # set by the handshake
+        # Memory both ends mapped (runtime.shm): tensors in it are sent by reference, and it sees every message.
+        self.region: SharedRegion | None = None
 
     @property
     def is_unix(self) -> bool:
@@ -106,10 +112,17 @@ class Connection:
         body = await self.reader.readexactly(p.frame_length(prefix, self.max_frame_bytes))
         if self._recv_mac is not None:
             body = p.unseal(prefix, body, self._recv_mac)
-        return p.decode(body)
+        region = self.region
+        message = p.decode(body, region)
+        if region is not None:
+            region.received(message)
+        return message
 
     def send(self, message: p.Message) -> None:
-        pieces = p.encode(message)
+        region = self.region
+        pieces = p.encode(message, region)
+        if region is not None:
+            region.sending(message)
         if self._send_mac is not None:
             pieces = p.seal(pieces, self._send_mac)
         self.writer.writelines(pieces)

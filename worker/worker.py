@@ -4,7 +4,9 @@ Frontends and the scheduler connect to the worker's address (Unix socket in the 
 TCP for joined nodes) and authenticate with the cluster token. The worker also dials the
 scheduler, registers what it holds (soft state: a restarted scheduler learns it again), sends
 heartbeats and pushes every residency change. Compute runs in one thread per worker, off the
-event loop, so heartbeats and stats keep flowing during long calls.
+event loop, so heartbeats and stats keep flowing during long calls. A frontend on this host may
+offer a connection shared memory (`runtime.shm`): its activations are then read, and the outputs
+written, in place there.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from runtime import protocol as p
 from runtime.metrics import Registry
 from runtime.periodic import every
 from runtime.policies import make_eviction, make_keep_alive
+from runtime.shm import SharedRegion, ShmRefused
 from runtime.transport import Connection, RpcChannel, dial, server_handshake, start_server, stay_connected
 from worker.memory import ExpertStore, Forbidden, HostCache, LoadFailed, NoMemory, Resident
 
@@ -236,12 +239,27 @@ class Worker:
             if isinstance(message, p.Heartbeat):
                 conn.send(message)
                 continue
+            if isinstance(message, p.ShmOffer):  # here, not in a task: what follows may point into it
+                conn.send(self._share_memory(conn, message))
+                continue
             asyncio.create_task(self._reply(conn, message))
+
+    def _share_memory(self, conn: Connection, offer: p.ShmOffer) -> p.Ok | p.Error:
+        """Map a frontend's shared-memory region for this connection, or say why not."""
+        try:
+            if conn.region is not None:
+                raise ShmRefused("this connection already shares memory")
+            conn.region = SharedRegion.accept(offer)
+        except (ShmRefused, OSError) as exc:
+            log.info("connection from %s: invokes over the socket (%s)", conn.peer_id, exc)
+            return p.Error(offer.req_id, "shm_unavailable", str(exc))
+        log.info("connection from %s: invokes through shared memory (%d KiB)", conn.peer_id, conn.region.nbytes >> 10)
+        return p.Ok(offer.req_id)
 
     async def _reply(self, conn: Connection, message: p.Message) -> None:
         req_id = getattr(message, "req_id", 0)
         try:
-            reply = await self.handle(message)
+            reply = await self.handle(message, conn.region)
         except NoMemory as exc:
             reply = p.Error(req_id, "no_memory", str(exc))
         except LoadFailed as exc:
@@ -254,9 +272,10 @@ class Worker:
         if not conn.closed:
             conn.send(reply)
 
-    async def handle(self, message: p.Message) -> p.Message:
+    async def handle(self, message: p.Message, region: SharedRegion | None = None) -> p.Message:
+        """The reply to a request; `region`: the connection's shared memory, where an invoke may want its output."""
         if isinstance(message, p.Invoke):
-            return await self._invoke(message)
+            return await self._invoke(message, region)
         if isinstance(message, p.Load):
             self._specs[message.function.function_id] = message.function
             resident, _ = await self.store.acquire(message.function)
@@ -280,7 +299,7 @@ class Worker:
                 for fid, spec, nbytes in self.store.host.held()]
         return p.Stats(req_id, self.info, self._resident_list() + host, counters, self.metrics.render())
 
-    async def _invoke(self, message: p.Invoke) -> p.Result | p.Error:
+    async def _invoke(self, message: p.Invoke, region: SharedRegion | None = None) -> p.Result | p.Error:
         start = time.perf_counter()
         for spec in message.specs:
             self._specs[spec.function_id] = spec
@@ -313,14 +332,16 @@ class Worker:
                         raise result
             by_id = {r.spec.function_id: r for r in acquired}
             load_s = time.perf_counter() - start
+            # The decoder checked the span; the frontend lends it to this invoke until our reply.
+            dest = region.view(message.out_offset, message.out_nbytes) if message.out_offset >= 0 else None
             if self._predicted_s(message) < INLINE_COMPUTE_S and not self._queued:
-                output, compute_s = self._run_calls(message, by_id)
+                output, compute_s = self._run_calls(message, by_id, dest)
             else:
                 for fid in by_id:
                     self._queued[fid] = self._queued.get(fid, 0) + 1
                 try:
                     output, compute_s = await asyncio.get_running_loop().run_in_executor(
-                        self._compute, self._run_calls, message, by_id)
+                        self._compute, self._run_calls, message, by_id, dest)
                 finally:
                     for fid in by_id:
                         self._queued[fid] -= 1
@@ -346,24 +367,31 @@ class Worker:
             old = self._row_cost.get(fid)
             self._row_cost[fid] = per_row if old is None else 0.8 * old + 0.2 * per_row
 
-    def _run_calls(self, message: p.Invoke, by_id: dict[str, Resident]) -> tuple[torch.Tensor, float]:
+    def _run_calls(self, message: p.Invoke, by_id: dict[str, Resident],
+                   dest: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """Runs in the compute thread: every call of the message together (their experts share the
-        cores); and the seconds it took."""
+        cores); and the seconds it took. The output lands in `dest` (shared memory, bytes) when it fits."""
         start = time.perf_counter()
         xs, experts = message.x.split(message.rows), message.experts.split(message.rows)
         with torch.inference_mode():
             if self._stream is None:
-                output = self._run_blocks(message.function_ids, xs, experts, by_id)
+                output = self._run_blocks(message.function_ids, xs, experts, by_id, dest)
             else:
                 with torch.cuda.stream(self._stream):
-                    output = self._run_blocks(message.function_ids, xs, experts, by_id).to("cpu", non_blocking=True)
+                    output = self._run_blocks(message.function_ids, xs, experts, by_id, None)
+                    out = _output_area(dest, output.shape, output.dtype)
+                    output = out.copy_(output) if out is not None else output.to("cpu", non_blocking=True)
                 self._stream.synchronize()
         return output, time.perf_counter() - start
 
     def _run_blocks(self, fids: list[str], xs: tuple[torch.Tensor, ...], experts: tuple[torch.Tensor, ...],
-                    by_id: dict[str, Resident]) -> torch.Tensor:
+                    by_id: dict[str, Resident], dest: torch.Tensor | None) -> torch.Tensor:
         calls = [self._checked_call(fid, x, e, by_id[fid].block) for fid, x, e in zip(fids, xs, experts)]
         outputs = run_blocks(calls)
+        if dest is not None and outputs[0].device.type == "cpu" and all(o.dtype == outputs[0].dtype for o in outputs):
+            out = _output_area(dest, (sum(o.shape[0] for o in outputs), *outputs[0].shape[1:]), outputs[0].dtype)
+            if out is not None:
+                return torch.cat(outputs, out=out)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _checked_call(self, fid: str, x: torch.Tensor, experts: torch.Tensor,
@@ -374,3 +402,13 @@ class Worker:
             raise ValueError(f"call to {fid}: expert indices must be in 0..{block.count - 1}")
         x = x.to(self.device, block.dtype, non_blocking=True)
         return block, x, experts.to(self.device, torch.long, non_blocking=True)
+
+
+def _output_area(dest: torch.Tensor | None, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+    """The first bytes of `dest` (uint8, shared memory) as an output of this shape, if it fits there."""
+    nbytes = dtype.itemsize
+    for dim in shape:
+        nbytes *= dim
+    if dest is None or not nbytes or nbytes > dest.numel():
+        return None
+    return dest[:nbytes].view(dtype).view(shape)

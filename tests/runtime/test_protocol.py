@@ -98,12 +98,13 @@ def test_oversized_frames_are_refused_before_reading():
 
 
 def test_digests_bind_token_nonce_role_and_node():
-    challenge = p.Challenge(1, b"a" * 32, "s")
+    v = p.PROTOCOL_VERSION
+    challenge = p.Challenge(v, b"a" * 32, "s")
     digest = p.client_digest("tok", challenge, "worker", "w0", b"c" * 32)
-    p.check_auth("tok", challenge, p.Auth(1, "worker", "w0", b"c" * 32, digest))
-    for bad in (p.Auth(1, "worker", "w0", b"c" * 32, p.client_digest("other", challenge, "worker", "w0", b"c" * 32)),
-                p.Auth(1, "frontend", "w0", b"c" * 32, digest), p.Auth(1, "worker", "w1", b"c" * 32, digest),
-                p.Auth(2, "worker", "w0", b"c" * 32, digest)):
+    p.check_auth("tok", challenge, p.Auth(v, "worker", "w0", b"c" * 32, digest))
+    for bad in (p.Auth(v, "worker", "w0", b"c" * 32, p.client_digest("other", challenge, "worker", "w0", b"c" * 32)),
+                p.Auth(v, "frontend", "w0", b"c" * 32, digest), p.Auth(v, "worker", "w1", b"c" * 32, digest),
+                p.Auth(v + 1, "worker", "w0", b"c" * 32, digest)):
         with pytest.raises(p.ProtocolError):
             p.check_auth("tok", challenge, bad)
 
