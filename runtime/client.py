@@ -236,10 +236,17 @@ class RuntimeClient:
             for i in todo:
                 wid = await self.resolve(calls[i].function, excluded[i])
                 by_worker.setdefault(wid, []).append(i)
-            results = await asyncio.gather(
-                *(self._invoke_on(wid, [calls[i] for i in idx], meter) for wid, idx in by_worker.items()),
-                return_exceptions=True,
-            )
+            if len(by_worker) == 1:  # no task to gather: the message leaves now, not on the loop's next turn
+                ((wid, idx),) = by_worker.items()
+                try:
+                    results: list = [await self._invoke_on(wid, [calls[i] for i in idx], meter)]
+                except Exception as exc:
+                    results = [exc]
+            else:
+                results = await asyncio.gather(
+                    *(self._invoke_on(wid, [calls[i] for i in idx], meter) for wid, idx in by_worker.items()),
+                    return_exceptions=True,
+                )
             todo = []
             for (wid, idx), result in zip(by_worker.items(), results):
                 if isinstance(result, BaseException):
