@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 TINY_MODEL ?= models/tiny-qwen2_moe
 
-.PHONY: install run test bench bench-paper bench-peer clean
+.PHONY: install run test bench bench-paper bench-peer bench-compat clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,12 @@ bench-paper: install
 PEER_ARGS ?=
 bench-peer: install
 	$(PY) bench/peer.py $(PEER_ARGS)
+
+# The clients users already run (lm-eval, vllm bench serve, guidellm, litellm, langchain-openai, openai, promtool)
+# against faasmoe serve: prints the README's compatibility table (installs the heavy ones into .venv-compat/).
+COMPAT_ARGS ?=
+bench-compat: install
+	$(PY) bench/compat.py $(COMPAT_ARGS)
 
 clean:
 	rm -rf $(VENV) models .pytest_cache
