@@ -56,6 +56,8 @@ class ComputeThread:
                 loop.call_soon_threadsafe(_settle, future, result, error)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
+            # This frame lives on while the queue waits: the job's arguments (a call's blocks) must not.
+            del job, loop, future, fn, args, result, error
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
