@@ -2,13 +2,17 @@
 
     python bench/dispatch.py            # 16 tokens x top-4 over 4 functions, hidden 2048, bf16
     python bench/dispatch.py --quick    # fewer iterations
+    python bench/dispatch.py --no-shm   # only the socket paths (--shm: only shared memory)
 
 A real `faasmoe scheduler` and real `faasmoe worker join` processes (on a Unix socket, with
 and without the per-frame HMAC that TCP links always carry, and on TCP loopback) serve
 Qwen1.5-MoE-shaped expert blocks; this process is the frontend. Each iteration sends one
-layer's calls (one message to one worker) and waits for the outputs. The in-process baseline
-runs the same blocks on the same rows here. Overhead = round trip minus the worker-side compute
-time, p50 and p99. Prints a table, writes JSON to bench/results/.
+layer's calls (one message to one worker) and waits for the outputs. Each link runs with the
+tensors in the frames (the socket path) and through shared memory (`runtime.shm`, the socket
+only as doorbell), alternating A B A B for `--rounds` rounds, each in a fresh pair of processes.
+The in-process baseline runs the same blocks on the same rows here. Overhead = round trip minus
+the worker-side compute time, p50 and p99. Prints a table (with the load average seen at the
+start and end of each run), writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -84,9 +88,10 @@ def in_process(path: Path, calls: list[FunctionCall], iterations: int) -> list[f
     return times
 
 
-async def remote(scheduler: str, calls: list[FunctionCall], iterations: int) -> tuple[list[float], list[float]]:
+async def remote(scheduler: str, calls: list[FunctionCall], iterations: int,
+                 use_shm: bool) -> tuple[list[float], list[float]]:
     """Round-trip times, and the same minus the worker's own compute time (the dispatch overhead)."""
-    client = await RuntimeClient(scheduler, TOKEN).start()
+    client = await RuntimeClient(scheduler, TOKEN, shm_slots=None if use_shm else 0).start()
     while not client.workers:
         await asyncio.sleep(0.05)
     times, overheads = [], []
@@ -99,15 +104,17 @@ async def remote(scheduler: str, calls: list[FunctionCall], iterations: int) -> 
             times.append(elapsed)
             overheads.append(elapsed - meter.compute_s)
     assert client.stats.messages == iterations + 20, "one message per layer per worker"
+    assert client.stats.shm_messages == (iterations + 20 if use_shm else 0), "shared memory used as asked"
     await client.close()
     return times, overheads
 
 
 def measure_transport(listen: str, calls: list[FunctionCall], iterations: int,
-                      mac_unix: bool = False) -> tuple[list[float], list[float]]:
+                      mac_unix: bool = False, use_shm: bool = False) -> tuple[list[float], list[float]]:
     """A scheduler and one worker serving on `listen`; this process is the frontend.
 
     `mac_unix`: Unix-socket frames carry the HMAC too (both ends), to measure what it costs.
+    `use_shm`: the tensors go through shared memory, the socket carries the message.
     """
     port = free_port()
     env = {"OMP_NUM_THREADS": "1", MAC_UNIX_SOCKETS_ENV: "1" if mac_unix else "0"}
@@ -119,7 +126,7 @@ def measure_transport(listen: str, calls: list[FunctionCall], iterations: int,
         worker = faasmoe("worker", "join", f"127.0.0.1:{port}", "--token", TOKEN, "--id", "bench", "--device",
                          "cpu", "--memory", "8GiB", "--listen", listen, env=env)
         worker.wait_for("listening at")
-        return uvloop.run(remote(f"127.0.0.1:{port}", calls, iterations))
+        return uvloop.run(remote(f"127.0.0.1:{port}", calls, iterations, use_shm))
     finally:
         if worker is not None:
             worker.stop()
@@ -185,6 +192,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shm", action=argparse.BooleanOptionalAction, default=None,
+                        help="--shm: only the shared-memory runs; --no-shm: only the socket runs; default: both, alternating")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of socket / shared memory (A B A B)")
+    parser.add_argument("--links", default="unix,unix+mac,tcp", help="which links: unix, unix+mac, tcp (comma-separated)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "dispatch.json"))
     args = parser.parse_args()
     if args.quick:
@@ -194,31 +205,44 @@ def main() -> None:
     calls = make_calls(path, args.tokens, args.top_k, args.functions, args.block, args.dtype)
 
     sock = Path(tempfile.mkdtemp(prefix="faasmoe-bench-")) / "w.sock"
+    links = {"unix": (f"unix:{sock}", False), "unix+mac": (f"unix:{sock}", True), "tcp": ("127.0.0.1:0", False)}
+    names = {"unix": "unix", "unix+mac": "unix + frame HMAC", "tcp": "tcp (frame HMAC)"}
+    chosen = [name.strip() for name in args.links.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in links]
+    if unknown:
+        parser.error(f"--links: unknown {', '.join(unknown)} (choose from {', '.join(links)})")
+    modes = [False, True] if args.shm is None else [args.shm]
+    rows = []
     local = in_process(path, calls, args.iterations)
-    remote_runs = {"unix": measure_transport(f"unix:{sock}", calls, args.iterations),
-                   "unix + frame HMAC": measure_transport(f"unix:{sock}", calls, args.iterations, mac_unix=True),
-                   "tcp (frame HMAC)": measure_transport("127.0.0.1:0", calls, args.iterations)}
+    rows.append(dict(path="in-process", p50_us=statistics.median(local) * 1e6, p99_us=pct(local, 99) * 1e6,
+                     overhead_p50_us=0.0, overhead_p99_us=0.0, load=os.getloadavg()[0]))
+    for round_ in range(args.rounds):
+        for link in chosen:
+            listen, mac = links[link]
+            for use_shm in modes:  # A B A B: a drift in the machine's load hits both alike
+                load_before = os.getloadavg()[0]
+                times, overheads = measure_transport(listen, calls, args.iterations, mac_unix=mac, use_shm=use_shm)
+                rows.append(dict(path=names[link] + (" + shm" if use_shm else ""), round=round_ + 1,
+                                 p50_us=statistics.median(times) * 1e6, p99_us=pct(times, 99) * 1e6,
+                                 overhead_p50_us=statistics.median(overheads) * 1e6,
+                                 overhead_p99_us=pct(overheads, 99) * 1e6,
+                                 load=f"{load_before:.2f}-{os.getloadavg()[0]:.2f}"))
     frame = sum(c.x.nbytes for c in calls)
     floor = echo_floor(sock.parent / "echo.sock", frame, frame, args.iterations)
-
-    rows = [dict(path="in-process", p50_us=statistics.median(local) * 1e6, p99_us=pct(local, 99) * 1e6,
-                 overhead_p50_us=0.0, overhead_p99_us=0.0)]
-    for name, (times, overheads) in remote_runs.items():
-        rows.append(dict(path=name, p50_us=statistics.median(times) * 1e6, p99_us=pct(times, 99) * 1e6,
-                         overhead_p50_us=statistics.median(overheads) * 1e6, overhead_p99_us=pct(overheads, 99) * 1e6))
     rows.append(dict(path="bare uvloop echo, same bytes (floor)", p50_us=statistics.median(floor) * 1e6,
                      p99_us=pct(floor, 99) * 1e6, overhead_p50_us=statistics.median(floor) * 1e6,
-                     overhead_p99_us=pct(floor, 99) * 1e6))
+                     overhead_p99_us=pct(floor, 99) * 1e6, load=os.getloadavg()[0]))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     rows_per_call = args.tokens * args.top_k // args.functions
     print(f"\nOne layer's round trip: {args.functions} functions x {rows_per_call} rows, hidden "
           f"{calls[0].x.shape[1]}, {args.dtype}, {args.iterations} iterations ({machine})")
     print("overhead = round trip - the worker's expert compute time (serialisation, sockets, event loops, thread hop)")
-    print("| path | round trip p50 µs | p99 µs | overhead p50 µs | overhead p99 µs |")
-    print("|---|---|---|---|---|")
+    print("| path | round | round trip p50 µs | p99 µs | overhead p50 µs | overhead p99 µs | load avg |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['path']} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['overhead_p50_us']:.0f} "
-              f"| {r['overhead_p99_us']:.0f} |")
+        load = r["load"] if isinstance(r["load"], str) else f"{r['load']:.2f}"
+        print(f"| {r['path']} | {r.get('round', '')} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
+              f"{r['overhead_p50_us']:.0f} | {r['overhead_p99_us']:.0f} | {load} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(machine=machine, args=vars(args), rows=rows), indent=2))
