@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -43,6 +44,8 @@ from runtime.transport import MAC_UNIX_SOCKETS_ENV  # noqa: E402
 from tests.processes import faasmoe, free_port  # noqa: E402
 
 TOKEN = "bench-dispatch"
+DOORBELL_BYTES = 200  # an invoke or result whose tensors are in shared memory, with its framing
+FLUSH_MIB = 64  # more than the caches: what 4 expert blocks of Qwen1.5-MoE stream per call
 
 
 def checkpoint(args: argparse.Namespace) -> Path:
@@ -134,7 +137,12 @@ def measure_transport(listen: str, calls: list[FunctionCall], iterations: int,
 
 
 ECHO_SERVER = r"""
-import asyncio, sys, uvloop
+import asyncio, struct, sys, time, uvloop
+flush = None
+if int(sys.argv[2]):  # touch this many MiB before each reply, as an expert call streams its weights
+    import torch
+    torch.set_num_threads(1)
+    flush = torch.empty(int(sys.argv[2]) << 20, dtype=torch.uint8)
 async def handle(r, w):
     while True:
         try:
@@ -142,7 +150,10 @@ async def handle(r, w):
             data = await r.readexactly(n)
         except asyncio.IncompleteReadError:
             return
-        w.write(n.to_bytes(4, "big") + data)
+        start = time.perf_counter()
+        if flush is not None:
+            flush.add_(1)
+        w.write((n + 8).to_bytes(4, "big") + struct.pack("<d", time.perf_counter() - start) + data)
 async def main():
     server = await asyncio.start_unix_server(handle, sys.argv[1])
     print("ready", flush=True)
@@ -151,11 +162,14 @@ uvloop.run(main())
 """
 
 
-def echo_floor(sock: Path, request_bytes: int, reply_bytes: int, iterations: int) -> list[float]:
-    """The same bytes through a bare uvloop echo process: what any Python design pays here."""
+def echo_floor(sock: Path, request_bytes: int, reply_bytes: int, iterations: int, flush_mib: int = 0) -> list[float]:
+    """The same bytes through a bare uvloop echo process: what any Python design pays here. With
+    `flush_mib`, the echo first touches that much memory (its time is not counted), so both ends run
+    with caches as cold as after an expert call."""
     import subprocess
 
-    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(sock)], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(sock), str(flush_mib)], stdout=subprocess.PIPE,
+                              text=True)
     server.stdout.readline()
 
     async def run() -> list[float]:
@@ -166,9 +180,9 @@ def echo_floor(sock: Path, request_bytes: int, reply_bytes: int, iterations: int
             start = time.perf_counter()
             writer.write(len(payload).to_bytes(4, "big") + payload)
             await writer.drain()
-            await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
+            reply = await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
             if i >= 20:
-                times.append(time.perf_counter() - start)
+                times.append(time.perf_counter() - start - struct.unpack_from("<d", reply)[0])
         writer.close()
         return times
 
@@ -228,10 +242,15 @@ def main() -> None:
                                  overhead_p99_us=pct(overheads, 99) * 1e6,
                                  load=f"{load_before:.2f}-{os.getloadavg()[0]:.2f}"))
     frame = sum(c.x.nbytes for c in calls)
-    floor = echo_floor(sock.parent / "echo.sock", frame, frame, args.iterations)
-    rows.append(dict(path="bare uvloop echo, same bytes (floor)", p50_us=statistics.median(floor) * 1e6,
-                     p99_us=pct(floor, 99) * 1e6, overhead_p50_us=statistics.median(floor) * 1e6,
-                     overhead_p99_us=pct(floor, 99) * 1e6, load=os.getloadavg()[0]))
+    floors = {"bare uvloop echo, same bytes (floor)": (frame, 0),
+              f"bare uvloop echo, a {DOORBELL_BYTES}-byte doorbell (shm floor)": (DOORBELL_BYTES, 0),
+              f"the doorbell echo after touching {FLUSH_MIB} MiB (cold caches, as after an expert call)":
+                  (DOORBELL_BYTES, FLUSH_MIB)}
+    for name, (nbytes, flush_mib) in floors.items():
+        floor = echo_floor(sock.parent / "echo.sock", nbytes, nbytes, args.iterations, flush_mib)
+        rows.append(dict(path=name, p50_us=statistics.median(floor) * 1e6, p99_us=pct(floor, 99) * 1e6,
+                         overhead_p50_us=statistics.median(floor) * 1e6, overhead_p99_us=pct(floor, 99) * 1e6,
+                         load=os.getloadavg()[0]))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     rows_per_call = args.tokens * args.top_k // args.functions
     print(f"\nOne layer's round trip: {args.functions} functions x {rows_per_call} rows, hidden "
