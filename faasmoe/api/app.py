@@ -34,7 +34,7 @@ from faasmoe.api.openai_requests import (
     parse_chat,
     parse_completion,
     parse_json_body,
-    prepare,
+    prepare_all,
     prompt_top_logprobs,
     tokenize_body,
 )
@@ -270,7 +270,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def responses(request: web.Request) -> web.StreamResponse:
     """POST /v1/responses: OpenAI's Responses API (text in, text out), run as a chat request."""
-    tenant, deployment, body, prompt = await _prepared(request, parse_responses_json)
+    tenant, deployment, body, [prompt] = await _prepared(request, parse_responses_json)
     shape = ResponsesShape(body, deployment.name, deployment.tokenizer)
     gen = GenerationRequest(deployment.name, prompt.token_ids, prompt.params, tenant=tenant.name,
                             logprobs=body.logprobs, request_id=shape.id)
@@ -285,40 +285,48 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 
 async def _prepared(request: web.Request, parse: Callable, *args) -> tuple[Tenant, Deployment, GenerationBody,
-                                                                           PreparedPrompt]:
+                                                                           list[PreparedPrompt]]:
     """Authenticate, parse the body with `parse(raw, *args)`, find the caller's model (404 if it may not see
-    it) and tokenize the prompt for it: the first half of every generation handler."""
+    it) and tokenize the prompt for it (each prompt of a batch, every one checked before any runs): the first
+    half of every generation handler."""
     ctx = request.app[CONTEXT]
     tenant = (await _authenticate(request)).tenant
     body = await _off_loop(request, parse, await _read_body(request), *args)
     deployment = ctx.deployments.get(body.model, tenant.name, tenant.allowed_models)
     if deployment is None:
         raise model_not_found(body.model)
-    prompt = await _off_loop(request, prepare, body, deployment.tokenizer, deployment.max_context,
-                             deployment.config.vocab_size)
-    return tenant, deployment, body, prompt
+    prompts = await _off_loop(request, prepare_all, body, deployment.tokenizer, deployment.max_context,
+                              deployment.config.vocab_size)
+    return tenant, deployment, body, prompts
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
-    tenant, deployment, body, prompt = await _prepared(request, _parse_generation_body, chat)
+    tenant, deployment, body, prompts = await _prepared(request, _parse_generation_body, chat)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    sequences = len(prompts) * body.n
+    _check_fits_limits(request, tenant, [p.params.max_tokens + len(p.token_ids) for p in prompts for _ in range(body.n)])
     runs: list[InFlightRequest] = []
     shapes: list[ResponseShape] = []
     try:
-        for i in range(body.n):  # n choices are n sequences, each admitted (and metered) on its own
-            gen = GenerationRequest(deployment.name, prompt.token_ids, _choice_params(prompt.params, i),
-                                    tenant=tenant.name, logprobs=body.logprobs, prompt_logprobs=prompt_top_logprobs(body),
-                                    request_id=request_id if body.n == 1 else f"{request_id}-{i}")
-            shapes.append(ResponseShape(chat, request_id, deployment.name, deployment.tokenizer, body.logprobs,
-                                        prompt.echo_text, prompt_ids=prompt.token_ids,
-                                        echo_logprobs=body.echo and body.logprobs is not None,
-                                        prompt_logprobs=body.prompt_logprobs, index=i))
-            runs.append(_admit(request, deployment, tenant, gen))
+        # Each prompt's n choices are n sequences, each admitted (and metered) on its own; choice index =
+        # prompt x n + choice, as OpenAI and vLLM number a batch's choices.
+        for p, prompt in enumerate(prompts):
+            for j in range(body.n):
+                index = p * body.n + j
+                gen = GenerationRequest(deployment.name, prompt.token_ids, _choice_params(prompt.params, j),
+                                        tenant=tenant.name, logprobs=body.logprobs,
+                                        prompt_logprobs=prompt_top_logprobs(body),
+                                        request_id=request_id if sequences == 1 else f"{request_id}-{index}")
+                shapes.append(ResponseShape(chat, request_id, deployment.name, deployment.tokenizer, body.logprobs,
+                                            prompt.echo_text, prompt_ids=prompt.token_ids,
+                                            echo_logprobs=body.echo and body.logprobs is not None,
+                                            prompt_logprobs=body.prompt_logprobs, index=index))
+                runs.append(_admit(request, deployment, tenant, gen))
         for run in runs:
             run.submit()
         if body.stream:
             return await _stream(request, runs, shapes, body)
-        return await _collect(request, runs, shapes)
+        return await _collect(request, runs, shapes, body.n)
     finally:
         for run in runs:
             run.abandon()  # a no-op when it completed; otherwise frees the sequence and the tenant's slot
@@ -344,6 +352,25 @@ async def _read_body(request: web.Request) -> bytes:
 def _parse_generation_body(raw: bytes, chat: bool) -> GenerationBody:
     body = parse_json_body(raw)
     return parse_chat(body) if chat else parse_completion(body)
+
+
+def _check_fits_limits(request: web.Request, tenant: Tenant, charges: list[int]) -> None:
+    """A request of several sequences (n choices, batched prompts) that the tenant's limits could never admit
+    at once is a 400, not a 429 that no retry can get past."""
+    if len(charges) <= 1:
+        return
+    metrics = request.app[METRICS]
+    if 0 < tenant.max_concurrent < len(charges):
+        metrics.rejected.labels(tenant=tenant.name, code="request_too_large").inc()
+        raise invalid(f"this request holds {len(charges)} sequences (prompts x n), each counted as one request, but "
+                      f"tenant {tenant.name!r} may have {tenant.max_concurrent} in flight (its max_concurrent); split "
+                      "it into smaller requests.", "prompt", "request_too_large")
+    if 0 < tenant.tokens_per_minute < sum(charges):
+        metrics.rejected.labels(tenant=tenant.name, code="request_too_large").inc()
+        raise invalid(f"this request reserves {sum(charges)} tokens (prompt + max_tokens of each of its "
+                      f"{len(charges)} sequences) but tenant {tenant.name!r} may use {tenant.tokens_per_minute} "
+                      "tokens per minute; split it, lower max_tokens or shorten the prompts.", "prompt",
+                      "request_too_large")
 
 
 def _admit(request: web.Request, deployment: Deployment, tenant: Tenant, gen: GenerationRequest) -> InFlightRequest:
@@ -385,7 +412,7 @@ def _closed(request: web.Request) -> Callable[[], bool]:
 
 
 async def _collect(request: web.Request, runs: list[InFlightRequest],
-                   shapes: list[ResponseShape] | list[ResponsesShape]) -> web.StreamResponse:
+                   shapes: list[ResponseShape] | list[ResponsesShape], n: int = 1) -> web.StreamResponse:
     try:
         outcomes = await asyncio.gather(*(_events_of(request, run) for run in runs))
     except ClientGone:
@@ -405,7 +432,7 @@ async def _collect(request: web.Request, runs: list[InFlightRequest],
     out = bodies[0]
     if len(bodies) > 1:
         out["choices"] = [b["choices"][0] for b in bodies]
-        out["usage"] = usage_dict(_total_usage([finished.usage for finished, _ in outcomes]))
+        out["usage"] = usage_dict(_total_usage([finished.usage for finished, _ in outcomes], n))
     return _json(out, headers={"X-Request-Id": shapes[0].id})
 
 
@@ -419,9 +446,11 @@ async def _events_of(request: web.Request, run: InFlightRequest) -> tuple[Finish
     raise AssertionError("events end with Finished")
 
 
-def _total_usage(usages: list[Usage]) -> Usage:
-    """n choices of one prompt: its tokens once (as OpenAI reports them), every choice's completion."""
-    return Usage(prompt_tokens=usages[0].prompt_tokens, completion_tokens=sum(u.completion_tokens for u in usages))
+def _total_usage(usages: list[Usage], n: int = 1) -> Usage:
+    """Each prompt's tokens once however many (n) choices it has, as OpenAI and vLLM report them, and every
+    choice's completion; `usages` holds each prompt's n choices in a row."""
+    return Usage(prompt_tokens=sum(u.prompt_tokens for u in usages[::n]),
+                 completion_tokens=sum(u.completion_tokens for u in usages))
 
 
 async def _stream(request: web.Request, runs: list[InFlightRequest], shapes: list[ResponseShape],
@@ -442,7 +471,7 @@ async def _stream(request: web.Request, runs: list[InFlightRequest], shapes: lis
         for shape in shapes:
             for chunk in shape.first_chunks():
                 await _send(response, chunk)
-        ends: list[Finished] = []
+        ends: dict[int, Finished] = {}  # by choice index: usage sums each prompt's tokens once
         while len(ends) < len(runs):
             i, event = await merged.get()
             if isinstance(event, BaseException):
@@ -455,16 +484,17 @@ async def _stream(request: web.Request, runs: list[InFlightRequest], shapes: lis
                 if chunk is not None:
                     await _send(response, chunk)
                 continue
-            ends.append(event)
+            ends[i] = event
             await run.complete(event)  # usage is durable before the client sees the end
             if event.finish_reason == "error":
                 code = event.error_code or None  # "unavailable": a client may retry
                 await _send(response, error_body(f"Generation failed: {event.error}", "server_error", code=code))
             else:
                 await _send(response, shape.final_chunk(event.finish_reason))
-        if body.include_usage and all(e.finish_reason != "error" for e in ends):
+        if body.include_usage and all(e.finish_reason != "error" for e in ends.values()):
             # as OpenAI and vLLM: usage only when asked, in a chunk of its own
-            await _send(response, shapes[0].usage_chunk(_total_usage([e.usage for e in ends])))
+            usages = [ends[i].usage for i in range(len(runs))]
+            await _send(response, shapes[0].usage_chunk(_total_usage(usages, body.n)))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionResetError:  # ClientGone, or a write to a closed socket

@@ -58,8 +58,10 @@ class InFlightRequest:
         self._checkpointed_at = self._started
         self.done = False
         self._abandoned = False
+        self._submitted = False
 
     def submit(self) -> None:
+        self._submitted = True
         self.deployment.engine.submit(self.request)
 
     async def events(self, connection_closed) -> AsyncIterator[TokenEvent | Finished]:
@@ -163,6 +165,10 @@ class InFlightRequest:
         if self.done or self._abandoned:
             return
         self._abandoned = True
+        if not self._submitted:  # admitted, then its request failed before it ran (a later sequence was refused)
+            self.done = True  # nothing ran: no usage row, no metrics; only the admission is given back
+            self._admission.settle(self.tenant, self.charged, 0)
+            return
         self.request.cancel()
         task = asyncio.get_running_loop().create_task(self._complete_cancelled(),
                                                       name=f"finish-{self.request.request_id}")

@@ -7,6 +7,7 @@ Response shapes live in `faasmoe.openai_responses`; nothing here knows about aio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +25,11 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy `logprobs` integer
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_PROMPT_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_CHOICES = 16  # n: each choice is a sequence with its own KV cache and concurrency slot
+# Batched completions prompts (`prompt` as a list of strings or of token-id lists, as lm-eval's --batch_size
+# sends): each prompt's every choice is a sequence of its own, admitted as one request; at most this many
+# prompts, and prompts x n at most this many sequences, in one HTTP request (vLLM has no limit).
+MAX_PROMPTS = 64
+MAX_BATCH_SEQUENCES = 64
 # Chat requests may omit max_tokens (OpenAI: "up to the context"). The engine reserves KV room
 # and admission charges the tenant for the whole budget up front, so the default is bounded.
 DEFAULT_CHAT_MAX_TOKENS = 4096
@@ -105,7 +111,8 @@ class GenerationBody:
 
     chat: bool
     model: str
-    prompt: str | list[int] | None = None  # completions
+    prompt: str | list[int] | None = None  # completions: the (first) prompt
+    prompts: list[str | list[int]] = field(default_factory=list)  # completions: every prompt of a batch
     messages: list[dict] | None = None  # chat: [{"role", "content": str}]
     max_tokens: int | None = None  # None: chat's default, resolved against the context window
     temperature: float = 1.0
@@ -169,7 +176,11 @@ def parse_completion(body: dict) -> GenerationBody:
     """Validate a `/v1/completions` body."""
     _ignore_unknown(body, _COMMON | _COMPLETION_ONLY)
     out = _parse_common(body, chat=False)
-    out.prompt = _parse_prompt(body.get("prompt"))
+    out.prompts = _parse_prompts(body.get("prompt"))
+    out.prompt = out.prompts[0]
+    if len(out.prompts) * out.n > MAX_BATCH_SEQUENCES:
+        raise invalid(f"{len(out.prompts)} prompts with n={out.n} are {len(out.prompts) * out.n} sequences; one "
+                      f"request may hold at most {MAX_BATCH_SEQUENCES} (prompts x n).", "n")
     out.max_tokens = _int(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, lo=1)
     out.logprobs = _int(body, "logprobs", None, lo=0, hi=MAX_COMPLETION_LOGPROBS)
     out.echo = _bool(body, "echo", False)
@@ -314,22 +325,27 @@ def _parse_logit_bias(bias: Any) -> dict[int, float] | None:
     return out
 
 
-def _parse_prompt(prompt: Any) -> str | list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one, as the openai client sends lists
+def _parse_prompts(prompt: Any) -> list[str | list[int]]:
+    """`prompt` as OpenAI and vLLM take it: a string, a list of token ids, or a batch: a list of strings or of
+    token-id lists (each one prompt; one is what the openai client sends for a single prompt)."""
     if isinstance(prompt, str):
-        return prompt
+        return [prompt]
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        return list(prompt)
+        return [list(prompt)]
     if prompt is None:
         raise invalid("you must provide a prompt (a string or a list of token ids).", "prompt")
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise invalid(f"Batched prompts ({len(prompt)} in one request) are not supported; send one request "
-                      "per prompt.", "prompt")
     if isinstance(prompt, list) and not prompt:
         raise invalid("prompt must not be empty.", "prompt")
-    raise invalid("prompt must be a string, a list of token ids (integers), or a list holding one of those.",
-                  "prompt")
+    if not isinstance(prompt, list) or not all(isinstance(p, (str, list)) for p in prompt):
+        raise invalid("prompt must be a string, a list of token ids (integers), or a list of those (a batch).",
+                      "prompt")
+    if len(prompt) > MAX_PROMPTS:
+        raise invalid(f"a batch holds at most {MAX_PROMPTS} prompts, got {len(prompt)}; split it into several "
+                      "requests.", "prompt")
+    for i, p in enumerate(prompt):
+        if isinstance(p, list) and not (p and all(_is_int(t) for t in p)):
+            raise invalid(f"prompt[{i}] must be a string or a non-empty list of token ids (integers).", "prompt")
+    return [p if isinstance(p, str) else list(p) for p in prompt]
 
 
 def _parse_stop(stop: Any) -> list[str]:
@@ -404,6 +420,22 @@ def check_prompt_size(body: GenerationBody, max_context: int) -> None:
 def _too_long(max_context: int, asked: str, what: str) -> ApiError:
     return invalid(f"This model's maximum context length is {max_context} tokens. However, you sent {asked}. "
                    f"Please reduce the length of the {what}.", what, "context_length_exceeded")
+
+
+def prepare_all(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_size: int) -> list[PreparedPrompt]:
+    """`prepare` for every prompt of the body (one, except for batched completions), all before any runs:
+    one prompt that cannot be served fails the whole request, its message naming which one."""
+    if len(body.prompts) <= 1:
+        return [prepare(body, tokenizer, max_context, vocab_size)]
+    out = []
+    for i, prompt in enumerate(body.prompts):
+        try:
+            out.append(prepare(dataclasses.replace(body, prompt=prompt, prompts=[prompt]), tokenizer, max_context,
+                               vocab_size))
+        except ApiError as exc:
+            exc.message = f"prompt {i} of the batch: {exc.message}"
+            raise
+    return out
 
 
 def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_size: int) -> PreparedPrompt:

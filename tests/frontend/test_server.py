@@ -323,7 +323,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 9000}, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": [5] * 8200}, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": [5, 10**6]}, "prompt"),
-    ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a", 5]}, "prompt"),  # a batch holds prompts, not a number
     ("/v1/completions", {"model": "tiny", "prompt": 42}, "prompt"),
     ("/v1/completions", {"model": "tiny"}, "prompt"),
     ("/v1/completions", {"prompt": "x"}, "model"),
