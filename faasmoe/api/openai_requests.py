@@ -153,10 +153,13 @@ class PreparedPrompt:
     echo_text: str = ""  # the prompt text to prepend when echo is on
 
 
+# Sampling options beyond OpenAI's chat basics, vLLM's among them (what `vllm bench` and others send): every
+# generation endpoint takes them, checked by `_parse_common` (/v1/responses too).
+SAMPLING_EXTRAS = ("stop", "stop_token_ids", "ignore_eos", "top_k", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "logit_bias")
 # Options accepted by both endpoints; values other than their neutral ones are rejected below.
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
-           "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user", "stop_token_ids",
-           "ignore_eos", "top_k", "min_p", "repetition_penalty", "prompt_logprobs"}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stream", "stream_options", "logprobs",
+           "user", "prompt_logprobs", *SAMPLING_EXTRAS}
 # vLLM's extra sampling options that clients send with their neutral value: accepted only as that.
 _NEUTRAL_EXTRAS: dict[str, tuple] = {"min_tokens": (0,), "skip_special_tokens": (True,),
                                      "include_stop_str_in_output": (False,)}

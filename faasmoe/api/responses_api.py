@@ -16,6 +16,7 @@ from typing import Any
 
 from faasmoe.api.openai_requests import (
     MAX_CHAT_TOP_LOGPROBS,
+    SAMPLING_EXTRAS,
     GenerationBody,
     _bool,
     _ignore_unknown,
@@ -29,9 +30,10 @@ from faasmoe.api.openai_responses import TokenText
 from faasmoe.engine.requests import Finished, TokenEvent, Usage
 from faasmoe.model.tokenizer import Tokenizer
 
-# What `_parse_common` validates for us (the same checks and messages as chat); `seed` is an extension
-# (as in vLLM): OpenAI's Responses API has none.
-_SAMPLING = ("model", "temperature", "top_p", "seed", "user", "stream")
+# What `_parse_common` validates for us (the same checks and messages as chat); `seed` and the sampling extras
+# (ignore_eos, top_k, min_p, repetition_penalty, stop, stop_token_ids, ...) are extensions, as in vLLM:
+# OpenAI's Responses API has none of them, `vllm bench serve --backend openai-responses` sends ignore_eos.
+_SAMPLING = ("model", "temperature", "top_p", "seed", "user", "stream", *SAMPLING_EXTRAS)
 # Fields of OpenAI's schema that are read below; every other one is ignored and logged once per name.
 _KNOWN = {*_SAMPLING, "input", "instructions", "max_output_tokens", "metadata", "store", "tools", "tool_choice",
           "parallel_tool_calls", "previous_response_id", "conversation", "prompt", "background", "text",
@@ -208,6 +210,7 @@ class ResponsesShape:
         self._item_sent = False  # output_item.added and content_part.added go out with the first token
         self._logprobs: list[dict] = []
         self._streamed = ""  # the text sent in deltas so far
+        self._deltas = 0  # output_text.delta events sent
 
     # --- whole responses ------------------------------------------------------------------------
 
@@ -261,8 +264,7 @@ class ResponsesShape:
         logprobs = self._token_logprobs(event)
         self._logprobs.extend(logprobs)
         if event.text or logprobs:
-            self._streamed += event.text
-            out.append(self._event("response.output_text.delta", **self._where(), delta=event.text, logprobs=logprobs))
+            out.append(self._delta(event.text, logprobs))
         return out
 
     def end_events(self, finished: Finished) -> list[dict]:
@@ -271,10 +273,12 @@ class ResponsesShape:
         if final["status"] == "failed":
             return [self._event(_LAST_EVENT["failed"], response=final)]
         out = self._open_item()
-        if finished.text.startswith(self._streamed) and len(finished.text) > len(self._streamed):
-            # text the engine still held back when it stopped: the deltas must add up to the whole
-            out.append(self._event("response.output_text.delta", **self._where(),
-                                   delta=finished.text[len(self._streamed):], logprobs=[]))
+        held = finished.text[len(self._streamed):] if finished.text.startswith(self._streamed) else ""
+        if held or (self._deltas == 0 and finished.usage.completion_tokens > 0):
+            # text the engine still held back when it stopped: the deltas must add up to the whole; and a
+            # response that generated tokens has at least one delta, even an empty one (its text was all
+            # special tokens): clients such as vllm bench count a stream without any delta as failed
+            out.append(self._delta(held, []))
         part = self._part(finished.text)
         out.append(self._event("response.output_text.done", **self._where(), text=finished.text,
                                logprobs=part["logprobs"]))
@@ -282,6 +286,11 @@ class ResponsesShape:
         out.append(self._event("response.output_item.done", output_index=0, item=final["output"][0]))
         out.append(self._event(_LAST_EVENT.get(final["status"], "response.incomplete"), response=final))
         return out
+
+    def _delta(self, text: str, logprobs: list[dict]) -> dict:
+        self._streamed += text
+        self._deltas += 1
+        return self._event("response.output_text.delta", **self._where(), delta=text, logprobs=logprobs)
 
     def _open_item(self) -> list[dict]:
         if self._item_sent:

@@ -20,6 +20,7 @@ import pytest
 from faasmoe.api.responses_api import ResponsesShape, parse_responses
 from faasmoe.engine.requests import Finished, TokenEvent, Usage
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
+from faasmoe.model.tokenizer import Tokenizer
 
 from ..processes import faasmoe, free_port
 
@@ -52,6 +53,7 @@ def server(tmp_path_factory):
         proc.stop()
         raise
     proc.url = f"http://127.0.0.1:{port}"
+    proc.model_dir = model
     yield proc
     assert proc.stop() == 0, proc.output
 
@@ -175,6 +177,38 @@ def test_stream_frames_name_their_event_and_end_without_done(server) -> None:
         event, data = frame.split("\n")
         assert event.startswith("event: ") and data.startswith("data: ")
         assert json.loads(data[len("data: "):])["type"] == event[len("event: "):]
+
+
+def stream_events(server, body: dict) -> list[dict]:
+    """The events of a raw streamed POST /v1/responses, as vllm bench reads them."""
+    status, _, text = post(server, "/v1/responses", {**body, "stream": True})
+    assert status == 200, text
+    return [json.loads(frame.split("\n")[1][len("data: "):]) for frame in text.split("\n\n") if frame]
+
+
+def test_vllm_bench_sampling_extras_are_honoured(server) -> None:
+    """vllm bench's openai-responses body (ignore_eos) and the other vLLM sampling options chat takes: with EOS
+    made certain by logit_bias, ignore_eos still generates max_output_tokens; without it one token ends the
+    response; each stream has a delta (the EOS tokens' text is empty) and the deltas add up to the text."""
+    eos = min(Tokenizer.from_pretrained(server.model_dir).eos_token_ids)
+    bench = {"model": "tiny", "input": "Hello there", "max_output_tokens": 16, "store": False,
+             "logit_bias": {str(eos): 100}}
+    for extra, tokens, last in (({"ignore_eos": True}, 16, "response.incomplete"), ({}, 1, "response.completed")):
+        events = stream_events(server, {**bench, **extra})
+        deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+        done = next(e for e in events if e["type"] == "response.output_text.done")
+        assert events[-1]["type"] == last and events[-1]["response"]["usage"]["output_tokens"] == tokens
+        assert deltas and "".join(deltas) == done["text"] == events[-1]["response"]["output"][0]["content"][0]["text"]
+    # stop_token_ids stop on a token logit_bias makes certain; top_k, min_p, repetition_penalty, stop are taken
+    r = client(server).responses.create(input="Hello there", model="tiny", max_output_tokens=8, extra_body={
+        "logit_bias": {"42": 100}, "stop_token_ids": [42], "top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1,
+        "stop": ["\n\n"]})
+    assert r.usage.output_tokens == 1 and r.status == "completed"
+    assert "ignoring the unknown request field 'ignore_eos'" not in server.output
+    assert "ignoring the unknown request field 'top_k'" not in server.output
+    with pytest.raises(openai.BadRequestError) as caught:  # a known field with a bad value is a 400, as in chat
+        client(server).responses.create(input="Hi", **GREEDY, extra_body={"top_k": "five"})
+    assert caught.value.param == "top_k"
 
 
 def test_the_sync_client_streams_too(server) -> None:
@@ -305,6 +339,28 @@ def test_text_still_held_back_at_the_end_is_one_more_delta() -> None:
     events += shape.end_events(Finished("stop", "abc", Usage(3, 2)))
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "abc"
     assert events[-1]["type"] == "response.completed" and events[-1]["response"]["output"][0]["status"] == "completed"
+
+
+def test_a_stream_whose_tokens_had_no_text_still_sends_one_delta() -> None:
+    """Tokens with no text (special tokens, or half a UTF-8 character never completed) send no delta as they
+    come; the end sends one, empty, so that the stream has a delta for each response with output tokens."""
+    shape = shape_of({"stream": True})
+    events = [*shape.token_events(TokenEvent(5, "", -0.1)), *shape.token_events(TokenEvent(6, "", -0.2))]
+    events += shape.end_events(Finished("length", "", Usage(3, 2)))
+    assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == [""]
+    kinds = [e["type"] for e in events]
+    assert kinds.index("response.output_text.delta") < kinds.index("response.output_text.done")
+    nothing = shape_of({"stream": True})  # no token generated (cancelled before its first): no delta
+    assert "response.output_text.delta" not in str(nothing.end_events(Finished("cancelled", "", Usage(3, 0))))
+
+
+def test_vllm_sampling_extras_parse_as_for_chat() -> None:
+    body = parse_responses({"model": "tiny", "input": "Hi", "ignore_eos": True, "top_k": 5, "min_p": 0.1,
+                            "repetition_penalty": 1.2, "stop": "x", "stop_token_ids": [3], "presence_penalty": 0.5,
+                            "frequency_penalty": 0.25, "logit_bias": {"7": -100}})
+    assert (body.ignore_eos, body.top_k, body.min_p, body.repetition_penalty, body.stop, body.stop_token_ids) == (
+        True, 5, 0.1, 1.2, ["x"], [3])
+    assert (body.presence_penalty, body.frequency_penalty, body.logit_bias) == (0.5, 0.25, {7: -100.0})
 
 
 def test_instructions_come_first_as_a_system_message() -> None:
