@@ -17,7 +17,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] | None = None  # None = the model's EOS tokens
+    stop_token_ids: list[int] | None = None  # stop on these besides the model's EOS tokens
     ignore_eos: bool = False
     top_k: int = 0  # keep the k most likely tokens; 0 (or vLLM's -1) = all
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one

@@ -44,7 +44,8 @@ class Sequence:
         self.params = params
         self.cache = cache
         self.sampler = Sampler(params, cache.device)
-        self.stop_ids = frozenset(params.stop_token_ids) if params.stop_token_ids is not None else eos_ids
+        # As vLLM: stop_token_ids stop besides EOS, and ignore_eos ignores EOS alone.
+        self.stop_ids = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else eos_ids)
         self.output: list[int] = []
         self.logprobs: list[float] = []
         self.pending: list[int] = list(prompt)  # fed to the model at the next step
@@ -66,7 +67,7 @@ class Sequence:
         self.output.append(token)
         self.logprobs.append(logprobs_of(logits, token))
         self.pending = [token]
-        if token in self.stop_ids and not self.params.ignore_eos:
+        if token in self.stop_ids:
             self.finish_reason = "stop"
             return token
         if self._detok is not None and self._add_text(self._detok.push(token)):

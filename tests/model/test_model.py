@@ -77,6 +77,9 @@ def test_stop_token_and_max_tokens(model):
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
     assert free.finish_reason == "length"
+    # ignore_eos ignores EOS only: stop_token_ids still stop (vLLM's meaning)
+    both = generate(model, [[5, 6]], max_tokens=8, stop_token_ids=[stop_at], ignore_eos=True)[0]
+    assert both.finish_reason == "stop" and both.token_ids == stopped.token_ids
 
 
 def test_bad_inputs_are_rejected_clearly(model):
