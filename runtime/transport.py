@@ -349,7 +349,8 @@ class RpcChannel:
             await self.conn.writer.drain()
             if timeout is None:
                 return await future
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: its inner future costs the reply a loop turn
+                return await future
         finally:  # a reply that never comes must not pin its future forever
             self._pending.pop(message.req_id, None)  # type: ignore[attr-defined]
 
