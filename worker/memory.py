@@ -4,7 +4,10 @@ The device tier holds the blocks that can run, under a byte budget it never exce
 that needs room evicts idle blocks chosen by the eviction policy (never one with calls in
 flight), and what cannot fit is refused with a clear error. Evicted blocks drop to the host
 tier (pinned on CUDA, its own budget, LRU), so reloading a recently used block is a memory
-copy instead of a file read. Concurrent cold calls of one block share a single load.
+copy instead of a file read. Concurrent cold calls of one block share a single load. Loads read
+a few at a time (a disk needs several reads in flight to reach its bandwidth), a call's before any
+load asked ahead of its call (a prefetch), earlier layers first; CPU blocks are packed for the
+matmul later, when the worker is quiet or the block hot, so a cold call waits for the read alone.
 
 On CPU the host tier is the same RAM as the device tier, and the page cache already keeps a
 recently read checkpoint's bytes, so CPU workers run with no host tier unless asked. Memory a
@@ -17,9 +20,11 @@ pages (`malloc_trim`); on other libcs that is a no-op.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +56,9 @@ class Forbidden(PermissionError):
 
 
 FAILED_LOAD_MEMORY_S = 30.0
+PACK_WAIT_S = 0.05  # how often deferred packing looks for a quiet moment
+PACK_IDLE_S = 0.5  # a worker this long without calls or loads packs what it loaded
+PACK_HOT_CALLS = 8  # ... and a block called this often is packed between calls, however busy the worker
 
 
 @dataclass
@@ -121,6 +129,79 @@ class HostCache:
         return gone
 
 
+class LoadSlot:
+    """One load's turn to read; `release` it once the bytes are in (again is a no-op)."""
+
+    def __init__(self, slots: LoadSlots) -> None:
+        self._slots: LoadSlots | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.give()
+            self._slots = None
+
+
+class LoadSlots:
+    """At most `slots` loads read at once; the waiting ones start in priority order (lowest first), and
+    a waiting load can be moved up: a call that now needs what was asked ahead of time goes first.
+    Loads ahead of their call (priority (1, ...)) leave `reserved` slots to calls, so a call's first
+    load starts at once even while prefetches fill the disk."""
+
+    def __init__(self, slots: int, reserved: int = 1) -> None:
+        self.free = slots
+        self.reserved = max(0, min(reserved, slots - 1))
+        self._heap: list[tuple[tuple[int, int], int, str]] = []  # (priority, entry, key); stale entries skipped
+        self._waiting: dict[str, tuple[asyncio.Future[None], tuple[int, int], int]] = {}
+        self._entries = itertools.count()
+
+    async def take(self, key: str, priority: tuple[int, int]) -> LoadSlot:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = next(self._entries)
+        self._waiting[key] = (future, priority, entry)
+        heapq.heappush(self._heap, (priority, entry, key))
+        self._dispatch()
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # handed a slot just as it was cancelled: pass it on
+                self.give()
+            raise
+        finally:
+            self._waiting.pop(key, None)
+        return LoadSlot(self)
+
+    def promote(self, key: str, priority: tuple[int, int]) -> None:
+        waiting = self._waiting.get(key)
+        if waiting is not None and not waiting[0].done() and priority < waiting[1]:
+            entry = next(self._entries)
+            self._waiting[key] = (waiting[0], priority, entry)
+            heapq.heappush(self._heap, (priority, entry, key))
+            self._dispatch()
+
+    def give(self) -> None:
+        self.free += 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._heap and self.free > 0:
+            priority, entry, key = self._heap[0]
+            waiting = self._waiting.get(key)
+            if waiting is None or waiting[2] != entry or waiting[0].done():  # started, cancelled or moved up
+                heapq.heappop(self._heap)
+                continue
+            if priority[0] > 0 and self.free <= self.reserved:
+                return
+            heapq.heappop(self._heap)
+            self.free -= 1
+            waiting[0].set_result(None)
+
+
+def load_priority(spec: FunctionSpec, ahead: bool) -> tuple[int, int]:
+    """A call's loads before any load asked ahead of its call; among those, earlier layers first
+    (a cold model's pipeline reads its blocks in the order the forward pass needs them)."""
+    return (1 if ahead else 0, spec.layer)
+
+
 class ExpertStore:
     """The device tier: resident expert blocks under a budget, loaded on demand."""
 
@@ -131,7 +212,7 @@ class ExpertStore:
         host: HostCache,
         eviction: EvictionPolicy,
         keep_alive: Callable[[FunctionSpec], KeepAlivePolicy],
-        max_parallel_loads: int = 2,
+        max_parallel_loads: int = 4,
         on_change: Callable[[list[Resident], list[str], str], None] | None = None,
         model_roots: Sequence[str | Path] = (),
     ) -> None:
@@ -148,11 +229,15 @@ class ExpertStore:
         self.stats = LoadStats()
         self._loading: dict[str, asyncio.Future[Resident]] = {}
         self._reserved = 0  # bytes of loads in progress
-        self._load_slots = asyncio.Semaphore(max_parallel_loads)
+        self._load_slots = LoadSlots(max_parallel_loads)
         self._models: dict[str, tuple[CheckpointReader, MoEConfig]] = {}
         self._failed: dict[str, tuple[float, str]] = {}  # recent load failures: retry later, not forever
         # Scaled to zero but predicted back (adaptive keep-alive): function -> (spec, reload at, last call).
         self.prewarms: dict[str, tuple[FunctionSpec, float, float]] = {}
+        # CPU blocks load in the plain layout and are packed for the fast matmul afterwards (see _pack_loaded).
+        self._unpacked: deque[str] = deque()
+        self._packer: asyncio.Task[None] | None = None
+        self._last_active = time.monotonic()  # the last call's end or load's
 
     # -- accounting ---------------------------------------------------------------------
 
@@ -190,8 +275,10 @@ class ExpertStore:
             self.eviction.on_access(resident.key, time.monotonic())
         return resident
 
-    async def acquire(self, spec: FunctionSpec) -> tuple[Resident, bool]:
-        """The resident block for `spec` with one more call in flight; True when this call loaded it."""
+    async def acquire(self, spec: FunctionSpec, ahead: bool = False) -> tuple[Resident, bool]:
+        """The resident block for `spec` with one more call in flight; True when this call loaded it.
+        `ahead`: a load asked before any call needs it (a prefetch): it waits behind the calls' loads
+        and takes only free memory, never evicting a block for a guess."""
         fid = spec.function_id
         self.prewarms.pop(fid, None)  # it came back on its own
         resident = self.resident.get(fid)
@@ -199,9 +286,11 @@ class ExpertStore:
         if resident is None:
             pending = self._loading.get(fid)
             if pending is not None:
+                if not ahead:  # a call waits for it now
+                    self._load_slots.promote(fid, load_priority(spec, ahead=False))
                 resident = await asyncio.shield(pending)
             else:
-                resident = await self._load(spec)
+                resident = await self._load(spec, ahead)
                 cold = True
         resident.in_flight += 1
         resident.hits += 1
@@ -211,10 +300,10 @@ class ExpertStore:
     def release(self, resident: Resident) -> None:
         now = time.monotonic()
         resident.in_flight -= 1
-        resident.last_used = now
+        resident.last_used = self._last_active = now
         self.keep_alive(resident.spec).on_invoke(resident.key, now)
 
-    async def _load(self, spec: FunctionSpec) -> Resident:
+    async def _load(self, spec: FunctionSpec, ahead: bool = False) -> Resident:
         fid = spec.function_id
         failed = self._failed.get(fid)
         if failed is not None and time.monotonic() - failed[0] < FAILED_LOAD_MEMORY_S:
@@ -222,16 +311,21 @@ class ExpertStore:
         future: asyncio.Future[Resident] = asyncio.get_running_loop().create_future()
         self._loading[fid] = future
         try:
-            async with self._load_slots:
-                nbytes = self.block_bytes(spec)
-                self._make_room(nbytes, fid)
+            nbytes = self.block_bytes(spec)
+            slot = await self._load_slots.take(fid, load_priority(spec, ahead))
+            try:
+                self._make_room(nbytes, fid, evict=not ahead)
                 self._reserved += nbytes
                 try:
-                    resident = await self._fetch(spec, nbytes)
+                    resident = await self._fetch(spec, nbytes, slot)
                 finally:
                     self._reserved -= nbytes
+            finally:
+                slot.release()
             self.resident[fid] = resident
+            self._last_active = time.monotonic()
             self.on_change([resident], [], "load")
+            self._pack_later(resident)
             future.set_result(resident)
             return resident
         except Exception as exc:
@@ -244,11 +338,18 @@ class ExpertStore:
         finally:
             del self._loading[fid]
 
-    async def _fetch(self, spec: FunctionSpec, nbytes: int) -> Resident:
+    async def _fetch(self, spec: FunctionSpec, nbytes: int, slot: LoadSlot) -> Resident:
+        """Read the block (from the host tier or the disk) in its load slot, then lay it out on the
+        device with the slot given back: the next load reads while this one packs or copies."""
         start = time.perf_counter()
         cached = self.host.take(spec.function_id)
         source = "host" if cached is not None else "disk"
-        weights = await asyncio.to_thread(self._materialize, spec, cached)
+        try:
+            if cached is None:
+                cached = await asyncio.to_thread(self._read, spec)
+        finally:
+            slot.release()
+        weights = await asyncio.to_thread(self._place, cached)
         seconds = time.perf_counter() - start
         self.stats.cold_starts[source] += 1
         self.stats.load_seconds[source] += seconds
@@ -258,30 +359,84 @@ class ExpertStore:
         log.info("loaded %s from %s in %.1f ms (%d bytes)", spec.function_id, source, seconds * 1e3, nbytes)
         return Resident(spec, ExpertBlock(spec.layer, spec.first, weights), key, now, now, source, seconds)
 
-    def _materialize(self, spec: FunctionSpec, cached: BlockWeights | None) -> BlockWeights:
-        """Runs in a thread: host tier or disk -> device (through pinned memory on CUDA); on CPU in
-        the matmul's fastest layout (packing holds the plain copy too until it is done)."""
-        if cached is None:
-            reader, config = self.model(spec.model_path)
-            layout = ExpertLayout(reader, config)
-            pin = self.device.type == "cuda"
-            cached = layout.load_block(spec.layer, spec.first, spec.count, parse_dtype(spec.dtype), pin_memory=pin)
+    def _read(self, spec: FunctionSpec) -> ExpertWeights:
+        """Runs in a thread: the block's bytes from the checkpoint (into pinned memory on CUDA)."""
+        reader, config = self.model(spec.model_path)
+        layout = ExpertLayout(reader, config)
+        return layout.load_block(spec.layer, spec.first, spec.count, parse_dtype(spec.dtype),
+                                 pin_memory=self.device.type == "cuda")
+
+    def _place(self, cached: BlockWeights) -> BlockWeights:
+        """Runs in a thread: the block on the device (on CPU it is there, packed later)."""
         if self.device.type == "cpu":
-            return pack_experts(cached)
+            return cached
         assert isinstance(cached, ExpertWeights), "only CPU blocks are packed"
         moved = ExpertWeights(cached.gate_up.to(self.device, non_blocking=True),
                               cached.down.to(self.device, non_blocking=True))
         torch.cuda.current_stream(self.device).synchronize()
         return moved
 
+    def _pack_later(self, resident: Resident) -> None:
+        if self.device.type != "cpu" or not isinstance(resident.block.weights, ExpertWeights):
+            return
+        self._unpacked.append(resident.spec.function_id)
+        if self._packer is None or self._packer.done():
+            self._packer = asyncio.create_task(self._pack_loaded(), name="pack-loaded-blocks")
+
+    @property
+    def unpacked(self) -> int:
+        """Resident blocks still waiting to be packed."""
+        return len(self._unpacked)
+
+    async def _pack_loaded(self) -> None:
+        """Packing a block for the matmul's fastest layout costs the CPU about what reading it costs the
+        disk: done with the loads, on 2 cores it slowed a cold layer's loads 2-4x, and done right after
+        them, the frontend's next layer by as much. So a block is usable as soon as its bytes are in,
+        and is packed here, one at a time (both copies are held only for that one), when the worker has
+        been quiet for PACK_IDLE_S, or between calls once the block is hot (PACK_HOT_CALLS): a cold
+        request does not pay for it, a steady stream soon runs packed. A call holds the block object
+        it started with; the packed one replaces it for the calls after."""
+        packed_any = False
+        while self._unpacked:
+            resident = self._next_to_pack(time.monotonic())
+            if resident is None:
+                await asyncio.sleep(PACK_WAIT_S)
+                continue
+            self._unpacked.remove(resident.spec.function_id)
+            try:
+                packed = await asyncio.to_thread(pack_experts, resident.block.weights)
+            except Exception:  # the plain layout runs too, slower: keep it
+                log.exception("packing %s failed; it runs unpacked", resident.spec.function_id)
+                continue
+            if packed is resident.block.weights:  # nothing to gain on this CPU or dtype
+                self._unpacked.clear()
+                break
+            if self.resident.get(resident.spec.function_id) is resident:
+                resident.block = ExpertBlock(resident.block.layer, resident.block.first, packed)
+                packed_any = True
+        if packed_any:
+            self._return_memory()  # the plain copies' pages
+
+    def _next_to_pack(self, now: float) -> Resident | None:
+        for fid in list(self._unpacked):
+            resident = self.resident.get(fid)
+            if resident is None or not isinstance(resident.block.weights, ExpertWeights):
+                self._unpacked.remove(fid)  # gone, or packed already
+        if self._loading or any(r.in_flight for r in self.resident.values()):
+            return None
+        idle = now - self._last_active >= PACK_IDLE_S
+        return next((self.resident[f] for f in self._unpacked if idle or self.resident[f].hits >= PACK_HOT_CALLS), None)
+
     # -- eviction ---------------------------------------------------------------------------
 
-    def _make_room(self, nbytes: int, for_id: str) -> None:
+    def _make_room(self, nbytes: int, for_id: str, evict: bool = True) -> None:
         if nbytes > self.budget_bytes:
             raise NoMemory(f"{for_id} needs {nbytes} bytes but the worker budget is {self.budget_bytes}")
         need = self.used_bytes + self._reserved + nbytes - self.budget_bytes
         if need <= 0:
             return
+        if not evict:
+            raise NoMemory(f"no free room for {for_id} ({nbytes} bytes) and a load ahead of its call evicts nothing")
         idle = [r.key for r in self.resident.values() if r.in_flight == 0]
         victims = self.eviction.victims(idle, need, time.monotonic())
         if sum(k.nbytes for k in victims) < need:
@@ -350,5 +505,5 @@ class ExpertStore:
         """Load ahead of a predicted call; the keep-alive still counts from the last real call."""
         if spec.function_id in self.resident or spec.function_id in self._loading:
             return
-        resident = await self._load(spec)
+        resident = await self._load(spec, ahead=True)
         resident.last_used = last_call
