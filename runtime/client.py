@@ -67,6 +67,7 @@ class InvokeMeter:
     cold_starts: int = 0
     compute_s: float = 0.0
     messages: int = 0
+    load_wait_s: float = 0.0  # how long the layer waited for loads: its messages run at once, so the longest wait
 
 
 class RuntimeClient:
@@ -206,9 +207,9 @@ class RuntimeClient:
     async def resolve(self, spec: p.FunctionSpec, exclude: set[str] = frozenset()) -> str:
         """A worker for the function: one of its replicas in the table at random (spreads load), else the
         scheduler's placement."""
-        candidates = [w for w in self.routes.get(spec.function_id, []) if w not in exclude and w in self.workers]
-        if candidates:
-            return random.choice(candidates)
+        routed = self._routed(spec, exclude)
+        if routed is not None:
+            return routed
         reply = await self._scheduler_request(p.Place(0, spec, sorted(exclude)))
         if isinstance(reply, p.Error):
             raise InvokeError(reply.message)
@@ -224,6 +225,11 @@ class RuntimeClient:
             await asyncio.sleep(0.05)  # the routing push with the new worker is on its way
         return usable[0]
 
+    def _routed(self, spec: p.FunctionSpec, exclude: set[str] = frozenset()) -> str | None:
+        """One of the function's replicas in the routing table, at random (spreads load); None if it has none."""
+        candidates = [w for w in self.routes.get(spec.function_id, []) if w not in exclude and w in self.workers]
+        return random.choice(candidates) if candidates else None
+
     # -- invoke ------------------------------------------------------------------------------------
 
     async def invoke(self, calls: list[FunctionCall], meter: InvokeMeter | None = None) -> list[torch.Tensor]:
@@ -233,9 +239,13 @@ class RuntimeClient:
         excluded: dict[int, set[str]] = {i: set() for i in todo}
         for attempt in range(MAX_ATTEMPTS):
             by_worker: dict[str, list[int]] = {}
+            placed = {i: self._routed(calls[i].function, excluded[i]) for i in todo}
+            unplaced = [i for i, wid in placed.items() if wid is None]
+            if unplaced:  # a cold layer's functions are placed in one round trip, not one after another
+                wids = await asyncio.gather(*(self.resolve(calls[i].function, excluded[i]) for i in unplaced))
+                placed.update(zip(unplaced, wids))
             for i in todo:
-                wid = await self.resolve(calls[i].function, excluded[i])
-                by_worker.setdefault(wid, []).append(i)
+                by_worker.setdefault(placed[i], []).append(i)
             if len(by_worker) == 1:  # no task to gather: the message leaves now, not on the loop's next turn
                 ((wid, idx),) = by_worker.items()
                 try:
@@ -345,6 +355,7 @@ class RuntimeClient:
             meter.cold_starts += reply.cold_starts
             meter.compute_s += reply.compute_s
             meter.messages += 1
+            meter.load_wait_s = max(meter.load_wait_s, reply.load_s)
         return list(reply.output.split(rows))
 
     async def _send_invoke(self, channel: RpcChannel, calls: list[FunctionCall], ids: list[str], rows: list[int],
