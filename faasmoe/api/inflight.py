@@ -152,6 +152,7 @@ class InFlightRequest:
         m.success.labels(**labels, finished_reason=finished_reason(finished.finish_reason)).inc()
         m.e2e.labels(**labels).observe(now - self._started)
         m.request_prompt_tokens.labels(**labels).observe(usage.prompt_tokens)
+        m.cold_start.labels(**labels).observe(usage.cold_start_s)
         m.request_generation_tokens.labels(**labels).observe(usage.completion_tokens)
         scheduled = self.request.scheduled_at
         if scheduled is not None:  # else it never left the queue (cancelled while waiting)

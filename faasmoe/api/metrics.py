@@ -39,6 +39,9 @@ class FrontendMetrics:
                                         per_request, REQUEST_BUCKETS)
         self.decode_time = r.histogram("faasmoe_request_decode_time_seconds",
                                        "Time from a request's first token to its last.", per_request, REQUEST_BUCKETS)
+        self.cold_start = r.histogram("faasmoe_request_cold_start_seconds",
+                                      "Time a request's steps waited for expert blocks to load (0: all were warm).",
+                                      per_request)
         self.request_prompt_tokens = r.histogram("faasmoe_request_prompt_tokens", "Prompt tokens per request.",
                                                  per_request, TOKEN_BUCKETS)
         self.request_generation_tokens = r.histogram("faasmoe_request_generation_tokens",

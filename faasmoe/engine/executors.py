@@ -30,6 +30,7 @@ class StepCost:
     compute_s: float = 0.0
     cold_starts: int = 0
     touched_bytes: int = 0  # bytes of the distinct functions the step used
+    load_wait_s: float = 0.0  # how long the step waited for expert loads (every sequence of it waited)
 
 
 class AsyncExpertExecutor(Protocol):
@@ -56,6 +57,9 @@ class AsyncExpertExecutor(Protocol):
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Warm these experts of `layer` ahead of its call, without waiting (a hint; may do nothing)."""
+
+    def cold_layers(self, layers: list[int]) -> list[int]:
+        """Those of `layers` with a block nobody holds or loads: the ones prefetching could help."""
 
     @property
     def prefetch_stats(self) -> PrefetchStats:
@@ -108,6 +112,7 @@ class RemoteExpertExecutor:
                  dtype: torch.dtype, keep_alive_s: float, owner: str = "", owner_quota_bytes: int = 0) -> None:
         self.client = client
         self.block_size = block_size
+        self.num_experts = config.num_experts
         dtype_name = str(dtype).removeprefix("torch.")
         layout = ExpertLayout(CheckpointReader(path), config)
         self.specs: dict[tuple[int, int], p.FunctionSpec] = {}
@@ -134,6 +139,12 @@ class RemoteExpertExecutor:
     def reload(self) -> float:
         return 0.0  # cold functions load on their first call
 
+    def cold_layers(self, layers: list[int]) -> list[int]:
+        routes = self.client.routes
+        blocks = range(len(block_ranges(self.num_experts, self.block_size)))
+        return [layer for layer in layers
+                if any(not routes.get(self.specs[(layer, b)].function_id) for b in blocks if (layer, b) in self.specs)]
+
     def prefetch(self, layer: int, experts: list[int]) -> None:
         routes = self.client.routes
         blocks = {e // self.block_size for e in experts} - self._prefetched.get(layer, set())
@@ -159,6 +170,7 @@ class RemoteExpertExecutor:
         cost.invocations += len(calls)
         cost.cold_starts += meter.cold_starts
         cost.compute_s += meter.compute_s
+        cost.load_wait_s += meter.load_wait_s
         for c in calls:
             if c.function.function_id not in self._touched:
                 self._touched.add(c.function.function_id)
@@ -235,10 +247,14 @@ class InProcessExpertExecutor:
         self.cold_starts += 1
         self.load_seconds += took
         self._cost.cold_starts += 1
+        self._cost.load_wait_s += took
         return took
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         pass  # every expert is resident already
+
+    def cold_layers(self, layers: list[int]) -> list[int]:
+        return []  # all or nothing: a whole-model reload loads every layer before the step
 
     @property
     def prefetch_stats(self) -> PrefetchStats:

@@ -60,6 +60,7 @@ class ModelEngine:
         micro_batches: int = 1,
         prefetch: bool = True,
         prefill_chunk_tokens: int = 2048,
+        prefetch_depth: int | None = None,
     ) -> None:
         self.name = name
         self._trunk = trunk
@@ -74,6 +75,9 @@ class ModelEngine:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.micro_batches = micro_batches  # a step's sequences in this many groups that overlap trunk and experts
         self.prefetch = prefetch  # pre-gate the next layer's blocks (a no-op for in-process experts)
+        # A step that starts sequences pre-gates this many MoE layers ahead (None: all of them), so a
+        # cold model's blocks load while its first layers compute; later steps pre-gate the next one.
+        self.prefetch_depth = prefetch_depth
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[_Running] = []
@@ -242,6 +246,7 @@ class ModelEngine:
             u.expert_invocations += cost.invocations * share
             u.expert_compute_s += cost.compute_s * share
             u.cold_starts += cost.cold_starts * share
+            u.cold_start_s += cost.load_wait_s  # not a share: every sequence of the step waited that long
             u.resident_byte_seconds += cost.touched_bytes * share * self._last_step_s
             if r.unfed:  # mid-prompt: nothing to sample yet
                 r.seq.pending, r.unfed = r.unfed, []
@@ -263,16 +268,38 @@ class ModelEngine:
         Returns the hidden state of each sequence's last row (the lm_head runs once per step)."""
         layers = decoder_layers(trunk, step.ids, step.batch)
         done, value = await self._run(_advance, layers, None)
+        starting = any(not r.seq.output for r in group)
+        depth = (self.prefetch_depth or trunk.config.num_layers) if starting else 1
         while not done:
             layer, state = value
-            if self.prefetch:  # the next MoE layer's likely blocks load while this layer's experts run
-                predicted = trunk.pregate(layer, state.moe_input)
-                if predicted is not None:
-                    self.executor.prefetch(*predicted)
-            expert_out = await self.executor.run_layer(layer, state.moe_input, state.routing)
+            call = asyncio.ensure_future(self.executor.run_layer(layer, state.moe_input, state.routing))
+            if self.prefetch:  # later layers' likely blocks load while this layer's experts run
+                try:
+                    await self._prefetch_ahead(trunk, layer, state.moe_input, depth)
+                except BaseException:  # cancelled: the call must not outlive the step
+                    call.cancel()
+                    raise
+                depth = 1
+            expert_out = await call
             done, value = await self._run(_advance, layers, expert_out)
         await self._prompt_logprobs(trunk, step, group, value)
         return step.last_rows(value)
+
+    async def _prefetch_ahead(self, trunk: Trunk, layer: int, x: torch.Tensor, depth: int) -> None:
+        """Pre-gate the next `depth` MoE layers' cold blocks: their loads are asked now, behind this
+        layer's call (the worker loads a call's blocks first, the earlier layer's first)."""
+        try:
+            ahead = self.executor.cold_layers(trunk.next_moe_layers(layer, depth))
+            if not ahead:
+                return
+            if len(ahead) == 1:  # one small router matmul: cheaper here than a hop to the compute thread
+                predicted = trunk.pregate(x, ahead)
+            else:  # the compute thread is idle while this layer's experts run on the workers
+                predicted = await self._run(trunk.pregate, x, ahead)
+            for j, experts in predicted:
+                self.executor.prefetch(j, experts)
+        except Exception:  # a hint that failed must not fail the step
+            log.exception("prefetching ahead of layer %d of %s failed", layer, self.name)
 
     async def _prompt_logprobs(self, trunk: Trunk, step: PackedStep, group: list[_Running], hidden) -> None:
         """Prefills that asked for their prompt's logprobs get them from every row's logits, not the last alone."""

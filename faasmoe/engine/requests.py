@@ -24,6 +24,7 @@ class Usage:
     expert_compute_s: float = 0.0
     cold_starts: float = 0.0
     resident_byte_seconds: float = 0.0
+    cold_start_s: float = 0.0  # how long its steps waited for expert loads (0 when every block was warm)
 
     @property
     def total_tokens(self) -> int:

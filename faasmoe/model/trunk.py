@@ -151,18 +151,18 @@ class Trunk:
         shared = swiglu(x, w.shared_gate_up, w.shared_down) * torch.sigmoid(F.linear(x, w.shared_expert_gate))
         return LayerState(h, x, routing, shared)
 
-    def next_moe_layer(self, i: int) -> int | None:
-        return next((j for j in range(i + 1, self.config.num_layers) if self.layers[j].router is not None), None)
+    def next_moe_layers(self, i: int, depth: int) -> list[int]:
+        """The next `depth` MoE layers after layer i (fewer near the end)."""
+        return [j for j in range(i + 1, self.config.num_layers) if self.layers[j].router is not None][:depth]
 
-    def pregate(self, i: int, x: torch.Tensor) -> tuple[int, list[int]] | None:
-        """Pre-gating (Pre-gated MoE, ProMoE): the next MoE layer's router on layer i's MoE input
-        predicts which of its experts the batch will need; the residual stream changes little
-        between neighbouring layers. (layer, distinct experts), or None after the last one."""
-        j = self.next_moe_layer(i)
-        if j is None:
-            return None
-        experts = route(x, self.layers[j].router, self.config.top_k, self.config.norm_topk_prob).experts
-        return j, sorted(set(experts.reshape(-1).tolist()))
+    def pregate(self, x: torch.Tensor, layers: list[int]) -> list[tuple[int, list[int]]]:
+        """Pre-gating (Pre-gated MoE, ProMoE): later MoE layers' routers on an earlier layer's MoE input predict
+        which of their experts the batch will need; the residual stream changes little between
+        neighbouring layers, more the further apart they are, but a prompt's many rows hit most blocks
+        of every layer anyway. (layer, distinct experts) for each of `layers`."""
+        cfg = self.config
+        return [(j, sorted(set(route(x, self.layers[j].router, cfg.top_k, cfg.norm_topk_prob)
+                               .experts.reshape(-1).tolist()))) for j in layers]
 
     @staticmethod
     def finish(state: LayerState, expert_out: torch.Tensor | None) -> torch.Tensor:
