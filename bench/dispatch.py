@@ -139,10 +139,13 @@ def measure_transport(listen: str, calls: list[FunctionCall], iterations: int,
 ECHO_SERVER = r"""
 import asyncio, struct, sys, time, uvloop
 flush = None
-if int(sys.argv[2]):  # touch this many MiB before each reply, as an expert call streams its weights
-    import torch
+if int(sys.argv[2]):  # touch this many MiB on every core before each reply, as an expert call streams its weights
+    import os, torch
+    from concurrent.futures import ThreadPoolExecutor
     torch.set_num_threads(1)
-    flush = torch.empty(int(sys.argv[2]) << 20, dtype=torch.uint8)
+    cores = ThreadPoolExecutor(os.cpu_count())
+    parts = torch.empty(int(sys.argv[2]) << 20, dtype=torch.uint8).chunk(os.cpu_count())
+    flush = lambda: list(cores.map(lambda part: part.add_(1), parts))
 async def handle(r, w):
     while True:
         try:
@@ -152,7 +155,7 @@ async def handle(r, w):
             return
         start = time.perf_counter()
         if flush is not None:
-            flush.add_(1)
+            flush()
         w.write((n + 8).to_bytes(4, "big") + struct.pack("<d", time.perf_counter() - start) + data)
 async def main():
     server = await asyncio.start_unix_server(handle, sys.argv[1])
