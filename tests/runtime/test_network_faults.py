@@ -115,8 +115,9 @@ def net_cluster(tmp_path_factory):
         worker_args = ["worker", "join", scheduler, "--token", TOKEN, "--device", "cpu", "--memory", "256MiB",
                        "--host-cache", "64MiB"]
         procs.append(faasmoe(*worker_args, "--id", "host", "--listen", "127.0.0.1:0"))
+        # A node of its own: its activations must cross the link, not /dev/shm (it shares this host's kernel).
         procs.append(Process(["ip", "netns", "exec", link.ns, sys.executable, "-m", "faasmoe.cli", *worker_args,
-                              "--id", "remote", "--listen", f"{link.worker_ip}:0"]))
+                              "--id", "remote", "--listen", f"{link.worker_ip}:0"], env={"FAASMOE_SHM": "0"}))
         wait_for(lambda: cluster_workers(http) == {"host", "remote"}, 60, "the workers did not join")
         frontend_port = free_port()
         procs.append(faasmoe("frontend", "--scheduler", scheduler, "--token", TOKEN, "--port", str(frontend_port),
