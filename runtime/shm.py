@@ -4,10 +4,11 @@ Right after the handshake the frontend creates a file in /dev/shm for the connec
 it (`ShmOffer`); a worker on the same host (boot id and hostname) that can open it and reads the
 frontend's cookie at its start maps it and unlinks it at once, and the frontend unlinks it too
 whatever the answer, so once both sides hold their mapping no name is left behind: a SIGKILL of
-either leaks nothing. The region is cut into slots of two areas each: the invoke's activations
-and expert indices (the frontend writes them), and its output (the worker writes it). Tensors
-that lie in the region travel as (offset, length) references (`runtime.protocol`), so the socket
-carries only the small message, the doorbell.
+either leaks nothing (a frontend killed within the offer's round trip leaves its file; the next
+frontend on the host removes files whose creator is gone). The region is cut into slots of two
+areas each: the invoke's activations and expert indices (the frontend writes them), and its
+output (the worker writes it). Tensors that lie in the region travel as (offset, length)
+references (`runtime.protocol`), so the socket carries only the small message, the doorbell.
 
 A slot is reused only when the reply to its invoke has come (the worker no longer reads it or
 writes it) and every output tensor the frontend handed out of it is gone (weak references
@@ -41,7 +42,8 @@ DEFAULT_SLOT_BYTES = 2 * 1024 * 1024  # per area: 512 rows of hidden 2048 in bf1
 MAX_REGION_BYTES = 1 << 30  # a worker maps no bigger offer
 _HEADER_BYTES = 4096  # the cookie; slots start on a page
 _COOKIE_BYTES = 16
-_NAME = re.compile(r"faasmoe-\d+-[0-9a-f]{16}\Z")
+_NAME = re.compile(r"faasmoe-(\d+)-[0-9a-f]{16}\Z")
+_swept = False
 
 
 class ShmRefused(Exception):
@@ -133,6 +135,10 @@ class OfferedRegion(SharedRegion):
     @classmethod
     def create(cls, slots: int = DEFAULT_SLOTS, slot_bytes: int = DEFAULT_SLOT_BYTES) -> OfferedRegion:
         """A new region in /dev/shm (raises OSError where there is none, or no room)."""
+        global _swept
+        if not _swept:
+            _swept = True
+            _remove_orphans()
         slot_bytes = -(-slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
         nbytes = _HEADER_BYTES + 2 * slots * slot_bytes
         name = f"faasmoe-{os.getpid()}-{secrets.token_hex(8)}"
@@ -223,6 +229,25 @@ class OfferedRegion(SharedRegion):
         piece = self._memory[offset:offset + nbytes]
         self._outputs[slot].append(weakref.ref(piece))
         return torch.frombuffer(piece, dtype=torch.uint8)
+
+
+def _remove_orphans() -> None:
+    """Remove regions whose creator is gone (killed within an offer's round trip): their pid is in the name.
+    A creator in another pid namespace that shares /dev/shm looks gone too: its offer then takes the socket."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        match = _NAME.match(name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            _unlink(os.path.join(SHM_DIR, name))
+        except (PermissionError, OverflowError):  # alive but another user's, or no such pid at all
+            pass
 
 
 def _unlink(path: str) -> None:

@@ -293,3 +293,20 @@ def test_a_slot_is_lent_again_only_after_its_reply_and_once_its_outputs_are_gone
     ours.received(p.Error(3, "bad_request", "done"))
     with pytest.raises(p.ProtocolError, match="not in an output area lent"):
         p.decode(frame_body(p.encode(p.Result(4, theirs.view(out_at, 160).view(torch.float32)), theirs)), ours)
+
+
+def test_a_region_left_by_a_killed_frontend_is_removed_by_the_next_one():
+    """A frontend SIGKILLed within its offer's round trip leaves its file; a later frontend removes it."""
+    import subprocess
+    import sys
+
+    orphan = subprocess.run([sys.executable, "-c", "import os\nfrom runtime import shm\n"
+                             "region = shm.OfferedRegion.create(1, 4096)\nprint(region.name, flush=True)\n"
+                             "os.kill(os.getpid(), 9)"], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    name = orphan.stdout.strip()
+    assert name and Path(shm.SHM_DIR, name).exists(), orphan.stderr
+    shm._swept = False  # this process has made regions already: sweep again, as a new frontend would
+    region = shm.OfferedRegion.create(1, 4096)
+    region.unlink()
+    assert not Path(shm.SHM_DIR, name).exists()
+    assert our_shm_files() == []
