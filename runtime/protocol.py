@@ -533,7 +533,8 @@ for _cls in list(_REGISTRY.values()):  # at import: a field type without a check
     _field_checks(_cls)
 
 
-def _decode_tensor(payload: bytes, data: memoryview) -> torch.Tensor:
+def _tensor_descriptor(payload: bytes, what: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, offset, nbytes) of a tensor reference, its shape and length checked to agree."""
     try:
         code, ndim, offset, nbytes = _TENSOR_HEAD.unpack_from(payload)
         shape = struct.unpack_from(f"<{ndim}Q", payload, _TENSOR_HEAD.size)
@@ -541,11 +542,18 @@ def _decode_tensor(payload: bytes, data: memoryview) -> torch.Tensor:
             raise ValueError("trailing bytes")
         dtype = _DTYPES[code]
     except Exception as exc:
-        raise ProtocolError(f"malformed tensor descriptor: {exc}") from exc
+        raise ProtocolError(f"malformed {what} descriptor: {exc}") from exc
     count = 1
     for dim in shape:
         count *= dim
-    if count * dtype.itemsize != nbytes or offset + nbytes > len(data):
+    if count * dtype.itemsize != nbytes:
+        raise ProtocolError(f"{what} descriptor: shape and length disagree")
+    return dtype, shape, offset, nbytes
+
+
+def _decode_tensor(payload: bytes, data: memoryview) -> torch.Tensor:
+    dtype, shape, offset, nbytes = _tensor_descriptor(payload, "tensor")
+    if offset + nbytes > len(data):
         raise ProtocolError("tensor descriptor does not match the frame")
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
@@ -554,21 +562,11 @@ def _decode_tensor(payload: bytes, data: memoryview) -> torch.Tensor:
 
 
 def _decode_shared_tensor(payload: bytes, region: TensorRegion | None) -> torch.Tensor:
-    try:
-        code, ndim, offset, nbytes = _TENSOR_HEAD.unpack_from(payload)
-        shape = struct.unpack_from(f"<{ndim}Q", payload, _TENSOR_HEAD.size)
-        if len(payload) != _TENSOR_HEAD.size + 8 * ndim:
-            raise ValueError("trailing bytes")
-        dtype = _DTYPES[code]
-    except Exception as exc:
-        raise ProtocolError(f"malformed shared tensor descriptor: {exc}") from exc
+    dtype, shape, offset, nbytes = _tensor_descriptor(payload, "shared tensor")
     if region is None:
         raise ProtocolError("a shared-memory tensor on a connection without shared memory")
-    count = 1
-    for dim in shape:
-        count *= dim
-    if count * dtype.itemsize != nbytes or nbytes == 0:
-        raise ProtocolError("shared tensor descriptor: shape and length disagree")
+    if nbytes == 0:
+        raise ProtocolError("shared tensor descriptor: an empty tensor is never shared")
     if offset % dtype.itemsize or offset + nbytes > region.nbytes:
         raise ProtocolError(f"shared tensor at {offset}+{nbytes} is not in the {region.nbytes}-byte region")
     return region.view(offset, nbytes).view(dtype).view(shape)
