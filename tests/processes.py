@@ -77,3 +77,16 @@ class Process:
 
 def faasmoe(*args: str, env: dict[str, str] | None = None) -> Process:
     return Process([sys.executable, "-m", "faasmoe.cli", *args], env)
+
+
+def serving(port: int, *args: str, env: dict[str, str] | None = None, timeout: float = 120.0) -> Process:
+    """`faasmoe serve ARGS` listening on `port`, once it says it serves; `.url` is its base URL.
+    Stopped again when it does not come up in time, so a failed fixture leaves no process behind."""
+    proc = faasmoe("serve", *args, env=env)
+    try:
+        proc.wait_for("faasmoe serving", timeout=timeout)
+    except TimeoutError:
+        proc.stop()
+        raise
+    proc.url = f"http://127.0.0.1:{port}"
+    return proc

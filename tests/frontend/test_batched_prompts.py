@@ -17,7 +17,7 @@ import pytest
 from faasmoe.api.openai_requests import GenerationBody, parse_completion
 from faasmoe.model.tokenizer import Tokenizer
 
-from ..processes import faasmoe, free_port
+from ..processes import free_port, serving
 from .test_clients import MODEL, lm_eval_payload, model_dir  # noqa: F401  (model_dir: the fixture)
 
 KEYS = {"acme": "fm-acme-batch-0123456789abcdefghijklmnopq", "tight": "fm-tight-batch-0123456789abcdefghijklmno"}
@@ -34,13 +34,7 @@ def server(model_dir, tmp_path_factory):  # noqa: F811  (the imported fixture)
         f'[[models]]\nname = "{MODEL}"\npath = "{model_dir}"\nexpert_block_size = 4\n\n'
         f'[[tenants]]\nname = "acme"\nmodels = ["*"]\napi_keys = ["{KEYS["acme"]}"]\n\n'
         f'[[tenants]]\nname = "tight"\nmodels = ["*"]\nmax_concurrent = 2\napi_keys = ["{KEYS["tight"]}"]\n')
-    proc = faasmoe("serve", "--config", str(config))
-    try:
-        proc.wait_for("faasmoe serving", timeout=120)
-    except TimeoutError:
-        proc.stop()
-        raise
-    proc.url = f"http://127.0.0.1:{port}"
+    proc = serving(port, "--config", str(config))
     yield proc
     assert proc.stop() == 0, proc.output
 

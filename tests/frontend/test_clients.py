@@ -19,7 +19,7 @@ from faasmoe.model.moe_model import MoEModel
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 from faasmoe.model.tokenizer import Tokenizer
 
-from ..processes import faasmoe, free_port
+from ..processes import free_port, serving
 
 KEY = "fm-clients-0123456789abcdefghijklmnopqrs"
 MODEL = "tiny"
@@ -34,14 +34,8 @@ def model_dir(tmp_path_factory) -> Path:
 def server(model_dir, tmp_path_factory):
     port = free_port()
     state = tmp_path_factory.mktemp("clients-serve") / "state.db"
-    proc = faasmoe("serve", str(model_dir), "--port", str(port), "--workers", "1", "--expert-block-size", "4",
+    proc = serving(port, str(model_dir), "--port", str(port), "--workers", "1", "--expert-block-size", "4",
                    "--state", str(state), env={"FAASMOE_API_KEY": KEY})
-    try:
-        proc.wait_for("faasmoe serving", timeout=120)
-    except TimeoutError:
-        proc.stop()
-        raise
-    proc.url = f"http://127.0.0.1:{port}"
     yield proc
     proc.stop()
 

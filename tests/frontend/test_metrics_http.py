@@ -19,7 +19,7 @@ from faasmoe.model.config import MoEConfig
 from faasmoe.model.kv_cache import KVCache
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
-from ..processes import faasmoe, free_port
+from ..processes import free_port, serving
 
 ADMIN = "fm-ops-0123456789abcdefghijklmnopqrstuvwx"
 KEYS = {"acme": "fm-acme-0123456789abcdefghijklmnopqrstuv", "tight": "fm-tight-0123456789abcdefghijklmnopqrstuvw"}
@@ -44,12 +44,7 @@ def server(model_dir, tmp_path_factory):
         f'[[models]]\nname = "{MODEL}"\npath = "{model_dir}"\nexpert_block_size = 4\n'
         f'[[tenants]]\nname = "acme"\nmodels = ["*"]\napi_keys = ["{KEYS["acme"]}"]\n'
         f'[[tenants]]\nname = "tight"\nmodels = ["*"]\ntokens_per_minute = 40\napi_keys = ["{KEYS["tight"]}"]\n')
-    proc = faasmoe("serve", "--config", str(config), "--kv-cache-memory", str(KV_BUDGET))
-    try:
-        proc.wait_for("faasmoe serving", timeout=120)
-    except TimeoutError:
-        proc.stop()
-        raise
+    proc = serving(port, "--config", str(config), "--kv-cache-memory", str(KV_BUDGET))
     proc.port = port
     yield proc
     proc.stop()

@@ -22,7 +22,7 @@ from faasmoe.engine.requests import Finished, TokenEvent, Usage
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 from faasmoe.model.tokenizer import Tokenizer
 
-from ..processes import faasmoe, free_port
+from ..processes import free_port, serving
 
 KEYS = {"acme": "fm-acme-0123456789abcdefghijklmnopqrstuv", "globex": "fm-globex-0123456789abcdefghijklmnopqrstu",
         "tight": "fm-tight-0123456789abcdefghijklmnopqrstuvw"}
@@ -46,13 +46,7 @@ def server(tmp_path_factory):
         f'[[tenants]]\nname = "acme"\nmodels = ["*"]\napi_keys = ["{KEYS["acme"]}"]\n\n'
         f'[[tenants]]\nname = "globex"\nmodels = ["*"]\napi_keys = ["{KEYS["globex"]}"]\n\n'
         f'[[tenants]]\nname = "tight"\nmodels = ["tiny"]\nmax_concurrent = 1\napi_keys = ["{KEYS["tight"]}"]\n')
-    proc = faasmoe("serve", "--config", str(config), "--experts", "in-process")
-    try:
-        proc.wait_for("faasmoe serving", timeout=120)
-    except TimeoutError:
-        proc.stop()
-        raise
-    proc.url = f"http://127.0.0.1:{port}"
+    proc = serving(port, "--config", str(config), "--experts", "in-process")
     proc.model_dir = model
     yield proc
     assert proc.stop() == 0, proc.output

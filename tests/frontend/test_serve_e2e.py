@@ -24,7 +24,7 @@ from faasmoe.engine.offline import generate
 from faasmoe.model.moe_model import MoEModel
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
-from ..processes import faasmoe, free_port
+from ..processes import free_port, serving
 
 FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe")
 KEYS = {"acme": "fm-acme-0123456789abcdefghijklmnopqrstuv", "globex": "fm-globex-0123456789abcdefghijklmnopqrstu",
@@ -56,13 +56,7 @@ def server(models, tmp_path_factory):
     config = root / "faasmoe.toml"
     config.write_text(f'[server]\nport = {port}\nworkers = 2\ndevice = "cpu"\nstate = "{root / "state.db"}"\n\n'
                       + "\n".join(entries) + "\n" + tenants)
-    proc = faasmoe("serve", "--config", str(config))
-    try:
-        proc.wait_for("faasmoe serving", timeout=120)
-    except TimeoutError:
-        proc.stop()
-        raise
-    proc.url = f"http://127.0.0.1:{port}"
+    proc = serving(port, "--config", str(config))
     proc.state = root / "state.db"
     yield proc
     proc.stop()
