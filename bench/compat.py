@@ -260,9 +260,9 @@ def check_curl(url: str, model: str, logs: Path) -> dict:
 
 # --- langchain-openai and litellm, from .venv-compat ------------------------------------------------
 
-LANGCHAIN = r"""
+# What both client scripts start with: argv, and check() recording each call's outcome.
+CHECKS_PRELUDE = r"""
 import asyncio, json, sys
-from langchain_openai import ChatOpenAI
 url, model = sys.argv[1], sys.argv[2]
 results = {}
 def check(name, fn):
@@ -270,6 +270,10 @@ def check(name, fn):
         fn(); results[name] = "ok"
     except Exception as exc:
         results[name] = f"{type(exc).__name__}: {exc}"
+"""
+
+LANGCHAIN = CHECKS_PRELUDE + r"""
+from langchain_openai import ChatOpenAI
 llm = ChatOpenAI(base_url=url + "/v1", api_key="sk-none", model=model, max_tokens=8, max_retries=0)
 def invoke():
     assert llm.invoke("Hi").usage_metadata["output_tokens"] == 8
@@ -297,16 +301,8 @@ check("use_responses_api (invoke, stream)", responses)
 print("RESULTS " + json.dumps(results))
 """
 
-LITELLM = r"""
-import asyncio, json, sys
+LITELLM = CHECKS_PRELUDE + r"""
 import litellm
-url, model = sys.argv[1], sys.argv[2]
-results = {}
-def check(name, fn):
-    try:
-        fn(); results[name] = "ok"
-    except Exception as exc:
-        results[name] = f"{type(exc).__name__}: {exc}"
 kw = dict(model="openai/" + model, api_base=url + "/v1", api_key="sk-none", max_tokens=8)
 msgs = [{"role": "user", "content": "Hi"}]
 def completion():
