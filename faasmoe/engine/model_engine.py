@@ -238,8 +238,11 @@ class ModelEngine:
         self.last_active = time.monotonic()
         total = sum(lengths)
         rows = logits.float()
-        want_top = [r for r in batch if r.request.logprobs]
-        log_probs = torch.log_softmax(rows, dim=-1) if want_top else None
+        # Every token's logprob is recorded, and the top alternatives asked for: one batched op each
+        # (per row they cost ~2 ms a step at 4 sequences over a 152k vocabulary, batched ~0.6 ms).
+        log_probs = torch.log_softmax(rows, dim=-1)
+        top_k = max((r.request.logprobs or 0 for r in batch), default=0)
+        top_values, top_ids = torch.topk(log_probs, top_k) if top_k else (None, None)
         for i, (r, n) in enumerate(zip(batch, lengths)):
             share = n / total
             u = r.usage
@@ -251,12 +254,12 @@ class ModelEngine:
             if r.unfed:  # mid-prompt: nothing to sample yet
                 r.seq.pending, r.unfed = r.unfed, []
                 continue
-            token = r.seq.accept(rows[i])
+            token = r.seq.accept(rows[i], log_probs[i])
             u.completion_tokens += 1
             top = None
-            if log_probs is not None and r.request.logprobs:
-                values, indices = torch.topk(log_probs[i], r.request.logprobs)
-                top = {int(t): float(v) for t, v in zip(indices, values)}
+            if r.request.logprobs:
+                n = r.request.logprobs
+                top = dict(zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist()))
             r.request.events.put_nowait(TokenEvent(token, self._stream_text(r), r.seq.logprobs[-1], top))
             if r.seq.finished:
                 self._finish(r, r.seq.finish_reason or "stop")

@@ -61,11 +61,12 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def accept(self, logits: torch.Tensor) -> int:
-        """Sample from this step's logits [V], record the token and check the stop conditions."""
+    def accept(self, logits: torch.Tensor, log_probs: torch.Tensor | None = None) -> int:
+        """Sample from this step's logits [V], record the token and check the stop conditions.
+        `log_probs` is their log-softmax when the caller has it (a whole batch's in one op)."""
         token = self.sampler(logits, self.prompt, self.output)
         self.output.append(token)
-        self.logprobs.append(logprobs_of(logits, token))
+        self.logprobs.append(logprobs_of(logits, token) if log_probs is None else float(log_probs[token]))
         self.pending = [token]
         if token in self.stop_ids:
             self.finish_reason = "stop"
