@@ -350,3 +350,26 @@ async def test_hot_function_gets_a_replica(model_dir):
         for w in workers:
             w.stop()
         sched.stop()
+
+
+async def test_workers_do_not_spin_openmp_threads_unless_told_to():
+    """A worker's OpenMP threads sleep between regions (their spin would take the frontend's cores on a
+    shared node); a worker started with its own OMP_WAIT_POLICY keeps it."""
+    import os
+
+    import psutil
+
+    sched, address = start_scheduler("--workers", "1", "--worker-memory", "64MiB")
+    told = faasmoe("worker", "join", address, "--token", TOKEN, "--id", "w-active", "--device", "cpu", "--memory",
+                   "64MiB", "--listen", "127.0.0.1:0", env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"})
+    client = None
+    try:
+        client = await connect(address, 2)
+        policies = {wid: psutil.Process(w.pid).environ().get("OMP_WAIT_POLICY") for wid, w in client.workers.items()}
+        assert policies.pop("w-active") == "ACTIVE"
+        assert list(policies.values()) == ["PASSIVE"]  # the local pool's worker
+    finally:
+        if client:
+            await client.close()
+        told.stop()
+        sched.stop()
