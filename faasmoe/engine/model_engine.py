@@ -241,7 +241,7 @@ class ModelEngine:
         # Every token's logprob is recorded, and the top alternatives asked for: one batched op each
         # (per row they cost ~2 ms a step at 4 sequences over a 152k vocabulary, batched ~0.6 ms).
         log_probs = torch.log_softmax(rows, dim=-1)
-        top_k = max((r.request.logprobs or 0 for r in batch), default=0)
+        top_k = min(max((r.request.logprobs or 0 for r in batch), default=0), rows.shape[-1])
         top_values, top_ids = torch.topk(log_probs, top_k) if top_k else (None, None)
         for i, (r, n) in enumerate(zip(batch, lengths)):
             share = n / total

@@ -54,11 +54,11 @@ def expected(model_dir, c: FunctionCall) -> torch.Tensor:
     return ExpertBlock(c.function.layer, c.function.first, weights).forward(c.x, c.experts)
 
 
-def start_scheduler(*extra: str, port: int | None = None):
+def start_scheduler(*extra: str, port: int | None = None, env: dict[str, str] | None = None):
     """A scheduler with no local workers unless `extra` asks for some."""
     port = port or free_port()
     proc = faasmoe("scheduler", "--listen", f"127.0.0.1:{port}", "--token", TOKEN, "--device", "cpu",
-                   "--heartbeat-timeout", "2", *(extra or ("--workers", "0")))
+                   "--heartbeat-timeout", "2", *(extra or ("--workers", "0")), env=env)
     proc.wait_for("scheduler listening at")
     return proc, f"127.0.0.1:{port}"
 
@@ -352,24 +352,24 @@ async def test_hot_function_gets_a_replica(model_dir):
         sched.stop()
 
 
-async def test_workers_do_not_spin_openmp_threads_unless_told_to():
-    """A worker's OpenMP threads sleep between regions (their spin would take the frontend's cores on a
-    shared node); a worker started with its own OMP_WAIT_POLICY keeps it."""
-    import os
-
+async def test_workers_do_not_spin_openmp_threads_unless_told_to(monkeypatch):
+    """A pool worker's OpenMP threads sleep between regions (their spin would take the frontend's cores
+    on a shared node); a scheduler started with its own OMP_WAIT_POLICY hands that one to its workers."""
     import psutil
 
-    sched, address = start_scheduler("--workers", "1", "--worker-memory", "64MiB")
-    told = faasmoe("worker", "join", address, "--token", TOKEN, "--id", "w-active", "--device", "cpu", "--memory",
-                   "64MiB", "--listen", "127.0.0.1:0", env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"})
-    client = None
-    try:
-        client = await connect(address, 2)
-        policies = {wid: psutil.Process(w.pid).environ().get("OMP_WAIT_POLICY") for wid, w in client.workers.items()}
-        assert policies.pop("w-active") == "ACTIVE"
-        assert list(policies.values()) == ["PASSIVE"]  # the local pool's worker
-    finally:
-        if client:
-            await client.close()
-        told.stop()
-        sched.stop()
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # the children inherit this environment
+
+    async def pool_policy(env: dict[str, str] | None) -> str | None:
+        sched, address = start_scheduler("--workers", "1", "--worker-memory", "64MiB", env=env)
+        client = None
+        try:
+            client = await connect(address, 1)
+            (worker,) = client.workers.values()
+            return psutil.Process(worker.pid).environ().get("OMP_WAIT_POLICY")
+        finally:
+            if client:
+                await client.close()
+            sched.stop()
+
+    assert await pool_policy(None) == "PASSIVE"
+    assert await pool_policy({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
