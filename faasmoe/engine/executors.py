@@ -157,7 +157,7 @@ class RemoteExpertExecutor:
 
     async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         plan = DispatchPlan(routing, self.block_size)
-        calls = [FunctionCall(self.specs[(layer, c.block)], plan.inputs(x, c), c.local_experts) for c in plan.calls]
+        calls = [FunctionCall(self.specs[(layer, c.block)], xs, c.local_experts) for c, xs in zip(plan.calls, plan.inputs(x))]
         warmed = self._prefetched.pop(layer, None)
         if warmed:
             used = len(warmed & {c.block for c in plan.calls})
@@ -265,9 +265,10 @@ class InProcessExpertExecutor:
         if self.local is None:  # unloaded between the trunk's reload and this call: load here
             await loop.run_in_executor(self.compute, self.reload)
         local = self.local
-        blocks = [c.block for c in DispatchPlan(routing, local.block_size).calls]
+        plan = DispatchPlan(routing, local.block_size)
+        blocks = [c.block for c in plan.calls]
         start = loop.time()
-        out = await loop.run_in_executor(self.compute, local.run_layer, layer, x, routing)
+        out = await loop.run_in_executor(self.compute, local.run_layer, layer, x, routing, plan)
         self.hits.record(function_id(self.model, layer, b) for b in blocks)
         self._cost.invocations += len(blocks)
         self._cost.compute_s += loop.time() - start
