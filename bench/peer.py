@@ -512,6 +512,9 @@ def measure(engine: str, path: Path, args: argparse.Namespace, vocab: int) -> di
         warm = prompts(args.seed + 1, 2 * args.concurrency, args.prompt_len, vocab)
         for i in range(0, len(warm), args.concurrency):  # two rounds: trunk, every expert function, kernels
             asyncio.run(concurrent_load(server, warm[i:i + args.concurrency], args.concurrency, 16))
+        # A worker serves a block as soon as its bytes are in and packs it for the fast matmul once it has
+        # been quiet for a moment (worker/memory.py); vLLM compiles before it listens. Both are warm-up.
+        time.sleep(args.warm_settle)
         measured = prompts(args.seed, args.prompts, args.prompt_len, vocab)
         samples, wall = asyncio.run(concurrent_load(server, measured, args.concurrency, args.max_tokens))
         b1 = asyncio.run(batch1_decode(server, prompts(args.seed + 2, args.batch1_repeats, args.prompt_len, vocab),
@@ -674,6 +677,8 @@ def main() -> None:
                         "resident from the start (faasmoe's KV budget defaults to 10%% of available RAM up to 4 GiB, "
                         "allocated as used)")
     parser.add_argument("--settle", type=float, default=10.0, help="seconds of quiet after each server stops")
+    parser.add_argument("--warm-settle", type=float, default=5.0, help="seconds of quiet after the warm-up, "
+                        "before the measured load (a worker packs the blocks it loaded when idle)")
     parser.add_argument("--only", help=f"comma-separated servers, of: {', '.join(ENGINES)}")
     parser.add_argument("--skip-vllm", action="store_true", help="no vLLM servers, no install, no exactness check "
                         "(which also runs only when a vLLM server is in --only)")
@@ -685,7 +690,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.concurrency, args.prompts, args.max_tokens, args.rounds, args.batch1_repeats = 2, 8, 16, 1, 2
-        args.settle = min(args.settle, 2.0)
+        args.settle, args.warm_settle = min(args.settle, 2.0), min(args.warm_settle, 1.0)
     engines = [e.strip() for e in args.only.split(",")] if args.only else list(DEFAULT_ENGINES)
     unknown = sorted(set(engines) - set(ENGINES))
     if unknown:
