@@ -21,12 +21,12 @@ import torch
 
 from faasmoe.model.experts import ExpertBlock, run_blocks
 from runtime import protocol as p
+from runtime.compute import ComputeThread
 from runtime.metrics import Registry
 from runtime.periodic import every
 from runtime.policies import make_eviction, make_keep_alive
 from runtime.shm import SharedRegion, ShmRefused
 from runtime.transport import Connection, RpcChannel, dial, server_handshake, start_server, stay_connected
-from worker.compute import ComputeThread
 from worker.memory import ExpertStore, Forbidden, HostCache, LoadFailed, NoMemory, Resident
 
 log = logging.getLogger(__name__)

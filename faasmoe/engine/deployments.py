@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from faasmoe.model.host_memory import return_free_memory
 from faasmoe.model.kv_cache import KVCache
 from faasmoe.model.tokenizer import Tokenizer
 from faasmoe.model.trunk import Trunk
+from runtime.compute import ComputeThread
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class DeploymentSpec:
 class Deployment:
     """One served model: config, tokenizer, lazily loaded trunk, expert executor and engine."""
 
-    def __init__(self, spec: DeploymentSpec, executor_factory, compute: ThreadPoolExecutor) -> None:
+    def __init__(self, spec: DeploymentSpec, executor_factory, compute: ComputeThread) -> None:
         self.spec = spec
         self.config = MoEConfig.from_pretrained(spec.path)
         self.tokenizer = Tokenizer.from_pretrained(spec.path)

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +19,7 @@ from faasmoe.model.experts import DispatchPlan, LocalExpertExecutor, Routing
 from faasmoe.model.moe_model import block_ranges
 from runtime import protocol as p
 from runtime.client import FunctionCall, InvokeMeter, RuntimeClient
+from runtime.compute import ComputeThread
 
 
 @dataclass
@@ -201,7 +201,7 @@ class InProcessExpertExecutor:
     With a `loader`, the blocks can be dropped (`unload`) and loaded again (`reload`): a whole-model
     deployment that scales to zero; each reload is a cold start in the step cost, as a worker's is."""
 
-    def __init__(self, local: LocalExpertExecutor, compute: ThreadPoolExecutor, model: str = "in-process",
+    def __init__(self, local: LocalExpertExecutor, compute: ComputeThread, model: str = "in-process",
                  loader: Callable[[], LocalExpertExecutor] | None = None) -> None:
         self.local: LocalExpertExecutor | None = local
         self.compute = compute
@@ -263,12 +263,12 @@ class InProcessExpertExecutor:
     async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         if self.local is None:  # unloaded between the trunk's reload and this call: load here
-            await loop.run_in_executor(self.compute, self.reload)
+            await self.compute.run(self.reload)
         local = self.local
         plan = DispatchPlan(routing, local.block_size)
         blocks = [c.block for c in plan.calls]
         start = loop.time()
-        out = await loop.run_in_executor(self.compute, local.run_layer, layer, x, routing, plan)
+        out = await self.compute.run(local.run_layer, layer, x, routing, plan)
         self.hits.record(function_id(self.model, layer, b) for b in blocks)
         self._cost.invocations += len(blocks)
         self._cost.compute_s += loop.time() - start

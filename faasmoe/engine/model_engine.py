@@ -14,7 +14,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +27,7 @@ from faasmoe.model.moe_model import PackedStep, check_tokens, decoder_layers
 from faasmoe.model.tokenizer import Tokenizer
 from faasmoe.model.trunk import Trunk
 from runtime.client import InvokeError
+from runtime.compute import ComputeThread
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ModelEngine:
         trunk: Callable[[], Trunk],
         executor: AsyncExpertExecutor,
         tokenizer: Tokenizer,
-        compute: ThreadPoolExecutor,
+        compute: ComputeThread,
         max_batch_tokens: int = 4096,
         max_running: int = 64,
         kv_budget_bytes: int | None = None,
@@ -202,7 +202,7 @@ class ModelEngine:
         self.running = [r for r in self.running if not r.request.cancelled]
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+        return await self.compute.run(fn, *args)
 
     def _chunk_prefills(self, batch: list[_Running]) -> None:
         """Chunked prefill: decodes take one token each; prompts share the rest of the step's token

@@ -19,7 +19,6 @@ import signal
 import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from faasmoe.tenancy.ledger import UsageLedger
 from runtime.budgets import kv_cache_budget
 from runtime.client import DEADLINE_FACTOR, DEADLINE_MIN_S, RuntimeClient
 from runtime.cluster import workers_json
+from runtime.compute import ComputeThread
 from runtime.metrics import merge_expositions
 from runtime.scheduler import Scheduler, SchedulerConfig
 from runtime.transport import Address
@@ -202,7 +202,7 @@ class FrontendProcess:
         self.config = merged_config(opts)
         self.scheduler: Scheduler | None = None
         self.client: RuntimeClient | None = None
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="trunk")
+        self.compute = ComputeThread("trunk")
         self.deployments = Deployments()
         self.runner: web.AppRunner | None = None
         self.tenants = None
@@ -394,7 +394,7 @@ class FrontendProcess:
             self.ledger.close()
         if self.tenants is not None:
             self.tenants.close()
-        self.compute.shutdown(wait=False)
+        self.compute.shutdown()
 
 
 async def connect_scheduler(address: str, token: str, timeout: float, invoke_timeout: float = DEADLINE_MIN_S,

@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +18,7 @@ from faasmoe.api.openai_requests import parse_chat, prepare
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 from faasmoe.model.tokenizer import Tokenizer
 from faasmoe.tenancy.admission import Admission
+from runtime.compute import ComputeThread
 
 from .test_server import Server, assert_error, make_deployments, raw, serve
 
@@ -32,7 +32,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(checkpoint: Path):
-    compute = ThreadPoolExecutor(1)
+    compute = ComputeThread("trunk")
     deployments = make_deployments(checkpoint, compute)
 
     async def cluster_state() -> dict:
@@ -241,7 +241,7 @@ async def test_cors_is_off_by_default_and_on_for_allowed_origins(server: Server)
 # --- 4: served names with '/', aliases -------------------------------------------------------------------------
 
 
-def in_process_experts(compute: ThreadPoolExecutor):
+def in_process_experts(compute: ComputeThread):
     import torch
 
     from faasmoe.engine.executors import InProcessExpertExecutor
@@ -260,7 +260,7 @@ def in_process_experts(compute: ThreadPoolExecutor):
 async def test_served_names_with_a_slash_and_aliases(server: Server, checkpoint: Path) -> None:
     from faasmoe.engine.deployments import Deployment, Deployments, DeploymentSpec
 
-    compute = ThreadPoolExecutor(1)
+    compute = ComputeThread("trunk")
     deployments = Deployments()
     spec = DeploymentSpec("Qwen/Qwen1.5-MoE-A2.7B-Chat", checkpoint, expert_block_size=4, aliases=("qwen-moe",))
     deployments.add(Deployment(spec, in_process_experts(compute), compute))

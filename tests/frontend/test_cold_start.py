@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from faasmoe.engine.requests import Finished, GenerationRequest
 from faasmoe.engine.sampling import SamplingParams
 from faasmoe.model.moe_model import MoEModel
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
+from runtime.compute import ComputeThread
 
 from ..processes import faasmoe, free_port
 from ..runtime.test_cluster import connect, join_worker, start_scheduler
@@ -48,7 +48,7 @@ async def test_a_cold_request_asks_for_later_layers_before_the_earlier_ones_comp
     client = None
     try:
         client = await connect(address, 1)
-        compute = ThreadPoolExecutor(1)
+        compute = ComputeThread("trunk")
         dep = Deployment(DeploymentSpec("tiny", model_dir, expert_block_size=4),
                          lambda d: RemoteExpertExecutor(client, "tiny", model_dir, d.config, d.block_size, d.dtype, 60.0),
                          compute)

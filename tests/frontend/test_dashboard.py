@@ -14,7 +14,6 @@ import socket
 import subprocess
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +38,7 @@ from faasmoe.tenancy.ledger import UsageLedger
 from faasmoe.tenancy.tenants import TenantStore
 from runtime import protocol as p
 from runtime.cluster import workers_json
+from runtime.compute import ComputeThread
 
 from ..processes import faasmoe, free_port
 
@@ -75,7 +75,7 @@ def test_recent_hits_count_per_second_and_forget_past_the_horizon() -> None:
 async def server(checkpoint: Path, tmp_path_factory):
     """`tiny` (shared, remote experts on a stand-in client: residency from fake worker stats) and `secret`
     (private to beta, in-process experts, so it can generate)."""
-    compute = ThreadPoolExecutor(1)
+    compute = ComputeThread("trunk")
     state = tmp_path_factory.mktemp("state") / "state.db"
     tenants, ledger = TenantStore(state), UsageLedger(state)
     keys = {name: tenants.add_tenant(name, **limits)[1] for name, limits in

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from faasmoe.engine.sampling import SamplingParams
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.experts import LocalExpertExecutor
 from faasmoe.model.moe_model import MoEModel, load_expert_blocks
+from runtime.compute import ComputeThread
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def model_dir(tmp_path_factory):
 
 
 def deployment(model_dir, **spec) -> Deployment:
-    compute = ThreadPoolExecutor(1)
+    compute = ComputeThread("trunk")
 
     def local(dep: Deployment) -> InProcessExpertExecutor:
         def load() -> LocalExpertExecutor:
@@ -223,7 +223,7 @@ async def test_a_long_prompt_is_prefilled_in_chunks_beside_running_decodes(model
 
 async def test_a_request_waiting_for_the_compute_thread_is_still_held(model_dir):
     dep = deployment(model_dir)
-    busy = dep.engine.compute.submit(time.sleep, 1.0)  # another model's step holds the one compute thread
+    busy = dep.engine.compute.run(time.sleep, 1.0)  # another model's step holds the one compute thread
     request = GenerationRequest("tiny", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
     dep.engine.submit(request)
     await asyncio.sleep(0.3)

@@ -13,7 +13,6 @@ import random
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -27,6 +26,7 @@ from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 from faasmoe.tenancy.admission import Admission
 from faasmoe.tenancy.ledger import UsageLedger
 from faasmoe.tenancy.tenants import TenantStore
+from runtime.compute import ComputeThread
 
 from .test_server import ADMIN_KEY, Server, assert_error, make_deployments, raw, serve
 
@@ -40,7 +40,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(checkpoint: Path, tmp_path_factory):
-    compute = ThreadPoolExecutor(1)
+    compute = ComputeThread("trunk")
     state = tmp_path_factory.mktemp("edge-state") / "state.db"
     tenants, ledger = TenantStore(state), UsageLedger(state)
     keys = {name: tenants.add_tenant(name, **limits)[1] for name, limits in {

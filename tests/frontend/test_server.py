@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -33,6 +32,7 @@ from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 from faasmoe.tenancy.admission import Admission
 from faasmoe.tenancy.ledger import UsageLedger
 from faasmoe.tenancy.tenants import TenantStore
+from runtime.compute import ComputeThread
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -65,7 +65,7 @@ def reference(checkpoint: Path) -> MoEModel:
     return MoEModel.from_pretrained(checkpoint, expert_block_size=4)
 
 
-def make_deployments(path: Path, compute: ThreadPoolExecutor) -> Deployments:
+def make_deployments(path: Path, compute: ComputeThread) -> Deployments:
     def local(dep: Deployment) -> InProcessExpertExecutor:
         blocks = load_expert_blocks(ExpertLayout(CheckpointReader(dep.spec.path), dep.config), dep.block_size,
                                     torch.float32, torch.device("cpu"))
@@ -88,7 +88,7 @@ async def serve(ctx: FrontendContext, limits: ConnectionLimits | None = None) ->
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(checkpoint: Path, tmp_path_factory):
-    compute = ThreadPoolExecutor(1)
+    compute = ComputeThread("trunk")
     state = tmp_path_factory.mktemp("state") / "state.db"
     tenants, ledger = TenantStore(state), UsageLedger(state)
     keys = {name: tenants.add_tenant(name, **limits)[1] for name, limits in {

@@ -1,4 +1,5 @@
-"""The worker's compute thread: runs expert calls off the event loop with the leanest handoff there is.
+"""A compute thread: runs torch work off the event loop with the leanest handoff there is (a worker's
+expert calls, a frontend's trunk halves).
 
 `loop.run_in_executor` wraps each job in a concurrent.futures.Future whose state is copied into an
 asyncio future by callbacks on both threads; after a call has streamed the weights through the
