@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from runtime.budgets import device_budget, host_cache_budget
+from runtime.openmp import worker_openmp_env
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,7 @@ class LocalPool:
             host_cache = host_cache_budget(torch.device(slot.device), sharers=gpu_slots)
         args += ["--host-cache", str(host_cache)]
         # The token travels in the environment, not argv, so `ps` does not show it.
-        # OpenMP keeps libgomp's default wait (a bounded spin): a call's matmuls come back to back, and
-        # threads that sleep after each one paid a wake-up per matmul (OMP_WAIT_POLICY=PASSIVE, 2-core VM:
-        # batch 1 21.3-21.5 tok/s against 23.3-24.0, concurrency 4 53-54 against 59-61).
-        env = {**os.environ, "FAASMOE_TOKEN": self.token}
+        env = {**os.environ, **worker_openmp_env(os.environ), "FAASMOE_TOKEN": self.token}
         return await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.DEVNULL)
 
     async def _supervise(self, slot: PoolSlot) -> None:

@@ -11,6 +11,7 @@ import socket
 import uuid
 from typing import TYPE_CHECKING
 
+from runtime.openmp import worker_openmp_env
 from runtime.sizes import parse_size, parse_size_or_zero
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ def server_limits_from(args: argparse.Namespace) -> ServerLimits:
 
 
 def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
+    os.environ.update(worker_openmp_env(os.environ))  # before torch loads libgomp; an explicit setting wins
     import torch  # here, not at import: `faasmoe --help` and friends should not wait for torch
     import uvloop
 
