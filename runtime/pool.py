@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from runtime.budgets import device_budget, host_cache_budget
-from runtime.openmp import worker_openmp_env
+from runtime.openmp import OMP_WAIT_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class LocalPool:
             host_cache = host_cache_budget(torch.device(slot.device), sharers=gpu_slots)
         args += ["--host-cache", str(host_cache)]
         # The token travels in the environment, not argv, so `ps` does not show it.
-        env = {**os.environ, **worker_openmp_env(os.environ), "FAASMOE_TOKEN": self.token}
+        env = {"OMP_WAIT_POLICY": OMP_WAIT_POLICY, **os.environ, "FAASMOE_TOKEN": self.token}
         return await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.DEVNULL)
 
     async def _supervise(self, slot: PoolSlot) -> None:

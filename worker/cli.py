@@ -11,7 +11,7 @@ import socket
 import uuid
 from typing import TYPE_CHECKING
 
-from runtime.openmp import worker_openmp_env
+from runtime.openmp import OMP_WAIT_POLICY
 from runtime.sizes import parse_size, parse_size_or_zero
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def server_limits_from(args: argparse.Namespace) -> ServerLimits:
 
 
 def run_worker(args: argparse.Namespace, scheduler: str | None) -> int:
-    os.environ.update(worker_openmp_env(os.environ))  # before torch loads libgomp; an explicit setting wins
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # before torch loads libgomp; an explicit one wins
     import torch  # here, not at import: `faasmoe --help` and friends should not wait for torch
     import uvloop
 

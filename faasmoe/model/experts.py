@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from faasmoe.model.checkpoint import ExpertWeights
-from faasmoe.model.kernels import PackedWeight, linear, pack_weight
+from faasmoe.model.kernels import PackedWeight, linear, pack_weight, run_parallel
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, normalize: bool) ->
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return Routing(experts=experts, weights=weights)
+
+
+# Below this many weight bytes per expert, handing experts to other cores costs more than it saves.
+PARALLEL_MIN_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,8 @@ class ExpertBlock:
             if n:
                 tasks.append(partial(expert_mlp, expert, slice(start, start + n)))
                 start += n
-        return _BlockRun(tasks, out, order)
+        parallel = x.device.type == "cpu" and self.nbytes >= PARALLEL_MIN_BYTES * self.count
+        return _BlockRun(tasks, out, order, parallel)
 
 
 @dataclass
@@ -135,6 +140,7 @@ class _BlockRun:
     tasks: list[Callable[[], None]]
     out: torch.Tensor
     order: torch.Tensor | None
+    parallel: bool
 
     def result(self) -> torch.Tensor:
         if self.order is None:
@@ -143,17 +149,16 @@ class _BlockRun:
 
 
 def run_blocks(calls: list[tuple[ExpertBlock, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """Several blocks' calls at once, one active expert after another, each matmul on all of torch's
-    intra-op threads. Outputs in the order of `calls`.
-
-    Not one expert per core: on the avx512_bf16 VM, 4 experts x 1 row (a batch-1 layer) took 2.2-3.0 ms
-    this way against 3.9-4.1 ms on a per-core pool of single-threaded matmuls, and 16 experts 9-11 ms
-    against 14-15 (bench numbers in the README, issue 10): oneDNN streams one weight on both cores at
-    the bandwidth, and back-to-back regions keep its threads hot, while pool threads wake per task."""
+    """Several blocks' calls at once: every active expert of every call is one task, and on CPU the
+    tasks share the per-core pool, so a layer's experts stream on all cores even when each block
+    has a single active expert (block size 1-4). Outputs in the order of `calls`."""
     runs = [block._start(x, local) for block, x, local in calls]
+    parallel = [task for run in runs if run.parallel for task in run.tasks]
+    run_parallel(parallel)  # decode is memory-bound: every core streams a different expert
     for run in runs:
-        for task in run.tasks:
-            task()
+        if not run.parallel:
+            for task in run.tasks:
+                task()
     return [run.result() for run in runs]
 
 

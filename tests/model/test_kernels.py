@@ -77,9 +77,10 @@ def test_a_packed_expert_block_computes_what_the_plain_one_does(monkeypatch) -> 
     assert not isinstance(plain.packed().weights, PackedExpertWeights)  # no native bf16: the plain layout
 
 
-def test_several_blocks_run_together_give_each_block_s_own_result() -> None:
+def test_several_blocks_run_together_give_each_block_s_own_result(monkeypatch) -> None:
     from faasmoe.model import experts
 
+    monkeypatch.setattr(experts, "PARALLEL_MIN_BYTES", 0)  # these small experts go to the per-core pool too
     blocks = [_block(4 * i, 4, torch.float32, seed=i) for i in range(3)]
     x = [torch.randn(n, 64) for n in (1, 5, 3)]
     local = [torch.tensor([2]), torch.tensor([0, 0, 1, 3, 3]), torch.tensor([1, 0, 1])]
