@@ -19,7 +19,8 @@ PACKAGES = ("faasmoe", "runtime", "worker")
 # layer -> the project modules it may import (prefix match); a layer always may import itself.
 ALLOWED = {
     "faasmoe.model": (),
-    "faasmoe.engine": ("faasmoe.model", "runtime.client", "runtime.protocol"),
+    # runtime.compute: the lean compute thread a frontend and a worker both run torch work on (no I/O, no messages)
+    "faasmoe.engine": ("faasmoe.model", "runtime.client", "runtime.protocol", "runtime.compute"),
     "faasmoe.tenancy": (),
     "faasmoe.api": ("faasmoe.engine", "faasmoe.model", "faasmoe.tenancy", "runtime.metrics", "runtime.protocol"),
     "worker": ("faasmoe.model", "runtime"),
