@@ -688,6 +688,8 @@ def main() -> None:
                         "one round: a smoke run of every path, not a measurement")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "peer.json"))
     args = parser.parse_args()
+    if args.warm_settle < 0 or args.settle < 0:
+        parser.error("--settle and --warm-settle are seconds, >= 0")
     if args.quick:
         args.concurrency, args.prompts, args.max_tokens, args.rounds, args.batch1_repeats = 2, 8, 16, 1, 2
         args.settle, args.warm_settle = min(args.settle, 2.0), min(args.warm_settle, 1.0)

@@ -175,7 +175,7 @@ class RemoteExpertExecutor:
             if c.function.function_id not in self._touched:
                 self._touched.add(c.function.function_id)
                 cost.touched_bytes += c.function.nbytes
-        return plan.combine([o.to(x.dtype) for o in outputs], x)
+        return plan.combine(outputs, x)  # in x's dtype, converted once there
 
     def take_step_cost(self) -> StepCost:
         cost, self._cost, self._touched = self._cost, StepCost(), set()

@@ -208,13 +208,11 @@ class DispatchPlan:
         return [gathered[call.rows] for call in self.calls]
 
     def combine(self, outputs: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """Sum of weight * expert output per token, added in expert order like the reference does.
+        """Sum of weight * expert output per token in `like`'s dtype, added in expert order like the reference does.
         A gather and k adds: index_add_ costs ~10 ms per call in fp32 on CPU (torch 2.13), even for one row."""
         if not self.calls:
             return torch.zeros(self.num_tokens, like.shape[-1], dtype=like.dtype, device=like.device)
-        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        if y.dtype != like.dtype:
-            y = y.to(like.dtype)
+        y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).to(like.dtype)
         # index_select, not y[idx]: advanced indexing costs ~100 us here against ~6 us.
         y = (y * self._weights.to(y.dtype)[:, None]).index_select(0, self._gather)
         y = y.view(self.num_tokens, -1, y.shape[-1])  # [tokens, k, hidden]
