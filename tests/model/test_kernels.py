@@ -104,3 +104,24 @@ def test_combine_adds_in_expert_order_as_the_reference_does(dtype) -> None:
             rows = call.local_experts == e
             reference.index_add_(0, call.tokens[rows], y[rows] * call.weights[rows].to(dtype)[:, None])
     assert torch.equal(plan.combine(outputs, torch.empty(6, 32, dtype=dtype)), reference)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 4, 7, 31, 32, 33, 64])
+def test_small_plans_sorted_in_python_equal_the_tensor_path(tokens, monkeypatch) -> None:
+    from faasmoe.model import experts
+
+    g = torch.Generator().manual_seed(tokens)
+    for block_size in (1, 4, 60):
+        for _ in range(5):
+            routing = experts.route(torch.randn(tokens, 60, generator=g), torch.eye(60), 4, False)
+            monkeypatch.setattr(experts, "SMALL_PLAN_PAIRS", 1 << 20)
+            small = experts.DispatchPlan(routing, block_size)
+            monkeypatch.setattr(experts, "SMALL_PLAN_PAIRS", 0)
+            big = experts.DispatchPlan(routing, block_size)
+            assert [(c.block, c.rows) for c in small.calls] == [(c.block, c.rows) for c in big.calls]
+            for a, b in zip(small.calls, big.calls):
+                assert torch.equal(a.tokens, b.tokens) and torch.equal(a.local_experts, b.local_experts)
+                assert torch.equal(a.weights, b.weights)
+            outputs = [torch.randn(c.tokens.numel(), 16, generator=g) for c in big.calls]
+            like = torch.empty(tokens, 16)
+            assert torch.equal(small.combine(outputs, like), big.combine(outputs, like))
