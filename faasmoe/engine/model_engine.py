@@ -20,7 +20,7 @@ import torch
 
 from faasmoe.engine.executors import AsyncExpertExecutor
 from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
-from faasmoe.engine.sampling import prompt_logprobs
+from faasmoe.engine.sampling import prompt_logprobs, score_rows
 from faasmoe.engine.sequence import Sequence
 from faasmoe.model.kv_cache import KVCache
 from faasmoe.model.moe_model import PackedStep, check_tokens, decoder_layers
@@ -227,7 +227,9 @@ class ModelEngine:
         # Micro-batches ping-pong: one's trunk math runs while another's experts are on the workers.
         parts = await asyncio.gather(*(self._forward(trunk, step, g) for step, g in zip(steps, groups)))
         # One lm_head for every group: it is most of a decode step's bytes, read once, not once per group.
-        logits = await self._run(trunk.logits, parts[0] if len(parts) == 1 else torch.cat(parts))
+        # Every token's logprob is recorded, and the top alternatives asked for: one batched op each.
+        asked = max((r.request.logprobs or 0 for r in batch), default=0)
+        scores = await self._run(score_rows, trunk.logits, parts[0] if len(parts) == 1 else torch.cat(parts), asked)
         self._last_step_s = time.perf_counter() - started
         cost = self.executor.take_step_cost()
         for group, step in zip(groups, steps):
@@ -237,12 +239,6 @@ class ModelEngine:
         self.steps += 1
         self.last_active = time.monotonic()
         total = sum(lengths)
-        rows = logits.float()
-        # Every token's logprob is recorded, and the top alternatives asked for: one batched op each
-        # (per row they cost ~2 ms a step at 4 sequences over a 152k vocabulary, batched ~0.6 ms).
-        log_probs = torch.log_softmax(rows, dim=-1)
-        top_k = min(max((r.request.logprobs or 0 for r in batch), default=0), rows.shape[-1])
-        top_values, top_ids = torch.topk(log_probs, top_k) if top_k else (None, None)
         for i, (r, n) in enumerate(zip(batch, lengths)):
             share = n / total
             u = r.usage
@@ -254,12 +250,12 @@ class ModelEngine:
             if r.unfed:  # mid-prompt: nothing to sample yet
                 r.seq.pending, r.unfed = r.unfed, []
                 continue
-            token = r.seq.accept(rows[i], log_probs[i])
+            token = r.seq.accept(scores.logits[i], scores.log_probs[i], scores.argmax[i])
             u.completion_tokens += 1
             top = None
             if r.request.logprobs:
                 n = r.request.logprobs
-                top = dict(zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist()))
+                top = dict(zip(scores.top_ids[i, :n].tolist(), scores.top_values[i, :n].tolist()))
             r.request.events.put_nowait(TokenEvent(token, self._stream_text(r), r.seq.logprobs[-1], top))
             if r.seq.finished:
                 self._finish(r, r.seq.finish_reason or "stop")

@@ -61,10 +61,11 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def accept(self, logits: torch.Tensor, log_probs: torch.Tensor | None = None) -> int:
+    def accept(self, logits: torch.Tensor, log_probs: torch.Tensor | None = None, argmax: int | None = None) -> int:
         """Sample from this step's logits [V], record the token and check the stop conditions.
-        `log_probs` is their log-softmax when the caller has it (a whole batch's in one op)."""
-        token = self.sampler(logits, self.prompt, self.output)
+        `log_probs` is their log-softmax and `argmax` their argmax when the caller has them (a whole
+        batch's in one op)."""
+        token = self.sampler(logits, self.prompt, self.output, argmax)
         self.output.append(token)
         self.logprobs.append(logprobs_of(logits, token) if log_probs is None else float(log_probs[token]))
         self.pending = [token]

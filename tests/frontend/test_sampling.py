@@ -73,3 +73,28 @@ def test_frequency_and_presence_penalties_are_openais() -> None:
 def test_out_of_range_options_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_step_scores_are_the_ops_on_each_row() -> None:
+    from faasmoe.engine.sampling import score_rows
+
+    g = torch.Generator().manual_seed(3)
+    hidden, head = torch.randn(3, 8, generator=g), torch.randn(50, 8, generator=g)
+    scores = score_rows(lambda h: h @ head.T, hidden, top=4)
+    for i in range(3):
+        row = hidden[i] @ head.T
+        assert scores.argmax[i] == int(torch.argmax(row))
+        assert torch.allclose(scores.log_probs[i], torch.log_softmax(row, -1), atol=1e-6)
+        assert scores.top_ids[i].tolist() == torch.topk(row, 4).indices.tolist()
+    assert score_rows(lambda h: h @ head.T, hidden, top=0).top_ids is None
+    assert score_rows(lambda h: h @ head.T, hidden, top=80).top_ids.shape == (3, 50)  # no more than the vocabulary
+
+
+def test_a_given_argmax_is_greedy_only_without_logit_adjustments() -> None:
+    x = logits(4)
+    best, weakest = int(torch.argmax(x)), int(torch.argmin(x))
+    assert Sampler(SamplingParams())(x, argmax=best) == best
+    # The argmax of the raw logits no longer holds once a bias moved them: the sampler looks again.
+    assert Sampler(SamplingParams(logit_bias={weakest: 100.0}))(x, argmax=best) == weakest
+    drawn = {Sampler(SamplingParams(temperature=1.0, seed=s))(x, argmax=best) for s in range(40)}
+    assert len(drawn) > 1  # a sampling request draws; the argmax does not decide for it
