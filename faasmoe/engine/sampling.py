@@ -109,9 +109,16 @@ def score_rows(logits_of, hidden: torch.Tensor, top: int) -> StepScores:
     """The logits of hidden rows [S, H] (`logits_of`: the trunk's lm_head) and their `StepScores`."""
     logits = logits_of(hidden).float()
     log_probs = torch.log_softmax(logits, dim=-1)
+    # max's indices are the first maximum, as argmax's; over a 152k vocabulary on CPU it takes ~75 us a
+    # row where argmax takes ~220 and topk(1) ~340 (torch 2.13), so the top-1 alternative comes from it too.
+    argmax = logits.max(dim=-1).indices
     top = min(top, logits.shape[-1])
-    top_values, top_ids = torch.topk(log_probs, top) if top else (None, None)
-    return StepScores(logits, log_probs, logits.argmax(dim=-1).tolist(), top_values, top_ids)
+    if top == 1:
+        top_ids = argmax[:, None]
+        top_values = log_probs.gather(1, top_ids)
+    else:
+        top_values, top_ids = torch.topk(log_probs, top) if top else (None, None)
+    return StepScores(logits, log_probs, argmax.tolist(), top_values, top_ids)
 
 
 def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt: list[int] = (),

@@ -87,6 +87,11 @@ def test_step_scores_are_the_ops_on_each_row() -> None:
         assert torch.allclose(scores.log_probs[i], torch.log_softmax(row, -1), atol=1e-6)
         assert scores.top_ids[i].tolist() == torch.topk(row, 4).indices.tolist()
     assert score_rows(lambda h: h @ head.T, hidden, top=0).top_ids is None
+    one = score_rows(lambda h: h @ head.T, hidden, top=1)
+    assert one.top_ids[:, 0].tolist() == one.argmax
+    assert torch.equal(one.top_values[:, 0], one.log_probs.max(dim=-1).values)
+    tied = score_rows(lambda h: h, torch.tensor([[0.0, 2.0, 1.0, 2.0]]), top=1)
+    assert tied.argmax == [1] and tied.top_ids.tolist() == [[1]]  # the first of equal maxima, as argmax
     assert score_rows(lambda h: h @ head.T, hidden, top=80).top_ids.shape == (3, 50)  # no more than the vocabulary
 
 
