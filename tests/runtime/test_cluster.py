@@ -313,6 +313,13 @@ async def test_garbage_frames_do_not_crash_anything(model_dir):
         bad = FunctionCall(fn, torch.randn(3, 17), torch.zeros(3, dtype=torch.long))  # wrong hidden size
         with pytest.raises(RuntimeError, match="bad_request"):
             await client.invoke([bad])
+        # Expert indices outside the block, in a decode-sized call and in one past the small-call path.
+        for experts in (torch.tensor([0, BLOCK, 1]), torch.tensor([-1, 0, 0]), torch.full((80,), BLOCK)):
+            wrong = FunctionCall(fn, torch.randn(experts.numel(), 64), experts)
+            with pytest.raises(RuntimeError, match="expert indices must be in"):
+                await client.invoke([wrong])
+        out = await client.invoke([call(fn, rows=80)])  # a big call with good indices still runs
+        assert torch.equal(out[0], expected(model_dir, call(fn, rows=80)))
         assert worker.alive()
     finally:
         if client:
