@@ -271,26 +271,34 @@ class ModelEngine:
         depth = (self.prefetch_depth or trunk.config.num_layers) if starting else 1
         while not done:
             layer, state = value
-            call = asyncio.ensure_future(self.executor.run_layer(layer, state.moe_input, state.routing))
-            if self.prefetch:  # later layers' likely blocks load while this layer's experts run
+            ahead = self._cold_ahead(trunk, layer, depth) if self.prefetch else []
+            depth = 1
+            if not ahead:  # awaited here, not as a task: the call leaves now, not on the loop's next turn
+                expert_out = await self.executor.run_layer(layer, state.moe_input, state.routing)
+            else:  # later layers' likely blocks load while this layer's experts run
+                call = asyncio.ensure_future(self.executor.run_layer(layer, state.moe_input, state.routing))
                 try:
-                    await self._prefetch_ahead(trunk, layer, state.moe_input, depth)
+                    await self._prefetch(trunk, layer, state.moe_input, ahead)
                 except BaseException:  # cancelled: the call must not outlive the step
                     call.cancel()
                     raise
-                depth = 1
-            expert_out = await call
+                expert_out = await call
             done, value = await self._run(_advance, layers, expert_out)
         await self._prompt_logprobs(trunk, step, group, value)
         return step.last_rows(value)
 
-    async def _prefetch_ahead(self, trunk: Trunk, layer: int, x: torch.Tensor, depth: int) -> None:
-        """Pre-gate the next `depth` MoE layers' cold blocks: their loads are asked now, behind this
-        layer's call (the worker loads a call's blocks first, the earlier layer's first)."""
+    def _cold_ahead(self, trunk: Trunk, layer: int, depth: int) -> list[int]:
+        """Of the next `depth` MoE layers after `layer`, those prefetching could help (a no-op for in-process experts)."""
         try:
-            ahead = self.executor.cold_layers(trunk.next_moe_layers(layer, depth))
-            if not ahead:
-                return
+            return self.executor.cold_layers(trunk.next_moe_layers(layer, depth))
+        except Exception:  # a hint that failed must not fail the step
+            log.exception("looking ahead of layer %d of %s failed", layer, self.name)
+            return []
+
+    async def _prefetch(self, trunk: Trunk, layer: int, x: torch.Tensor, ahead: list[int]) -> None:
+        """Pre-gate the cold MoE layers `ahead`: their loads are asked now, behind this layer's call (the
+        worker loads a call's blocks first, the earlier layer's first)."""
+        try:
             if len(ahead) == 1:  # one small router matmul: cheaper here than a hop to the compute thread
                 predicted = trunk.pregate(x, ahead)
             else:  # the compute thread is idle while this layer's experts run on the workers

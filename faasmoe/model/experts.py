@@ -171,13 +171,11 @@ def run_blocks(calls: list[tuple[ExpertBlock, torch.Tensor, torch.Tensor]]) -> l
 
 @dataclass(frozen=True)
 class BlockCall:
-    """The rows of one layer that go to one block: which token, which expert in the block, weight."""
+    """The rows of one layer that go to one block, and which expert of the block each goes to."""
 
     block: int
-    rows: slice  # its span of the plan's sorted pairs
-    tokens: torch.Tensor  # [n] int64 row of the layer input
+    rows: slice  # its span of the plan's sorted pairs (its tokens: `plan.tokens[rows]`, weights: `plan.weights[rows]`)
     local_experts: torch.Tensor  # [n] int64 expert index inside the block
-    weights: torch.Tensor  # [n] routing weight
 
 
 class DispatchPlan:
@@ -205,12 +203,12 @@ class DispatchPlan:
             active, counts = torch.unique_consecutive(torch.div(experts, block_size, rounding_mode="floor"),
                                                       return_counts=True)
             runs = zip(active.tolist(), counts.tolist())
-        self._weights = routing.weights.reshape(-1).index_select(0, order)
+        self.weights = routing.weights.reshape(-1).index_select(0, order)  # [pairs] in the sorted order
         self.calls: list[BlockCall] = []
         start = 0
         for block, n in runs:
             rows = slice(start, start + n)
-            self.calls.append(BlockCall(block, rows, self.tokens[rows], local[rows], self._weights[rows]))
+            self.calls.append(BlockCall(block, rows, local[rows]))
             start += n
 
     def inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -225,7 +223,7 @@ class DispatchPlan:
             return torch.zeros(self.num_tokens, like.shape[-1], dtype=like.dtype, device=like.device)
         y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).to(like.dtype)
         # index_select, not y[idx]: advanced indexing costs ~100 us here against ~6 us.
-        y = (y * self._weights.to(y.dtype)[:, None]).index_select(0, self._gather)
+        y = (y * self.weights.to(y.dtype)[:, None]).index_select(0, self._gather)
         y = y.view(self.num_tokens, -1, y.shape[-1])  # [tokens, k, hidden]
         out = y[:, 0].contiguous()
         for j in range(1, y.shape[1]):
@@ -260,7 +258,8 @@ def _sorted_pairs(routing_experts: torch.Tensor, block_size: int):
             runs[-1] = (block, runs[-1][1] + 1)
         else:
             runs.append((block, 1))
-    return packed[0], packed[1], packed[2], packed[3], runs
+    order, local, tokens, gather = packed.unbind()
+    return order, local, tokens, gather, runs
 
 
 class ExpertExecutor(Protocol):
