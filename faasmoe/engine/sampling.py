@@ -94,9 +94,9 @@ class Sampler:
 
 @dataclass
 class StepScores:
-    """What sampling reads of one step's logits [S, V], made in one job right after the lm_head, while the
-    logits are still in cache (the same ops on the event loop after the hand-back took 1.2-2.1 ms a step
-    at 1-4 sequences over a 152k vocabulary)."""
+    """What sampling reads of one step's logits [S, V], made in the lm_head's job on the compute thread, so
+    the event loop stays free for the streams meanwhile (on the loop, with argmax and topk(1), these took
+    1.2-2.1 ms a step at 1-4 sequences over a 152k vocabulary; here, with max, ~0.9 ms at batch 1)."""
 
     logits: torch.Tensor  # fp32
     log_probs: torch.Tensor  # every row's log-softmax: each token's logprob is recorded

@@ -117,6 +117,8 @@ class ExpertBlock:
         its rows); rows come sorted by expert from the frontend, so usually nothing is re-sorted."""
         if local_expert.numel() <= SMALL_PLAN_PAIRS:  # decode: in Python, one copy instead of ~6 small ops
             values = local_expert.tolist()
+            if values and min(values) < 0:  # a list would count it from the end; bincount refuses it
+                raise ValueError(f"expert indices must be >= 0, got {min(values)}")
             presorted = all(a <= b for a, b in zip(values, values[1:]))
             counts = [0] * self.count
             for e in values:

@@ -126,3 +126,12 @@ def test_small_plans_sorted_in_python_equal_the_tensor_path(tokens, monkeypatch)
             outputs = [torch.randn(c.local_experts.numel(), 16, generator=g) for c in big.calls]
             like = torch.empty(tokens, 16)
             assert torch.equal(small.combine(outputs, like), big.combine(outputs, like))
+
+
+def test_a_block_refuses_negative_expert_indices() -> None:
+    from faasmoe.model.checkpoint import ExpertWeights
+    from faasmoe.model.experts import ExpertBlock
+
+    block = ExpertBlock(0, 0, ExpertWeights(torch.randn(2, 8, 4), torch.randn(2, 4, 4)))
+    with pytest.raises(ValueError, match=">= 0"):
+        block.forward(torch.randn(2, 4), torch.tensor([0, -1]))
