@@ -115,16 +115,24 @@ class ExpertBlock:
     def _start(self, x: torch.Tensor, local_expert: torch.Tensor) -> _BlockRun:
         """The block's work on these rows as one task per active expert (one matmul pair over all of
         its rows); rows come sorted by expert from the frontend, so usually nothing is re-sorted."""
-        if local_expert.numel() <= SMALL_PLAN_PAIRS:  # decode: in Python, one copy instead of ~6 small ops
+        small = local_expert.numel() <= SMALL_PLAN_PAIRS  # decode: in Python, one copy instead of ~6 small ops
+        if small:
             values = local_expert.tolist()
-            if values and min(values) < 0:  # a list would count it from the end; bincount refuses it
-                raise ValueError(f"expert indices must be >= 0, got {min(values)}")
+            low, high = (min(values), max(values)) if values else (0, 0)
             presorted = all(a <= b for a, b in zip(values, values[1:]))
+        else:
+            low, high = (v.item() for v in torch.aminmax(local_expert))
+            presorted = bool((local_expert[1:] >= local_expert[:-1]).all())
+        # Checked here, where every caller passes (a worker's invoke, the in-process model): a list would
+        # count a negative index from the end, and bincount would grow past the block.
+        if not 0 <= low <= high < self.count:
+            raise ValueError(f"expert indices must be in 0..{self.count - 1} (>= 0, < {self.count}), got {low}..{high} "
+                             f"(layer {self.layer}, block from expert {self.first})")
+        if small:
             counts = [0] * self.count
             for e in values:
                 counts[e] += 1
         else:
-            presorted = bool((local_expert[1:] >= local_expert[:-1]).all())
             counts = torch.bincount(local_expert, minlength=self.count).tolist()
         order = None if presorted else torch.argsort(local_expert, stable=True)
         grouped = x if order is None else x.index_select(0, order)
