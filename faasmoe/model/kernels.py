@@ -19,6 +19,7 @@ summation order.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -78,10 +79,24 @@ class PackedWeight:
     nbytes: int
 
 
+@functools.cache
+def onednn_packs_bf16() -> bool:
+    """Whether oneDNN reorders a bf16 weight on this CPU. It refuses without avx512bw/vl/dq or avx_ne_convert
+    (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA set below them), even where FAASMOE_CPU_HALF=native asks."""
+    if not _MKLDNN_LINEAR:
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+    except RuntimeError:
+        return False
+    return True
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
     """The weight in the layout `linear` runs fastest on this CPU (itself where packing does not help)."""
     if not (_MKLDNN_LINEAR and weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype == torch.bfloat16
-            and torch.bfloat16 in NATIVE_HALF and os.environ.get("FAASMOE_CPU_PACK", "1") != "0"):
+            and torch.bfloat16 in NATIVE_HALF and os.environ.get("FAASMOE_CPU_PACK", "1") != "0"
+            and onednn_packs_bf16()):
         return weight
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
     return PackedWeight(packed, tuple(weight.shape), weight.dtype, weight.nbytes)

@@ -33,7 +33,7 @@ def test_every_path_matches_f_linear(monkeypatch, dtype, rows, native) -> None:
                           torch.bfloat16 else 1e-4)
 
 
-@pytest.mark.skipif(not kernels._MKLDNN_LINEAR, reason="this torch has no oneDNN packed linear")
+@pytest.mark.skipif(not kernels.onednn_packs_bf16(), reason="oneDNN packs no bf16 weight on this CPU (AVX2 only)")
 @pytest.mark.parametrize("rows", [1, 4, 33])
 def test_a_packed_weight_computes_what_f_linear_does(monkeypatch, rows) -> None:
     monkeypatch.setattr(kernels, "NATIVE_HALF", frozenset({torch.bfloat16}))
@@ -49,6 +49,15 @@ def test_a_packed_weight_computes_what_f_linear_does(monkeypatch, rows) -> None:
     assert kernels.pack_weight(w) is w  # no native bf16: the plain layout
 
 
+def test_a_cpu_that_cannot_pack_bf16_keeps_the_plain_layout_even_when_told_native(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "NATIVE_HALF", frozenset({torch.bfloat16}))  # FAASMOE_CPU_HALF=native
+    monkeypatch.setattr(kernels, "onednn_packs_bf16", lambda: False)  # what an AVX2-only CPU answers
+    w = torch.randn(32, 16).to(torch.bfloat16)
+    assert kernels.pack_weight(w) is w
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    assert torch.allclose(kernels.linear(x, kernels.pack_weight(w)).float(), F.linear(x, w).float(), rtol=2e-2, atol=0.1)
+
+
 def _block(first: int, count: int, dtype: torch.dtype, seed: int):
     from faasmoe.model.checkpoint import ExpertWeights
     from faasmoe.model.experts import ExpertBlock
@@ -59,7 +68,7 @@ def _block(first: int, count: int, dtype: torch.dtype, seed: int):
     return ExpertBlock(0, first, weights)
 
 
-@pytest.mark.skipif(not kernels._MKLDNN_LINEAR, reason="this torch has no oneDNN packed linear")
+@pytest.mark.skipif(not kernels.onednn_packs_bf16(), reason="oneDNN packs no bf16 weight on this CPU (AVX2 only)")
 def test_a_packed_expert_block_computes_what_the_plain_one_does(monkeypatch) -> None:
     from faasmoe.model.experts import PackedExpertWeights
 
