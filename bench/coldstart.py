@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from bench.dispatch import checkpoint  # noqa: E402
 from faasmoe.engine.deployments import Deployment, DeploymentSpec  # noqa: E402
 from faasmoe.engine.executors import RemoteExpertExecutor, StepCost  # noqa: E402
+from faasmoe.engine.functions import block_content_at  # noqa: E402
 from faasmoe.engine.requests import Finished, GenerationRequest  # noqa: E402
 from faasmoe.engine.sampling import SamplingParams  # noqa: E402
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout  # noqa: E402
@@ -125,7 +126,8 @@ async def measure(path: Path, device: torch.device, block: int, dtype: str, reps
     nbytes = 0
     for rep in range(reps):
         first = (rep * block) % (config.num_experts - block + 1)
-        spec = p.FunctionSpec(f"cold/{layer}/{rep}", str(path), layer, first, block, dtype)
+        spec = p.FunctionSpec(f"cold/{layer}/{rep}", str(path), layer, first, block, dtype,
+                              content=block_content_at(path, layer, first, block, dtype))
         ranges = block_ranges(path, config, layer, first, block)
         files = {f for f, _, _ in ranges}
         droppable &= drop_cache(files)

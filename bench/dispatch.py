@@ -35,6 +35,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from faasmoe.engine.functions import block_content_at  # noqa: E402
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout  # noqa: E402
 from faasmoe.model.config import MoEConfig  # noqa: E402
 from faasmoe.model.experts import ExpertBlock  # noqa: E402
@@ -68,7 +69,8 @@ def make_calls(path: Path, tokens: int, top_k: int, functions: int, block: int, 
     calls = []
     for f in range(functions):
         spec = p.FunctionSpec(f"bench/{layer}/{f}", str(path), layer, f * block, block, dtype,
-                              block * config.expert_bytes(getattr(torch, dtype)), "", 3600.0)
+                              block * config.expert_bytes(getattr(torch, dtype)), "", 3600.0,
+                              content=block_content_at(path, layer, f * block, block, dtype))
         x = torch.randn(rows, config.hidden_size, generator=g).to(getattr(torch, dtype))
         calls.append(FunctionCall(spec, x, torch.randint(0, block, (rows,), generator=g)))
     return calls

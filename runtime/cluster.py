@@ -7,8 +7,7 @@ from runtime import protocol as p
 
 def worker_json(s: p.Stats, private: bool = True) -> dict:
     """A worker, its budget and what it holds on its device and in its host cache (resident_bytes: both); with `private`
-    False, tenants' private functions count in the bytes but are not named (their ids carry the
-    tenant and the model)."""
+    False, functions only one tenant uses count in the bytes but are not named."""
     device = [r for r in s.resident if r.tier == "device"]
     host = [r for r in s.resident if r.tier == "host"]
     named = device if private else [r for r in device if not _owned(r.function)]
@@ -27,9 +26,9 @@ def worker_json(s: p.Stats, private: bool = True) -> dict:
 
 
 def _owned(fn: p.FunctionSpec) -> bool:
-    """A tenant's private function: by its owner, or by its id (`tenant:model/...`) when the worker
-    no longer has the spec of a block in its host cache and reports it with an empty owner."""
-    return bool(fn.owner) or ":" in fn.function_id.split("/", 1)[0]
+    """A function only one tenant's private models use, or one whose spec the worker no longer has
+    (its id, a content digest, cannot tell whose it was: named to admins only)."""
+    return bool(fn.owner) or fn.layer < 0
 
 
 def workers_json(stats: list[p.Stats], private: bool = True) -> list[dict]:

@@ -29,19 +29,11 @@ class FunctionKey:
     layer: int
     nbytes: int
 
-    @classmethod
-    def from_id(cls, function_id: str, nbytes: int) -> FunctionKey:
-        """Parse the layer out of `[tenant:]model/layer/block` (model names may contain '/')."""
-        parts = function_id.rsplit("/", 2)
-        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
-            raise ValueError(f"function id {function_id!r} is not [tenant:]model/layer/block")
-        return cls(function_id, int(parts[1]), nbytes)
-
     @property
     def layer_group(self) -> str:
-        """The model layer the block belongs to (`tenant:model/3`); other models' layers differ."""
-        head, sep, _ = self.function_id.rpartition("/")
-        return head if sep else f"layer {self.layer}"
+        """The layer the block serves (`layer 3`). Function ids name content, not a model, so blocks of one
+        layer index share a group whatever model they came from (their bytes may serve several)."""
+        return f"layer {self.layer}"
 
 
 # --- keep-alive ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
-PROTOCOL_VERSION = 2  # 2: shared-memory tensors (ShmOffer, Invoke.out_offset)
+PROTOCOL_VERSION = 3  # 2: shared-memory tensors (ShmOffer, Invoke.out_offset); 3: content-named functions
 DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
 # Until a peer has proven the token it may send only handshake-sized frames: a stranger must not
 # be able to make a server buffer hundreds of MiB by announcing a big frame.
@@ -88,7 +88,12 @@ class Message:
 
 @dataclass
 class FunctionSpec(Message):
-    """An expert function: experts first..first+count-1 of one layer of one checkpoint."""
+    """An expert function: experts first..first+count-1 of one layer of one checkpoint.
+
+    The id is the block's content digest (`content`), or that digest bound to one model when the model
+    opts out of sharing: the same bytes in two checkpoints are one function, loaded once. `model_path`,
+    `layer` and `first` say where a copy of those bytes lies; a worker proves every load against `content`.
+    `name` (`model/layer/block`, `tenant:` for private) is for people."""
 
     TYPE: ClassVar[int] = 1
     function_id: str
@@ -101,6 +106,8 @@ class FunctionSpec(Message):
     owner: str = ""  # tenant of a private function; "" = shared
     keep_alive_s: float = 60.0
     owner_quota_bytes: int = 0  # private: the most the owner's functions may hold together (0 = no limit)
+    content: str = ""  # the block's content digest (faasmoe.model.content.block_digest); "" = not verified
+    name: str = ""
 
 
 @dataclass

@@ -33,6 +33,7 @@ import torch
 
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout, ExpertWeights
 from faasmoe.model.config import MoEConfig, parse_dtype
+from faasmoe.model.content import ContentMismatch
 from faasmoe.model.experts import ExpertBlock, PackedExpertWeights, pack_experts
 from faasmoe.model.host_memory import return_free_memory
 from runtime.policies import EvictionPolicy, FunctionKey, KeepAlivePolicy
@@ -231,7 +232,7 @@ class ExpertStore:
         self._reserved = 0  # bytes of loads in progress
         self._load_slots = LoadSlots(max_parallel_loads)
         self._models: dict[str, tuple[CheckpointReader, MoEConfig]] = {}
-        self._failed: dict[str, tuple[float, str]] = {}  # recent load failures: retry later, not forever
+        self._failed: dict[str, tuple[float, Exception]] = {}  # recent load failures: retry later, not forever
         # Scaled to zero but predicted back (adaptive keep-alive): function -> (spec, reload at, last call).
         self.prewarms: dict[str, tuple[FunctionSpec, float, float]] = {}
         # CPU blocks load in the plain layout and are packed for the fast matmul afterwards (see _pack_loaded).
@@ -307,7 +308,10 @@ class ExpertStore:
         fid = spec.function_id
         failed = self._failed.get(fid)
         if failed is not None and time.monotonic() - failed[0] < FAILED_LOAD_MEMORY_S:
-            raise LoadFailed(f"loading {fid} failed {time.monotonic() - failed[0]:.0f}s ago: {failed[1]}")
+            ago = f"{time.monotonic() - failed[0]:.0f}s ago"
+            if isinstance(failed[1], ContentMismatch):
+                raise ContentMismatch(f"{failed[1]} ({ago}; retried after {FAILED_LOAD_MEMORY_S:.0f}s)")
+            raise LoadFailed(f"loading {fid} failed {ago}: {failed[1]}")
         future: asyncio.Future[Resident] = asyncio.get_running_loop().create_future()
         self._loading[fid] = future
         try:
@@ -330,8 +334,11 @@ class ExpertStore:
             return resident
         except Exception as exc:
             if not isinstance(exc, (NoMemory, Forbidden)):  # a refusal is an answer, not a failed read
-                self._failed[fid] = (time.monotonic(), str(exc))
-                exc = LoadFailed(f"loading {fid} failed: {exc}")
+                self._failed[fid] = (time.monotonic(), exc)
+                if isinstance(exc, ContentMismatch):  # it says what is wrong as it is
+                    log.error("refused to load %s: %s", spec.name or fid, exc)
+                else:
+                    exc = LoadFailed(f"loading {fid} failed: {exc}")
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else needs a warning
             raise exc
@@ -356,15 +363,20 @@ class ExpertStore:
         key = FunctionKey(spec.function_id, spec.layer, weights.nbytes)
         now = time.monotonic()
         self.eviction.on_load(key, now, seconds)
-        log.info("loaded %s from %s in %.1f ms (%d bytes)", spec.function_id, source, seconds * 1e3, nbytes)
+        log.info("loaded %s (%s) from %s in %.1f ms (%d bytes)", spec.name or "?", spec.function_id[:12], source,
+                 seconds * 1e3, nbytes)
         return Resident(spec, ExpertBlock(spec.layer, spec.first, weights), key, now, now, source, seconds)
 
     def _read(self, spec: FunctionSpec) -> ExpertWeights:
-        """Runs in a thread: the block's bytes from the checkpoint (into pinned memory on CUDA)."""
+        """Runs in a thread: the block's bytes from the checkpoint (into pinned memory on CUDA), hashed as
+        they come in and refused unless they are what the function's content digest names."""
+        if not spec.content:
+            raise ContentMismatch(f"{spec.name or spec.function_id} names no content digest: this worker "
+                                  "serves only blocks it can verify")
         reader, config = self.model(spec.model_path)
         layout = ExpertLayout(reader, config)
         return layout.load_block(spec.layer, spec.first, spec.count, parse_dtype(spec.dtype),
-                                 pin_memory=self.device.type == "cuda")
+                                 pin_memory=self.device.type == "cuda", expect=spec.content)
 
     def _place(self, cached: BlockWeights) -> BlockWeights:
         """Runs in a thread: the block on the device (on CPU it is there, packed later)."""

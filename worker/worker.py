@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from faasmoe.model.content import ContentMismatch
 from faasmoe.model.experts import ExpertBlock, run_blocks
 from runtime import protocol as p
 from runtime.compute import ComputeThread
@@ -270,6 +271,8 @@ class Worker:
             reply = p.Error(req_id, "no_memory", str(exc))
         except LoadFailed as exc:
             reply = p.Error(req_id, "load_failed", str(exc))
+        except ContentMismatch as exc:  # the checkpoint no longer holds what the id names (memory.py logged it)
+            reply = p.Error(req_id, "content_mismatch", str(exc))
         except Forbidden as exc:  # a checkpoint outside --model-root (memory.py logged it)
             reply = p.Error(req_id, "forbidden", str(exc))
         except Exception as exc:  # whatever went wrong, the caller gets an answer, never silence

@@ -35,6 +35,9 @@ class ResidencySample:
 class FunctionUse:
     """One expert function over the run: probes that found it resident, and its hits."""
 
+    layer: int = -1
+    first: int = 0
+    count: int = 0
     resident_samples: int = 0
     hits: int = 0
     _last_hits: int = 0
@@ -125,10 +128,11 @@ class ClusterProbe:
                         continue
                     fid = r.function.function_id
                     total += r.nbytes
-                    owner, sep, _ = fid.partition(":")
-                    if sep:
+                    owner = r.function.owner  # a block only one tenant's private models use
+                    if owner:
                         per_tenant[owner] = per_tenant.get(owner, 0) + r.nbytes
-                    self.functions.setdefault(fid, FunctionUse()).observe(r.hits)
+                    fn = r.function
+                    self.functions.setdefault(fid, FunctionUse(fn.layer, fn.first, fn.count)).observe(r.hits)
                     seen.add(fid)
             for fid, use in self.functions.items():
                 if fid not in seen:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from bench.paperlib.loadgen import RequestResult
 from bench.paperlib.probe import FunctionUse, ResidencySample
 from bench.paperlib.sampler import Sample
-from faasmoe.engine.executors import parse_function_id
 
 
 def percentile(values: list[float], pct: float) -> float | None:
@@ -131,11 +130,10 @@ def heat_map(functions: dict[str, FunctionUse], probes: int, num_layers: int, nu
         return None
     resident = [[0.0] * num_experts for _ in range(num_layers)]
     hits = [[0] * num_experts for _ in range(num_layers)]
-    for fid, use in functions.items():
-        _, _, layer, block, _ = parse_function_id(fid)
-        if layer >= num_layers:
+    for use in functions.values():
+        if not 0 <= use.layer < num_layers:
             continue
-        for e in range(block * block_size, min(num_experts, (block + 1) * block_size)):
-            resident[layer][e] = max(resident[layer][e], use.resident_samples / probes)
-            hits[layer][e] += use.hits
+        for e in range(use.first, min(num_experts, use.first + use.count)):
+            resident[use.layer][e] = max(resident[use.layer][e], use.resident_samples / probes)
+            hits[use.layer][e] += use.hits
     return {"resident_fraction": resident, "hits": hits, "block_size": block_size, "probes": probes}

@@ -391,14 +391,18 @@ def _admit(request: web.Request, deployment: Deployment, tenant: Tenant, gen: Ge
 
 
 def _check_memory_quota(ctx: FrontendContext, deployment: Deployment, tenant: Tenant, metrics) -> None:
-    """A tenant's private models may keep at most its quota of expert bytes resident.
+    """A tenant's private models may keep at most its quota of expert bytes resident: the blocks only it
+    uses, each once (a block its model shares with a shared base, or with another tenant, is not counted).
 
     Over it, new requests wait (429) until idle experts scale to zero: at most one keep-alive.
     """
     if deployment.spec.sharing != "private" or tenant.memory_quota_bytes <= 0:
         return
-    owned = [d for d in ctx.deployments.by_name.values() if d.spec.sharing == "private" and d.spec.owner == tenant.name]
-    resident = sum(d.resident_expert_bytes() for d in owned)
+    owned: dict[str, int] = {}
+    for d in ctx.deployments.by_name.values():
+        if d.spec.sharing == "private" and d.spec.owner == tenant.name:
+            owned.update(d.executor.owned_residency(tenant.name))
+    resident = sum(owned.values())
     if resident >= tenant.memory_quota_bytes:
         metrics.rejected.labels(tenant=tenant.name, code="memory_quota_exceeded").inc()
         wait = max(1, int(deployment.spec.keep_alive_s))

@@ -23,8 +23,10 @@ from faasmoe.engine.executors import AsyncExpertExecutor
 from faasmoe.engine.model_engine import ModelEngine
 from faasmoe.model.checkpoint import CheckpointReader
 from faasmoe.model.config import MoEConfig, parse_dtype
+from faasmoe.model.content import CheckpointDigests, DigestCache
 from faasmoe.model.host_memory import return_free_memory
 from faasmoe.model.kv_cache import KVCache
+from faasmoe.model.shared_tensors import SharedTensors
 from faasmoe.model.tokenizer import Tokenizer
 from faasmoe.model.trunk import Trunk
 from runtime.compute import ComputeThread
@@ -49,15 +51,25 @@ class DeploymentSpec:
     kv_cache_bytes: int | None = None  # the engine's KV cache budget; None: unbounded
     micro_batches: int = 1  # groups of a step that overlap trunk and expert work (remote experts: 2)
     aliases: tuple[str, ...] = ()  # more names clients may call it by (vLLM's extra --served-model-name)
+    dedupe: bool = True  # share expert functions and trunk tensors with other models holding the same bytes
 
 
 class Deployment:
     """One served model: config, tokenizer, lazily loaded trunk, expert executor and engine."""
 
-    def __init__(self, spec: DeploymentSpec, executor_factory, compute: ComputeThread) -> None:
+    def __init__(self, spec: DeploymentSpec, executor_factory, compute: ComputeThread,
+                 digests: DigestCache | None = None, shared: SharedTensors | None = None) -> None:
+        """`digests`: where the checkpoint's content digests are cached (each file is hashed once); `shared`:
+        the process's trunk tensors by content, which this model's trunk shares unless `spec.dedupe` is off."""
         self.spec = spec
         self.config = MoEConfig.from_pretrained(spec.path)
         self.tokenizer = Tokenizer.from_pretrained(spec.path)
+        reader = CheckpointReader(spec.path)
+        try:
+            self.digests = CheckpointDigests.of(reader, digests)  # names its functions; proves its trunk's loads
+        finally:
+            reader.close()
+        self._shared = shared if shared is not None and spec.dedupe else SharedTensors()
         self.dtype = parse_dtype(spec.dtype)
         self.device = torch.device(spec.device)
         self.block_size = spec.expert_block_size or self.config.num_experts
@@ -89,7 +101,11 @@ class Deployment:
     def trunk(self) -> Trunk:
         if self._trunk is None:
             start = time.perf_counter()
-            self._trunk = Trunk(self.config, CheckpointReader(self.spec.path), self.dtype, self.device)
+            reader = CheckpointReader(self.spec.path)
+            try:
+                self._trunk = Trunk(self.config, reader, self.dtype, self.device, self.digests, self._shared)
+            finally:
+                reader.close()
             self.trunk_loads += 1
             experts_s = self.executor.reload()
             took = time.perf_counter() - start

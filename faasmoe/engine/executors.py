@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,9 +11,11 @@ from typing import Protocol
 
 import torch
 
+from faasmoe.engine.functions import FunctionCatalog, function_name
 from faasmoe.engine.hits import RecentHits
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.config import MoEConfig
+from faasmoe.model.content import CheckpointDigests
 from faasmoe.model.experts import DispatchPlan, LocalExpertExecutor, Routing
 from faasmoe.model.moe_model import block_ranges
 from runtime import protocol as p
@@ -53,6 +54,10 @@ class AsyncExpertExecutor(Protocol):
     def resident_functions(self) -> int:
         """How many of `functions` some worker (or this process) holds now."""
 
+    def owned_residency(self, owner: str) -> dict[str, int]:
+        """Resident bytes per function of the blocks of this model that only `owner` uses (its memory
+        quota counts them; a block shared with another model or tenant is nobody's alone)."""
+
     async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor: ...
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
@@ -84,45 +89,27 @@ class PrefetchStats:
     wasted: int = 0
 
 
-def function_id(model: str, layer: int, block: int, owner: str = "", weights: str = "") -> str:
-    """`model/layer/block@weights`, prefixed `tenant:` for a private deployment (DESIGN.md). `weights`
-    tells the slice's bytes and dtype apart, so two checkpoints that share a name never share a function."""
-    base = f"{model}/{layer}/{block}" + (f"@{weights}" if weights else "")
-    return f"{owner}:{base}" if owner else base
-
-
-def parse_function_id(fid: str) -> tuple[str, str, int, int, str]:
-    """(owner, model, layer, block, weights) of an id made by `function_id`."""
-    owner, _, rest = fid.partition(":") if ":" in fid else ("", "", fid)  # tenant names hold no ':'
-    base, _, weights = rest.partition("@")
-    model, layer, block = base.rsplit("/", 2)
-    return owner, model, int(layer), int(block), weights
-
-
-def weights_digest(layout: ExpertLayout, layer: int, first: int, count: int, dtype_name: str) -> str:
-    """16 hex digits over the block's checkpoint fingerprint and the dtype it is served in."""
-    fingerprint = layout.block_fingerprint(layer, first, count)
-    return hashlib.sha256(f"{fingerprint}|{dtype_name}".encode()).hexdigest()[:16]
-
-
 class RemoteExpertExecutor:
     """One layer's expert work as function calls: one message per worker, combined here."""
 
     def __init__(self, client: RuntimeClient, model: str, path: Path, config: MoEConfig, block_size: int,
-                 dtype: torch.dtype, keep_alive_s: float, owner: str = "", owner_quota_bytes: int = 0) -> None:
+                 dtype: torch.dtype, keep_alive_s: float, owner: str = "", owner_quota_bytes: int = 0,
+                 catalog: FunctionCatalog | None = None, digests: CheckpointDigests | None = None,
+                 dedupe: bool = True) -> None:
+        """Functions named by content (`digests`: the checkpoint's, hashed now when not given); with a
+        `catalog` shared by a frontend's models, blocks they hold in common are one function."""
         self.client = client
         self.block_size = block_size
         self.num_experts = config.num_experts
-        dtype_name = str(dtype).removeprefix("torch.")
+        self.owner = owner
+        self.catalog = catalog if catalog is not None else FunctionCatalog()
         layout = ExpertLayout(CheckpointReader(path), config)
-        self.specs: dict[tuple[int, int], p.FunctionSpec] = {}
-        for layer in config.moe_layers:
-            for block, (first, count) in enumerate(block_ranges(config.num_experts, block_size)):
-                fid = function_id(model, layer, block, owner, weights_digest(layout, layer, first, count, dtype_name))
-                self.specs[(layer, block)] = p.FunctionSpec(
-                    fid, str(Path(path).resolve()), layer, first, count,
-                    dtype_name, count * config.expert_bytes(dtype), owner, keep_alive_s, owner_quota_bytes)
-        layout.reader.close()
+        try:
+            digests = digests or CheckpointDigests.of(layout.reader)
+            self.specs = self.catalog.model_functions(model, path, layout, digests, block_size, dtype, keep_alive_s,
+                                                      owner, owner_quota_bytes, dedupe)
+        finally:
+            layout.reader.close()
         self.hits = RecentHits(spec.function_id for spec in self.specs.values())
         self._cost = StepCost()
         self._touched: set[str] = set()
@@ -186,9 +173,16 @@ class RemoteExpertExecutor:
         return sum(spec.nbytes for spec in self.specs.values())
 
     def resident_bytes(self) -> int:
-        """Bytes of this model's functions that some worker holds (or is loading), per the routing table."""
+        """Bytes of this model's functions that some worker holds (or is loading), per the routing table;
+        a block that serves several of its layers or experts counts once."""
         routes = self.client.routes
-        return sum(spec.nbytes * len(routes.get(spec.function_id, ())) for spec in self.specs.values())
+        distinct = {spec.function_id: spec for spec in self.specs.values()}.values()
+        return sum(spec.nbytes * len(routes.get(spec.function_id, ())) for spec in distinct)
+
+    def owned_residency(self, owner: str) -> dict[str, int]:
+        routes = self.client.routes
+        return {spec.function_id: spec.nbytes * len(routes.get(spec.function_id, ())) for spec in self.specs.values()
+                if owner and spec.owner == owner and routes.get(spec.function_id)}
 
     def resident_functions(self) -> int:
         routes = self.client.routes
@@ -207,8 +201,8 @@ class InProcessExpertExecutor:
         self.compute = compute
         self.model = model
         self.loader = loader
-        self._functions = [p.FunctionSpec(function_id(model, layer, i), "", layer, b.first, b.count,
-                                          str(b.dtype).removeprefix("torch."), b.nbytes)
+        self._functions = [p.FunctionSpec(function_name(model, layer, i), "", layer, b.first, b.count,
+                                          str(b.dtype).removeprefix("torch."), b.nbytes, name=function_name(model, layer, i))
                            for layer, blocks in local.blocks.items() for i, b in enumerate(blocks)]
         self._nbytes = local.nbytes
         self.hits = RecentHits(f.function_id for f in self._functions)
@@ -229,6 +223,9 @@ class InProcessExpertExecutor:
 
     def resident_functions(self) -> int:
         return len(self._functions) if self.local is not None else 0
+
+    def owned_residency(self, owner: str) -> dict[str, int]:
+        return {self.model: self.resident_bytes()}  # nothing is shared in process: all of it is the model's
 
     def unload(self) -> bool:
         """Drop every block (only with a loader to bring them back); False when there was nothing to drop."""
@@ -269,7 +266,7 @@ class InProcessExpertExecutor:
         blocks = [c.block for c in plan.calls]
         start = loop.time()
         out = await self.compute.run(local.run_layer, layer, x, routing, plan)
-        self.hits.record(function_id(self.model, layer, b) for b in blocks)
+        self.hits.record(function_name(self.model, layer, b) for b in blocks)
         self._cost.invocations += len(blocks)
         self._cost.compute_s += loop.time() - start
         return out

@@ -7,7 +7,6 @@ whole shard (the point of per-expert functions is not to pay for the experts you
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from faasmoe.model.config import MoEConfig
+from faasmoe.model.content import ContentMismatch, PartDigest, block_digest, hash_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -48,7 +48,6 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024
-_SAMPLE_BYTES = 4096  # per sampled window of a block fingerprint
 
 
 @dataclass(frozen=True)
@@ -235,10 +234,13 @@ class ExpertLayout:
         return f"{self.moe_prefix(layer)}.gate.weight"
 
     def load_block(
-        self, layer: int, first: int, count: int, dtype: torch.dtype, pin_memory: bool = False
+        self, layer: int, first: int, count: int, dtype: torch.dtype, pin_memory: bool = False,
+        expect: str | None = None,
     ) -> ExpertWeights:
         """Experts first..first+count of `layer`, reading only their bytes (into pinned memory
-        when asked, so the host-to-device copy that follows can run at full speed)."""
+        when asked, so the host-to-device copy that follows can run at full speed). With `expect`,
+        the bytes read are hashed as they come in and a block whose digest is not `expect` is refused
+        (ContentMismatch): what is served is what the function id names."""
         cfg = self.config
         if not (0 <= first and first + count <= cfg.num_experts and count > 0):
             raise CheckpointError(f"experts {first}..{first + count - 1} out of range 0..{cfg.num_experts - 1}")
@@ -246,64 +248,78 @@ class ExpertLayout:
         prefix = self.moe_prefix(layer)
         gate_up = torch.empty(count, 2 * inter, hidden, dtype=dtype, pin_memory=pin_memory)
         down = torch.empty(count, hidden, inter, dtype=dtype, pin_memory=pin_memory)
+        parts: list[PartDigest] = []
+        seen = (lambda raw: parts.append(PartDigest(raw.dtype, tuple(raw.shape), hash_tensor(raw)))) if expect else None
         fused = f"{prefix}.experts.gate_up_proj"
         if self.reader.has(fused):
-            self._fill_rows(fused, first, (cfg.num_experts, 2 * inter, hidden), gate_up)
-            self._fill_rows(f"{prefix}.experts.down_proj", first, (cfg.num_experts, hidden, inter), down)
-            return ExpertWeights(gate_up, down)
-
-        names = ("w1", "w3", "w2") if prefix.endswith("block_sparse_moe") else ("gate_proj", "up_proj", "down_proj")
-        for slot, expert in enumerate(range(first, first + count)):
-            base = f"{prefix}.experts.{expert}"
-            self._fill(f"{base}.{names[0]}.weight", gate_up[slot, :inter])
-            self._fill(f"{base}.{names[1]}.weight", gate_up[slot, inter:])
-            self._fill(f"{base}.{names[2]}.weight", down[slot])
+            raw_gate_up = self._fill_rows(fused, first, (cfg.num_experts, 2 * inter, hidden), gate_up)
+            raw_down = self._fill_rows(f"{prefix}.experts.down_proj", first, (cfg.num_experts, hidden, inter), down)
+            if seen is not None:
+                for slot in range(count):
+                    seen(raw_gate_up[slot, :inter])
+                    seen(raw_gate_up[slot, inter:])
+                    seen(raw_down[slot])
+        else:
+            names = self._expert_names(prefix)
+            for slot, expert in enumerate(range(first, first + count)):
+                base = f"{prefix}.experts.{expert}"
+                for name, dest in zip(names, (gate_up[slot, :inter], gate_up[slot, inter:], down[slot])):
+                    raw = self._fill(f"{base}.{name}.weight", dest)
+                    if seen is not None:
+                        seen(raw)
+        if expect is not None:
+            got = block_digest(dtype, count, parts)
+            if got != expect:
+                raise ContentMismatch(
+                    f"experts {first}..{first + count - 1} of layer {layer} in {self.reader.path} hash to {got[:16]}, "
+                    f"not {expect[:16]} as their function id says: the checkpoint changed since it was deployed; "
+                    "refusing to serve them")
         return ExpertWeights(gate_up, down)
 
-    def block_fingerprint(self, layer: int, first: int, count: int) -> str:
-        """A digest that tells these experts' weights apart from any other's, cheaply: the config, each
-        tensor's name, dtype and shape, and a few KiB sampled at the start, middle and end of each
-        expert's bytes (reading whole blocks would cost the frontend a full read of the model)."""
-        digest = hashlib.sha256(self.reader.config_bytes())
-        digest.update(f"{layer}/{first}/{count}".encode())
-        for name, offset, length in self._block_ranges(layer, first, count):
-            entry = self.reader.entry(name)
-            digest.update(f"{name}|{entry.dtype}|{entry.shape}|{length}".encode())
-            for at in sorted({offset, offset + length // 2, max(offset, offset + length - _SAMPLE_BYTES)}):
-                digest.update(self.reader.read_bytes(name, at, min(_SAMPLE_BYTES, offset + length - at)))
-        return digest.hexdigest()
-
-    def _block_ranges(self, layer: int, first: int, count: int) -> list[tuple[str, int, int]]:
-        """(tensor name, byte offset in its file, byte length) of each piece of experts first..first+count."""
+    def block_parts(self, layer: int, first: int, count: int) -> list[tuple[str, int, torch.dtype, tuple[int, ...]]]:
+        """(tensor name, piece index, checkpoint dtype, shape) of each part of experts first..first+count,
+        in the order a block digest takes them: each expert's gate, up, down (see faasmoe.model.content)."""
+        cfg = self.config
+        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
         prefix = self.moe_prefix(layer)
         fused = f"{prefix}.experts.gate_up_proj"
+        parts = []
         if self.reader.has(fused):
-            pieces = []
-            for name in (fused, f"{prefix}.experts.down_proj"):
-                entry = self.reader.entry(name)
-                pieces.append((name, entry.offset + first * entry.row_bytes, count * entry.row_bytes))
-            return pieces
-        names = ("w1", "w3", "w2") if prefix.endswith("block_sparse_moe") else ("gate_proj", "up_proj", "down_proj")
-        pieces = []
-        for expert in range(first, first + count):
-            for n in names:
-                entry = self.reader.entry(f"{prefix}.experts.{expert}.{n}.weight")
-                pieces.append((f"{prefix}.experts.{expert}.{n}.weight", entry.offset,
-                               entry.row_bytes * (entry.shape[0] if entry.shape else 1)))
-        return pieces
+            down_name = f"{prefix}.experts.down_proj"
+            gu, dn = self.reader.entry(fused).dtype, self.reader.entry(down_name).dtype
+            for e in range(first, first + count):
+                parts += [(fused, 2 * e, gu, shapes[0]), (fused, 2 * e + 1, gu, shapes[1]), (down_name, e, dn, shapes[2])]
+            return parts
+        for e in range(first, first + count):
+            for name, shape in zip(self._expert_names(prefix), shapes):
+                full = f"{prefix}.experts.{e}.{name}.weight"
+                parts.append((full, 0, self.reader.entry(full).dtype, shape))
+        return parts
 
-    def _fill_rows(self, name: str, first: int, shape: tuple[int, ...], dest: torch.Tensor) -> None:
-        """Rows first.. of a fused [E, ...] tensor into `dest`, straight from the file if dtypes match."""
+    @staticmethod
+    def _expert_names(prefix: str) -> tuple[str, str, str]:
+        """The gate, up and down projections' names in a per-expert layout (Mixtral: w1, w3, w2)."""
+        return ("w1", "w3", "w2") if prefix.endswith("block_sparse_moe") else ("gate_proj", "up_proj", "down_proj")
+
+    def _fill_rows(self, name: str, first: int, shape: tuple[int, ...], dest: torch.Tensor) -> torch.Tensor:
+        """Rows first.. of a fused [E, ...] tensor into `dest`, straight from the file if dtypes match;
+        the rows as the file holds them (`dest` itself when no conversion was needed)."""
         self.reader.check_shape(name, shape)
         if self.reader.entry(name).dtype == dest.dtype:
             self.reader.read_into(name, dest, first)
-        else:
-            dest.copy_(self.reader.rows(name, first, first + dest.shape[0], shape))
+            return dest
+        raw = self.reader.rows(name, first, first + dest.shape[0], shape)
+        dest.copy_(raw)
+        return raw
 
-    def _fill(self, name: str, dest: torch.Tensor) -> None:
-        """Read a tensor into `dest`, straight from the file when no dtype conversion is needed."""
+    def _fill(self, name: str, dest: torch.Tensor) -> torch.Tensor:
+        """Read a tensor into `dest`, straight from the file when no dtype conversion is needed; the
+        tensor as the file holds it (`dest` itself when no conversion was needed)."""
         if self.reader.entry(name).dtype == dest.dtype:
             self.reader.check_shape(name, tuple(dest.shape))
             self.reader.read_into(name, dest)
-        else:
-            dest.copy_(self.reader.tensor(name, tuple(dest.shape)))
+            return dest
+        raw = self.reader.tensor(name, tuple(dest.shape))
+        dest.copy_(raw)
+        return raw

@@ -7,17 +7,23 @@ and `finish` (add the experts' output back into the residual stream).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.config import MoEConfig
+from faasmoe.model.content import CheckpointDigests, ContentMismatch, hash_tensor
 from faasmoe.model.experts import Routing, route
 from faasmoe.model.kernels import linear, pack_weight
 from faasmoe.model.kv_cache import KVCache
 from faasmoe.model.layers import apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from faasmoe.model.shared_tensors import SharedTensors
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,36 +71,69 @@ class LayerState:
 
 
 class Trunk:
-    """Non-expert weights of one model on one device, with the per-layer math."""
+    """Non-expert weights of one model on one device, with the per-layer math.
 
-    def __init__(self, config: MoEConfig, reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> None:
+    With the checkpoint's content `digests`, every tensor read is hashed and refused unless it is what
+    the digests name (ContentMismatch), and tensors are taken from `shared` by content: a model that
+    holds the same bytes as one already loaded (a fine-tune of the same base) shares them."""
+
+    def __init__(self, config: MoEConfig, reader: CheckpointReader, dtype: torch.dtype, device: torch.device,
+                 digests: CheckpointDigests | None = None, shared: SharedTensors | None = None) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
         self.layout = ExpertLayout(reader, config)
         self._reader = reader
+        self._digests = digests
+        self._shared = shared if shared is not None else SharedTensors()
         cfg = config
         self.embed = self._load("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
         self.norm = self._load("model.norm.weight", (cfg.hidden_size,))
         if cfg.tie_word_embeddings or not reader.has("lm_head.weight"):
             self.lm_head = self.embed
         else:
-            self.lm_head = pack_weight(self._load("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
+            self.lm_head = self._linear([("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))])
         self.layers = [self._load_layer(i) for i in range(cfg.num_layers)]
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(device)
-        del self._reader
+        del self._reader, self._digests, self._shared
 
     def _load(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return self._reader.tensor(name, shape, self.dtype).to(self.device)
+        return self._content("tensor", [name], lambda: self._read(name, shape))
+
+    def _read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        raw = self._reader.tensor(name, shape)
+        if self._digests is not None:
+            expect, got = self._digests.tensor(name), hash_tensor(raw)
+            if got != expect:
+                raise ContentMismatch(f"{self._reader.path}: tensor {name!r} hashes to {got[:16]}, not {expect[:16]} "
+                                      "as when the model was deployed: the checkpoint changed; refusing to load it")
+        return raw.to(self.dtype).to(self.device)
+
+    def _linear(self, parts: list[tuple[str, tuple[int, ...]]], pack: bool = True):
+        """The weights `parts` stacked along their rows (one matmul for all), packed for `linear` unless
+        told otherwise; shared by content like every tensor."""
+        def make():
+            stacked = torch.cat([self._load(n, s) for n, s in parts]) if len(parts) > 1 else self._load(*parts[0])
+            return pack_weight(stacked) if pack else stacked
+
+        return self._content("linear" if pack else "stacked", [n for n, _ in parts], make)
+
+    def _content(self, kind: str, names: list[str], make: Callable[[], T]) -> T:
+        """`make()`, or the object another trunk made from the same bytes (same kind, dtype, device)."""
+        if self._digests is None:
+            return make()
+        key = (kind, tuple(self._digests.tensor(n) for n in names), self.dtype, str(self.device))
+        return self._shared.get(key, make)
 
     def _load_layer(self, i: int) -> LayerWeights:
         cfg, p = self.config, f"model.layers.{i}"
         hidden, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
         attn = f"{p}.self_attn"
-        qkv = torch.cat([self._load(f"{attn}.{n}_proj.weight", (s, hidden)) for n, s in (("q", q), ("k", kv), ("v", kv))])
+        qkv = self._linear([(f"{attn}.{n}_proj.weight", (s, hidden)) for n, s in (("q", q), ("k", kv), ("v", kv))])
         qkv_bias = None
         if cfg.qkv_bias:
-            qkv_bias = torch.cat([self._load(f"{attn}.{n}_proj.bias", (s,)) for n, s in (("q", q), ("k", kv), ("v", kv))])
+            qkv_bias = self._linear([(f"{attn}.{n}_proj.bias", (s,)) for n, s in (("q", q), ("k", kv), ("v", kv))],
+                                    pack=False)
         norm_sizes = {"none": None, "per_head": (cfg.head_dim, cfg.head_dim), "full": (q, kv)}[cfg.qk_norm]
         router = shared_gate_up = shared_down = shared_gate = None
         if cfg.is_moe_layer(i):
@@ -107,30 +146,33 @@ class Trunk:
         return LayerWeights(
             input_norm=self._load(f"{p}.input_layernorm.weight", (hidden,)),
             post_attention_norm=self._load(f"{p}.post_attention_layernorm.weight", (hidden,)),
-            qkv=pack_weight(qkv),
+            qkv=qkv,
             qkv_bias=qkv_bias,
-            o=pack_weight(self._load(f"{attn}.o_proj.weight", (hidden, q))),
+            o=self._linear([(f"{attn}.o_proj.weight", (hidden, q))]),
             o_bias=self._load(f"{attn}.o_proj.bias", (hidden,)) if cfg.o_bias else None,
             q_norm=self._load(f"{attn}.q_norm.weight", (norm_sizes[0],)) if norm_sizes else None,
             k_norm=self._load(f"{attn}.k_norm.weight", (norm_sizes[1],)) if norm_sizes else None,
             router=router,
-            shared_gate_up=None if shared_gate_up is None else pack_weight(shared_gate_up),
-            shared_down=None if shared_down is None else pack_weight(shared_down),
+            shared_gate_up=shared_gate_up,
+            shared_down=shared_down,
             shared_expert_gate=shared_gate,
         )
 
-    def _mlp(self, prefix: str, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mlp(self, prefix: str, inter: int):
         hidden = self.config.hidden_size
-        gate = self._load(f"{prefix}.gate_proj.weight", (inter, hidden))
-        up = self._load(f"{prefix}.up_proj.weight", (inter, hidden))
-        return torch.cat([gate, up]), self._load(f"{prefix}.down_proj.weight", (hidden, inter))
+        gate_up = self._linear([(f"{prefix}.gate_proj.weight", (inter, hidden)), (f"{prefix}.up_proj.weight", (inter, hidden))])
+        return gate_up, self._linear([(f"{prefix}.down_proj.weight", (hidden, inter))])
+
+    def tensors(self) -> list:
+        """Every weight object this trunk holds (once each; some may be shared with other trunks)."""
+        found = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for layer in self.layers:
+            found += [t for t in vars(layer).values() if t is not None]
+        return list({id(t): t for t in found}.values())
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        for layer in self.layers:
-            tensors += [t for t in vars(layer).values() if t is not None]
-        return sum(t.nbytes for t in tensors)
+        return sum(t.nbytes for t in self.tensors())
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.embed)

@@ -56,6 +56,7 @@ class ModelSpec:
     trunk_keep_alive: float = 0.0  # 0: never unload the trunk
     dtype: str | None = None  # None: the engine's default
     aliases: list[str] = field(default_factory=list)  # more names clients may call it by
+    dedupe: bool = True  # share identical expert blocks and trunk tensors with the other models
 
     @property
     def private(self) -> bool:
@@ -228,6 +229,7 @@ def _model(r: _Reader, t: dict, where: str) -> ModelSpec:
         keep_alive=r.get(t, where, "keep_alive", "seconds"),
         trunk_keep_alive=r.get(t, where, "trunk_keep_alive", "seconds", 0.0),
         dtype=r.choice(t, where, "dtype", DTYPES, None), aliases=aliases,
+        dedupe=r.get(t, where, "dedupe", "bool", True),
     )
 
 

@@ -27,9 +27,12 @@ from aiohttp import web
 
 from faasmoe.engine.deployments import Deployment, Deployments, DeploymentSpec
 from faasmoe.engine.executors import InProcessExpertExecutor, RemoteExpertExecutor
+from faasmoe.engine.functions import FunctionCatalog
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
+from faasmoe.model.content import DigestCache
 from faasmoe.model.experts import LocalExpertExecutor
 from faasmoe.model.moe_model import load_expert_blocks
+from faasmoe.model.shared_tensors import SharedTensors
 from faasmoe.serve.config import MODEL_NAME, ModelSpec, ServeConfig
 from faasmoe.serve.devices import resolve_devices, trunk_device
 from faasmoe.tenancy.admission import Admission
@@ -204,6 +207,10 @@ class FrontendProcess:
         self.client: RuntimeClient | None = None
         self.compute = ComputeThread("trunk")
         self.deployments = Deployments()
+        # One name per content across every model served here: shared expert functions, shared trunk tensors.
+        self.functions = FunctionCatalog()
+        self.digest_cache = DigestCache()
+        self.shared_tensors = SharedTensors()
         self.runner: web.AppRunner | None = None
         self.tenants = None
         self.ledger: UsageLedger | None = None
@@ -304,7 +311,7 @@ class FrontendProcess:
             dtype=model.dtype or "float32", device=self.trunk_device,
             kv_cache_bytes=self.opts.kv_cache_memory or kv_cache_budget(torch.device(self.trunk_device),
                                                                          len(self.config.models)),
-            micro_batches=self.opts.micro_batches or 1,
+            micro_batches=self.opts.micro_batches or 1, dedupe=model.dedupe,
         )
 
         def executor(dep: Deployment):
@@ -318,9 +325,10 @@ class FrontendProcess:
                                                loader=load if spec.whole_model_keep_alive_s > 0 else None)
             owner = spec.owner if spec.sharing == "private" else ""
             return RemoteExpertExecutor(self.client, spec.name, spec.path, dep.config, dep.block_size, dep.dtype,
-                                        spec.keep_alive_s, owner, self._memory_quota(owner))
+                                        spec.keep_alive_s, owner, self._memory_quota(owner), self.functions,
+                                        dep.digests, spec.dedupe)
 
-        return Deployment(spec, executor, self.compute)
+        return Deployment(spec, executor, self.compute, self.digest_cache, self.shared_tensors)
 
     async def _worker_stats(self) -> list:
         if self.scheduler is not None:
@@ -358,22 +366,50 @@ class FrontendProcess:
         return registry.render()
 
     async def cluster_state(self) -> dict:
-        """Workers with what they hold, and residency per model: the admin view. Every tier counts:
-        a model's resident_bytes are its device bytes plus what workers keep in their host caches."""
+        """Workers with what they hold, residency per model, and every resident function once with the
+        models and tenants that use it: the admin view. Every tier counts: a model's resident_bytes are
+        its device bytes plus what workers keep in their host caches; a block two models share counts
+        in both models' bytes, once in the workers' and in `distinct_resident_bytes`."""
         stats = await self._worker_stats()
         host: dict[str, int] = {}
+        holders: dict[str, dict[str, str]] = {}  # function -> worker -> tier
         for s in stats:
             for r in s.resident:
+                holders.setdefault(r.function.function_id, {})[s.worker.worker_id] = r.tier
                 if r.tier == "host":
                     host[r.function.function_id] = host.get(r.function.function_id, 0) + r.nbytes
         models = {}
         for d in self.deployments.by_name.values():
             device_bytes = d.executor.resident_bytes()
-            host_bytes = sum(host.get(f.function_id, 0) for f in d.executor.functions)
+            host_bytes = sum(host.get(fid, 0) for fid in {f.function_id for f in d.executor.functions})
             models[d.name] = {"functions": len(d.executor.functions), "resident_functions": d.executor.resident_functions(),
                               "resident_bytes": device_bytes + host_bytes, "device_bytes": device_bytes,
-                              "host_bytes": host_bytes, "trunk_bytes": d.trunk_bytes}
-        return {"workers": workers_json(stats), "models": models, "time": time.time()}
+                              "host_bytes": host_bytes, "trunk_bytes": d.trunk_bytes,
+                              "distinct_functions": len({f.function_id for f in d.executor.functions})}
+        functions = {}
+        for fid, where in holders.items():
+            if fid in self.functions.entries:  # another frontend's functions are its to describe
+                functions[fid] = {**self.functions.describe(fid), "workers": where,
+                                  "tenants": self._tenants_of(self.functions.users(fid))}
+        workers = workers_json(stats)
+        return {"workers": workers, "models": models, "functions": functions,
+                "distinct_resident_bytes": sum(w["resident_bytes"] for w in workers),
+                "shared_trunk_tensors": self.shared_tensors.reused, "time": time.time()}
+
+    def _tenants_of(self, users: list) -> list[str]:
+        """The tenants that may call a function: a private model's owner; every tenant allowed a shared model
+        ("*" when tenancy is off: anyone with the key)."""
+        names: set[str] = set()
+        for user in users:
+            if user.owner:
+                names.add(user.owner)
+            elif self.tenants is None:
+                names.add("*")
+            else:
+                deployment = self.deployments.by_name.get(user.model)
+                names.update(t.name for t in self.tenants.list_tenants()
+                             if deployment is not None and deployment.visible_to(t.name, t.allowed_models))
+        return sorted(names)
 
     async def stop(self) -> None:
         """Drain: stop taking requests, finish the running ones, then stop everything."""

@@ -17,6 +17,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from faasmoe.engine.functions import block_content_at
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.config import MoEConfig
 from faasmoe.model.experts import ExpertBlock
@@ -39,7 +40,8 @@ def model_dir(tmp_path_factory):
 def spec(model_dir, layer: int, block: int, keep_alive_s: float = 60.0) -> p.FunctionSpec:
     config = MoEConfig.from_pretrained(model_dir)
     return p.FunctionSpec(f"tiny/{layer}/{block}", str(model_dir), layer, block * BLOCK, BLOCK, "float32",
-                          BLOCK * config.expert_bytes(torch.float32), "", keep_alive_s)
+                          BLOCK * config.expert_bytes(torch.float32), "", keep_alive_s,
+                          content=block_content_at(model_dir, layer, block * BLOCK, BLOCK, "float32"))
 
 
 def call(fn: p.FunctionSpec, rows: int = 6, seed: int = 0) -> FunctionCall:
@@ -124,7 +126,7 @@ async def test_cold_then_warm_invoke_over_a_local_pool(model_dir):
         assert sum(len(w["resident_functions"]) for w in cluster["workers"]) == 4
         # A tenant's private function: its id (tenant and model) only for who holds the cluster token.
         secret = p.FunctionSpec("beta:secret/0/0", str(model_dir), 0, 0, BLOCK, "float32", spec(model_dir, 0, 0).nbytes,
-                                "beta", 60.0)
+                                "beta", 60.0, content=spec(model_dir, 0, 0).content)
         await client.invoke([call(secret)])
         url = f"http://127.0.0.1:{http_port}/cluster"
         anonymous = json.loads(await asyncio.to_thread(_get, url))

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 import torch
 
+from faasmoe.engine.functions import block_content_at
 from faasmoe.model.config import MoEConfig
 from runtime.policies import make_eviction, make_keep_alive
 from runtime.protocol import FunctionSpec
@@ -22,7 +23,8 @@ def model_dir(tmp_path_factory):
 
 
 def spec(model_dir, layer: int, block: int) -> FunctionSpec:
-    return FunctionSpec(f"t/{layer}/{block}", str(model_dir), layer, block * 4, 4)
+    return FunctionSpec(f"t/{layer}/{block}", str(model_dir), layer, block * 4, 4,
+                        content=block_content_at(model_dir, layer, block * 4, 4, "float32"))
 
 
 async def test_waiting_loads_start_by_priority_and_a_promoted_one_goes_first():
@@ -112,7 +114,7 @@ async def test_a_block_is_usable_at_once_and_packed_when_the_worker_is_quiet(tmp
     monkeypatch.setattr(memory, "PACK_IDLE_S", 0.2)
     keep = make_keep_alive("fixed", ttl_s=60)
     store = ExpertStore(torch.device("cpu"), 1 << 30, HostCache(0, pin=False), make_eviction("lru"), lambda s: keep)
-    fn = FunctionSpec("b/0/0", str(path), 0, 0, 4, "bfloat16")
+    fn = FunctionSpec("b/0/0", str(path), 0, 0, 4, "bfloat16", content=block_content_at(path, 0, 0, 4, "bfloat16"))
     resident, _ = await store.acquire(fn)
     plain = resident.block
     assert not isinstance(plain.weights, PackedExpertWeights)  # the call did not wait for packing

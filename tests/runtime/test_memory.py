@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from faasmoe.engine.functions import block_content_at
 from faasmoe.model.config import MoEConfig
 from runtime.policies import HybridHistogramKeepAlive, make_eviction, make_keep_alive
 from runtime.protocol import FunctionSpec
@@ -22,7 +23,8 @@ def model_dir(tmp_path_factory):
 
 
 def spec(model_dir, block: int, layer: int = 0) -> FunctionSpec:
-    return FunctionSpec(f"t/{layer}/{block}", str(model_dir), layer, block * 4, 4)
+    return FunctionSpec(f"t/{layer}/{block}", str(model_dir), layer, block * 4, 4,
+                        content=block_content_at(model_dir, layer, block * 4, 4, "float32"))
 
 
 def store(model_dir, blocks: int, keep_alive=None) -> ExpertStore:
@@ -43,7 +45,7 @@ async def test_budget_is_never_exceeded_and_busy_blocks_stay(model_dir):
     assert cold and set(s.resident) == {"t/0/1", "t/0/2"} and s.used_bytes <= s.budget_bytes
     s.release(b)
     s.release(c)
-    big = FunctionSpec("t/0/all", str(model_dir), 0, 0, 16)
+    big = FunctionSpec("t/0/all", str(model_dir), 0, 0, 16, content=block_content_at(model_dir, 0, 0, 16, "float32"))
     with pytest.raises(NoMemory, match="budget"):
         await s.acquire(big)
 

@@ -13,6 +13,7 @@ import psutil
 import pytest
 import torch
 
+from faasmoe.engine.functions import block_content_at
 from faasmoe.model.config import MoEConfig
 from runtime import protocol as p
 from runtime.client import FunctionCall, RuntimeClient
@@ -38,7 +39,8 @@ def model_dir(tmp_path_factory):
 
 def spec(model_dir, expert: int, dtype: str) -> p.FunctionSpec:
     nbytes = MoEConfig.from_pretrained(model_dir).expert_bytes(getattr(torch, dtype))
-    return p.FunctionSpec(f"big-{dtype}/0/{expert}", str(model_dir), 0, expert, 1, dtype, nbytes, "", KEEP_ALIVE_S)
+    return p.FunctionSpec(f"big-{dtype}/0/{expert}", str(model_dir), 0, expert, 1, dtype, nbytes, "", KEEP_ALIVE_S,
+                          content=block_content_at(model_dir, 0, expert, 1, dtype))
 
 
 def call(fn: p.FunctionSpec) -> FunctionCall:

@@ -20,6 +20,7 @@ import psutil
 import pytest
 import torch
 
+from faasmoe.engine.functions import block_content_at
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.config import MoEConfig
 from faasmoe.model.experts import ExpertBlock
@@ -55,7 +56,8 @@ def start_worker(*extra: str) -> tuple[Process, str]:
 def spec(model_path, layer: int = 0, block: int = 0) -> p.FunctionSpec:
     config = MoEConfig.from_pretrained(model_path)
     return p.FunctionSpec(f"tiny/{layer}/{block}", str(model_path), layer, block * BLOCK, BLOCK, "float32",
-                          BLOCK * config.expert_bytes(torch.float32))
+                          BLOCK * config.expert_bytes(torch.float32),
+                          content=block_content_at(model_path, layer, block * BLOCK, BLOCK, "float32"))
 
 
 def invoke(fn: p.FunctionSpec, req_id: int = 1) -> p.Invoke:

@@ -1,0 +1,206 @@
+"""Content digests of checkpoint tensors: what names an expert function, and what every load proves.
+
+Each tensor of a safetensors file is hashed (BLAKE3) in *pieces*: the whole tensor, or for a fused
+expert tensor [E, ...] each expert's slice, a fused gate_up row split into its gate and up halves.
+So a block's digest is the same whichever on-disk layout holds its experts (per-expert or fused), and
+it covers every byte, with shapes, the checkpoint dtype and the dtype it is served in: the same bytes in
+two checkpoints (two tenants' fine-tunes of one base) name one function, a byte changed anywhere names
+another. Hashing reads each file once; the digests are cached on disk, keyed by the file's identity
+(path, device, inode, size, mtime), so a restart or a second frontend pays a stat, not a read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import torch
+
+log = logging.getLogger(__name__)
+
+DIGEST_VERSION = 1  # bump when the piece rule or the block formula changes: old caches are ignored
+BLOCK_DIGEST_HEX = 40  # 160 bits: a collision takes ~2^80 hashes, out of a tenant's reach
+_READ_CHUNK = 16 << 20
+# BLAKE3 splits one update over the cores from here up (smaller ones are not worth waking threads for).
+_PARALLEL_FROM = 1 << 20
+
+
+class ContentMismatch(ValueError):
+    """Bytes read for a function or tensor whose hash is not the one it is named by."""
+
+
+def pieces_of(name: str, shape: tuple[int, ...]) -> int:
+    """How many equal, contiguous pieces a tensor is hashed in: one per expert (gate and up halves
+    apart) for a fused expert tensor, else one."""
+    if len(shape) == 3 and name.endswith("experts.gate_up_proj"):
+        return 2 * shape[0]
+    if len(shape) == 3 and name.endswith("experts.down_proj"):
+        return shape[0]
+    return 1
+
+
+def hash_bytes(data: memoryview | bytes | bytearray) -> str:
+    """The hex BLAKE3 digest of a buffer, over every core for big ones."""
+    threads = blake3.blake3.AUTO if len(data) >= _PARALLEL_FROM else 1
+    return blake3.blake3(data, max_threads=threads).hexdigest()
+
+
+def hash_tensor(t: torch.Tensor) -> str:
+    """The digest of a CPU tensor's bytes, as they lie in a checkpoint file (C order)."""
+    flat = t.detach().contiguous().reshape(-1)
+    return hash_bytes(memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"")
+
+
+@dataclass(frozen=True)
+class PartDigest:
+    """One part of an expert block (gate, up or down of one expert) as the block digest sees it."""
+
+    dtype: torch.dtype  # in the checkpoint
+    shape: tuple[int, ...]
+    digest: str
+
+
+def block_digest(served_dtype: torch.dtype, count: int, parts: Iterable[PartDigest]) -> str:
+    """The name of an expert block: its parts (each expert's gate, up, down in order) and the dtype
+    it is served in. Neither the model nor the layer enters: identical bytes are one function."""
+    h = blake3.blake3(f"faasmoe.expert-block.v{DIGEST_VERSION}|{served_dtype}|{count}".encode())
+    for part in parts:
+        h.update(f"|{part.dtype}|{list(part.shape)}|{part.digest}".encode())
+    return h.hexdigest()[:BLOCK_DIGEST_HEX]
+
+
+def scoped_function_id(content: str, scope: str) -> str:
+    """The id of a function that must not be shared (a model with `dedupe = false`): its content
+    digest bound to the model it belongs to."""
+    return blake3.blake3(f"{content}|{scope}".encode()).hexdigest()[:BLOCK_DIGEST_HEX]
+
+
+# --- per-file digests, cached ------------------------------------------------------------
+
+
+FileIdentity = tuple[str, int, int, int, int]  # resolved path, device, inode, size, mtime (ns)
+
+
+def file_identity(file: Path) -> FileIdentity:
+    st = os.stat(file)
+    return (str(Path(file).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def cache_dir() -> Path:
+    """Where digests are kept: $FAASMOE_CACHE_DIR, else $XDG_CACHE_HOME/faasmoe, else ~/.cache/faasmoe."""
+    explicit = os.environ.get("FAASMOE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "faasmoe"
+
+
+class DigestCache:
+    """Piece digests of checkpoint files, in memory and under `cache_dir()/digests`, by file identity."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = (directory or cache_dir()) / "digests"
+        self._memo: dict[FileIdentity, dict[str, list[str]]] = {}
+        self._lock = threading.Lock()
+        self.hashed_bytes = 0  # read and hashed by this process (cache misses)
+
+    def file(self, file: Path, entries: dict) -> dict[str, list[str]]:
+        """Tensor name -> its pieces' digests, for one safetensors file whose header `entries`
+        (name -> TensorEntry) are given: cached, else hashed now."""
+        identity = file_identity(file)
+        with self._lock:
+            if identity in self._memo:
+                return self._memo[identity]
+            pieces = self._read_cached(identity)
+            if pieces is None:
+                pieces = hash_file(file, entries)
+                self.hashed_bytes += identity[3]
+                if file_identity(file) != identity:  # written to while we read it: trust nothing of it
+                    raise ContentMismatch(f"{file} changed while it was being hashed; deploy it again")
+                self._write_cached(identity, pieces)
+            self._memo[identity] = pieces
+            return pieces
+
+    def _path(self, identity: FileIdentity) -> Path:
+        return self.directory / f"{blake3.blake3(identity[0].encode()).hexdigest()[:32]}.json"
+
+    def _read_cached(self, identity: FileIdentity) -> dict[str, list[str]] | None:
+        try:
+            saved = json.loads(self._path(identity).read_text())
+        except (OSError, ValueError):
+            return None
+        if saved.get("version") != DIGEST_VERSION or tuple(saved.get("identity", ())) != identity:
+            return None  # another version of the file (or of the rule) was hashed there
+        return saved["pieces"]
+
+    def _write_cached(self, identity: FileIdentity, pieces: dict[str, list[str]]) -> None:
+        path = self._path(identity)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"version": DIGEST_VERSION, "identity": list(identity), "pieces": pieces}))
+            os.replace(tmp, path)  # readers see the old entry or the new one, never half of one
+        except OSError as exc:  # a read-only home: hash again next time, serve anyway
+            log.warning("could not cache the digests of %s in %s: %s", identity[0], path.parent, exc)
+
+
+def hash_file(file: Path, header: dict) -> dict[str, list[str]]:
+    """Read a safetensors file once, front to back, and hash every tensor of its `header` (name ->
+    TensorEntry) in its pieces."""
+    entries = sorted(header.items(), key=lambda item: item[1].offset)
+    out: dict[str, list[str]] = {}
+    buffer = bytearray(_READ_CHUNK)
+    view = memoryview(buffer)
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        for name, entry in entries:
+            nbytes = entry.row_bytes * (entry.shape[0] if entry.shape else 1)
+            count = pieces_of(name, entry.shape)
+            size = nbytes // count
+            digests = []
+            for i in range(count):
+                h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+                at, end = entry.offset + i * size, entry.offset + (i + 1) * size
+                while at < end:
+                    n = os.preadv(fd, [view[: min(_READ_CHUNK, end - at)]], at)
+                    if n <= 0:
+                        raise ContentMismatch(f"{file}: short read of tensor {name!r} (file truncated?)")
+                    h.update(view[:n])
+                    at += n
+                digests.append(h.hexdigest())
+            out[name] = digests
+    finally:
+        os.close(fd)
+    return out
+
+
+class CheckpointDigests:
+    """The piece digests of every tensor of one checkpoint (all its shard files)."""
+
+    def __init__(self, entries: dict, cache: DigestCache) -> None:
+        """`entries`: tensor name -> TensorEntry, over every file of the checkpoint."""
+        by_file: dict[Path, dict] = {}
+        for name, entry in entries.items():
+            by_file.setdefault(entry.file, {})[name] = entry
+        self._by_file = {file: cache.file(file, header) for file, header in sorted(by_file.items())}
+        self._file_of = {name: entry.file for name, entry in entries.items()}
+
+    @classmethod
+    def of(cls, reader, cache: DigestCache | None = None) -> CheckpointDigests:
+        """Digests of the checkpoint a CheckpointReader opened (hashing what no cache has)."""
+        return cls({name: reader.entry(name) for name in reader.names()}, cache or DigestCache())
+
+    def piece(self, name: str, index: int = 0) -> str:
+        return self._by_file[self._file_of[name]][name][index]
+
+    def tensor(self, name: str) -> str:
+        """One digest for a whole tensor (a fused one: over its pieces' digests)."""
+        pieces = self._by_file[self._file_of[name]][name]
+        return pieces[0] if len(pieces) == 1 else blake3.blake3("|".join(pieces).encode()).hexdigest()
