@@ -42,7 +42,8 @@ def show_cluster(url: str) -> tuple[int, int]:
     """Print what every worker and model holds; return (device, host-cache) expert bytes over all workers."""
     state = cluster(url)
     for w in state["workers"]:
-        fns = ", ".join(w["resident_functions"]) or "(none)"
+        names = state["functions"]  # ids are content digests; each resident function has a name for people
+        fns = ", ".join(names[f]["name"] if f in names else f[:12] for f in w["resident_functions"]) or "(none)"
         print(f"  worker {w['id']} (pid {w['pid']}, {w['device']}): {w['device_bytes'] / 2**20:.2f} MiB of experts "
               f"on device, {w['host_cache_bytes'] / 2**20:.2f} MiB in the host cache; functions: {fns}")
     for name, m in state["models"].items():

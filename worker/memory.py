@@ -33,7 +33,7 @@ import torch
 
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout, ExpertWeights
 from faasmoe.model.config import MoEConfig, parse_dtype
-from faasmoe.model.content import ContentMismatch
+from faasmoe.model.content import ContentMismatch, ProvenBlocks
 from faasmoe.model.experts import ExpertBlock, PackedExpertWeights, pack_experts
 from faasmoe.model.host_memory import return_free_memory
 from runtime.policies import EvictionPolicy, FunctionKey, KeepAlivePolicy
@@ -233,6 +233,7 @@ class ExpertStore:
         self._load_slots = LoadSlots(max_parallel_loads)
         self._models: dict[str, tuple[CheckpointReader, MoEConfig]] = {}
         self._failed: dict[str, tuple[float, Exception]] = {}  # recent load failures: retry later, not forever
+        self.proven = ProvenBlocks()  # blocks hashed and found right, by the files they were read from
         # Scaled to zero but predicted back (adaptive keep-alive): function -> (spec, reload at, last call).
         self.prewarms: dict[str, tuple[FunctionSpec, float, float]] = {}
         # CPU blocks load in the plain layout and are packed for the fast matmul afterwards (see _pack_loaded).
@@ -369,14 +370,26 @@ class ExpertStore:
 
     def _read(self, spec: FunctionSpec) -> ExpertWeights:
         """Runs in a thread: the block's bytes from the checkpoint (into pinned memory on CUDA), hashed as
-        they come in and refused unless they are what the function's content digest names."""
+        they come in and refused unless they are what the function's content digest names. A block this
+        worker proved before, read again from files with the same identities (not written to since: their
+        ctime would have moved), is not hashed twice: a reload after scale to zero costs its read alone."""
         if not spec.content:
             raise ContentMismatch(f"{spec.name or spec.function_id} names no content digest: this worker "
                                   "serves only blocks it can verify")
         reader, config = self.model(spec.model_path)
         layout = ExpertLayout(reader, config)
-        return layout.load_block(spec.layer, spec.first, spec.count, parse_dtype(spec.dtype),
-                                 pin_memory=self.device.type == "cuda", expect=spec.content)
+        dtype, pin = parse_dtype(spec.dtype), self.device.type == "cuda"
+        files = layout.block_identities(spec.layer, spec.first, spec.count)
+        if self.proven.proven(spec.content, files):
+            weights = layout.load_block(spec.layer, spec.first, spec.count, dtype, pin_memory=pin)
+            if layout.block_identities(spec.layer, spec.first, spec.count) == files:
+                return weights
+            # written to while we read it: prove what is there now
+        weights = layout.load_block(spec.layer, spec.first, spec.count, dtype, pin_memory=pin, expect=spec.content)
+        after = layout.block_identities(spec.layer, spec.first, spec.count)
+        if after == files:
+            self.proven.add(spec.content, files)
+        return weights
 
     def _place(self, cached: BlockWeights) -> BlockWeights:
         """Runs in a thread: the block on the device (on CPU it is there, packed later)."""

@@ -179,7 +179,7 @@ async def data(request: web.Request) -> web.Response:
         "models": [model_json(d, device_ids, host_ids, window) for d in deployments],
         "workers": [_worker(w) for w in workers],
         "frontend": {"pid": os.getpid(), "rss_bytes": _rss(os.getpid()),
-                     "trunk_bytes": sum(d.trunk_bytes for d in deployments)},
+                     "trunk_bytes": ctx.deployments.trunk_bytes()},  # a tensor trunks share counts once
         "cluster_error": cluster_error,
         "usage": {"since": since, "ledger": ctx.ledger is not None, "rows": usage},
         "series": dash.history.json(),
@@ -218,6 +218,7 @@ def model_json(d: Deployment, device_ids: set[str], host_ids: set[str], window_s
         "layers": [{"layer": layer, "tiers": [t for _, t in blocks], "hits": [hits.get(f.function_id, 0) for f, _ in blocks]}
                    for layer, blocks in layers.items()],
         "functions": len(functions),
+        "shared_with": d.executor.sharing(),  # other model -> this model's blocks it holds the same bytes of
         "resident": {tier: tiers.count(tier) for tier in ("device", "host", "cold")},
         "expert_bytes": d.executor.nbytes, "resident_bytes": d.resident_expert_bytes(), "trunk_bytes": d.trunk_bytes,
         "running": len(d.engine.running), "waiting": len(d.engine.waiting),

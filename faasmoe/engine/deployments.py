@@ -126,6 +126,11 @@ class Deployment:
     def trunk_bytes(self) -> int:
         return self._trunk.nbytes if self._trunk is not None else 0
 
+    @property
+    def loaded_trunk(self) -> Trunk | None:
+        """The trunk if it is loaded now (None: scaled to zero, or not asked for yet)."""
+        return self._trunk
+
     def maybe_unload_trunk(self, now: float) -> bool:
         ttl = self.spec.trunk_keep_alive_s
         if ttl <= 0 or self._trunk is None or self.engine.busy or now - self.engine.last_active < ttl:
@@ -180,6 +185,11 @@ class Deployments:
                     deployment.maybe_unload_model(time.monotonic())
                 except Exception:  # one model's failure must not end scale to zero for every model
                     log.exception("unloading idle parts of %s failed", deployment.name)
+
+    def trunk_bytes(self) -> int:
+        """Bytes of every loaded trunk, a tensor that several share (the same bytes) counted once."""
+        tensors = {id(t): t for d in self.by_name.values() if d.loaded_trunk is not None for t in d.loaded_trunk.tensors()}
+        return sum(t.nbytes for t in tensors.values())
 
     @property
     def busy(self) -> bool:

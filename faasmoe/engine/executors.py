@@ -54,6 +54,9 @@ class AsyncExpertExecutor(Protocol):
     def resident_functions(self) -> int:
         """How many of `functions` some worker (or this process) holds now."""
 
+    def sharing(self) -> dict[str, int]:
+        """Other model -> how many of this model's functions it uses too (the same bytes, one function)."""
+
     def owned_residency(self, owner: str) -> dict[str, int]:
         """Resident bytes per function of the blocks of this model that only `owner` uses (its memory
         quota counts them; a block shared with another model or tenant is nobody's alone)."""
@@ -99,6 +102,7 @@ class RemoteExpertExecutor:
         """Functions named by content (`digests`: the checkpoint's, hashed now when not given); with a
         `catalog` shared by a frontend's models, blocks they hold in common are one function."""
         self.client = client
+        self.model = model
         self.block_size = block_size
         self.num_experts = config.num_experts
         self.owner = owner
@@ -179,6 +183,13 @@ class RemoteExpertExecutor:
         distinct = {spec.function_id: spec for spec in self.specs.values()}.values()
         return sum(spec.nbytes * len(routes.get(spec.function_id, ())) for spec in distinct)
 
+    def sharing(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for fid in {spec.function_id for spec in self.specs.values()}:
+            for model in {u.model for u in self.catalog.users(fid)} - {self.model}:
+                counts[model] = counts.get(model, 0) + 1
+        return counts
+
     def owned_residency(self, owner: str) -> dict[str, int]:
         routes = self.client.routes
         return {spec.function_id: spec.nbytes * len(routes.get(spec.function_id, ())) for spec in self.specs.values()
@@ -223,6 +234,9 @@ class InProcessExpertExecutor:
 
     def resident_functions(self) -> int:
         return len(self._functions) if self.local is not None else 0
+
+    def sharing(self) -> dict[str, int]:
+        return {}  # in process, every model holds its own experts
 
     def owned_residency(self, owner: str) -> dict[str, int]:
         return {self.model: self.resident_bytes()}  # nothing is shared in process: all of it is the model's

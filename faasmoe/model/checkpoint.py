@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from faasmoe.model.config import MoEConfig
-from faasmoe.model.content import ContentMismatch, PartDigest, block_digest, hash_tensor
+from faasmoe.model.content import ContentMismatch, FileIdentity, PartHasher, block_digest, file_identity
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -185,6 +185,10 @@ class CheckpointReader:
             raise CheckpointError(f"{self.entry(name).file}: short read of tensor {name!r} (file truncated?)")
         return data
 
+    def identity(self, file: Path) -> FileIdentity:
+        """The identity of the file this reader reads as `file` (its open descriptor's, not the name's)."""
+        return file_identity(file, self._fd(file))
+
     def config_bytes(self) -> bytes:
         return (self.path / "config.json").read_bytes()
 
@@ -248,27 +252,28 @@ class ExpertLayout:
         prefix = self.moe_prefix(layer)
         gate_up = torch.empty(count, 2 * inter, hidden, dtype=dtype, pin_memory=pin_memory)
         down = torch.empty(count, hidden, inter, dtype=dtype, pin_memory=pin_memory)
-        parts: list[PartDigest] = []
-        seen = (lambda raw: parts.append(PartDigest(raw.dtype, tuple(raw.shape), hash_tensor(raw)))) if expect else None
+        hasher = PartHasher() if expect is not None else None  # part i of expert s: index 3 * s + i
         fused = f"{prefix}.experts.gate_up_proj"
         if self.reader.has(fused):
             raw_gate_up = self._fill_rows(fused, first, (cfg.num_experts, 2 * inter, hidden), gate_up)
-            raw_down = self._fill_rows(f"{prefix}.experts.down_proj", first, (cfg.num_experts, hidden, inter), down)
-            if seen is not None:
+            if hasher is not None:  # hashed while the down rows are read
                 for slot in range(count):
-                    seen(raw_gate_up[slot, :inter])
-                    seen(raw_gate_up[slot, inter:])
-                    seen(raw_down[slot])
+                    hasher.add(3 * slot, raw_gate_up[slot, :inter])
+                    hasher.add(3 * slot + 1, raw_gate_up[slot, inter:])
+            raw_down = self._fill_rows(f"{prefix}.experts.down_proj", first, (cfg.num_experts, hidden, inter), down)
+            if hasher is not None:
+                for slot in range(count):
+                    hasher.add(3 * slot + 2, raw_down[slot])
         else:
             names = self._expert_names(prefix)
             for slot, expert in enumerate(range(first, first + count)):
                 base = f"{prefix}.experts.{expert}"
-                for name, dest in zip(names, (gate_up[slot, :inter], gate_up[slot, inter:], down[slot])):
+                for i, (name, dest) in enumerate(zip(names, (gate_up[slot, :inter], gate_up[slot, inter:], down[slot]))):
                     raw = self._fill(f"{base}.{name}.weight", dest)
-                    if seen is not None:
-                        seen(raw)
-        if expect is not None:
-            got = block_digest(dtype, count, parts)
+                    if hasher is not None:
+                        hasher.add(3 * slot + i, raw)
+        if hasher is not None:
+            got = block_digest(dtype, count, hasher.parts())
             if got != expect:
                 raise ContentMismatch(
                     f"experts {first}..{first + count - 1} of layer {layer} in {self.reader.path} hash to {got[:16]}, "
@@ -296,6 +301,11 @@ class ExpertLayout:
                 full = f"{prefix}.experts.{e}.{name}.weight"
                 parts.append((full, 0, self.reader.entry(full).dtype, shape))
         return parts
+
+    def block_identities(self, layer: int, first: int, count: int) -> tuple[FileIdentity, ...]:
+        """The identities of the files holding experts first..first+count of `layer`, as this reader reads them."""
+        files = sorted({self.reader.entry(name).file for name, _, _, _ in self.block_parts(layer, first, count)})
+        return tuple(self.reader.identity(file) for file in files)
 
     @staticmethod
     def _expert_names(prefix: str) -> tuple[str, str, str]:

@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +77,65 @@ def block_digest(served_dtype: torch.dtype, count: int, parts: Iterable[PartDige
     return h.hexdigest()[:BLOCK_DIGEST_HEX]
 
 
+class ProvenBlocks:
+    """Blocks a worker has hashed and found right, with the identities of the files it read them from.
+    Reading one again from files with the same identities needs no second hash; a file written to since
+    (its ctime moved) or replaced is hashed again. Bounded: the oldest proofs are forgotten first."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        self._proofs: OrderedDict[tuple[str, tuple[FileIdentity, ...]], None] = OrderedDict()
+        self._lock = threading.Lock()  # loads read (and ask) from several threads
+        self.reused = 0  # loads that an earlier hash proved
+
+    def proven(self, content: str, files: tuple[FileIdentity, ...]) -> bool:
+        key = (content, files)
+        with self._lock:
+            if key in self._proofs:
+                self._proofs.move_to_end(key)
+                self.reused += 1
+                return True
+            return False
+
+    def add(self, content: str, files: tuple[FileIdentity, ...]) -> None:
+        with self._lock:
+            self._proofs[(content, files)] = None
+            self._proofs.move_to_end((content, files))
+            while len(self._proofs) > self.capacity:
+                self._proofs.popitem(last=False)
+
+
+class PartHasher:
+    """Hashes a block's parts on a helper thread while the loader reads the next ones: a cold load
+    then takes about as long as its read alone (the disk is slower than BLAKE3)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, Future[PartDigest]] = {}
+
+    def add(self, index: int, raw: torch.Tensor) -> None:
+        """Part `index` (its place in the block digest's order), as the file holds it; kept until hashed."""
+        self._pending[index] = _hash_pool().submit(_part_digest, raw)
+
+    def parts(self) -> list[PartDigest]:
+        return [self._pending[i].result() for i in sorted(self._pending)]
+
+
+def _part_digest(raw: torch.Tensor) -> PartDigest:
+    return PartDigest(raw.dtype, tuple(raw.shape), hash_tensor(raw))
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:  # a few loads hash at once; BLAKE3 spreads a big part over the cores itself
+            _pool = ThreadPoolExecutor(max(1, min(4, (os.cpu_count() or 2) - 1)), "faasmoe-hash")
+        return _pool
+
+
 def scoped_function_id(content: str, scope: str) -> str:
     """The id of a function that must not be shared (a model with `dedupe = false`): its content
     digest bound to the model it belongs to."""
@@ -84,12 +145,16 @@ def scoped_function_id(content: str, scope: str) -> str:
 # --- per-file digests, cached ------------------------------------------------------------
 
 
-FileIdentity = tuple[str, int, int, int, int]  # resolved path, device, inode, size, mtime (ns)
+# Resolved path, device, inode, size, mtime and ctime (ns). Any write to the file, or a utime that puts
+# its mtime back, moves its ctime, which no user can set: the same identity means the same bytes.
+FileIdentity = tuple[str, int, int, int, int, int]
 
 
-def file_identity(file: Path) -> FileIdentity:
-    st = os.stat(file)
-    return (str(Path(file).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def file_identity(file: Path, fd: int | None = None) -> FileIdentity:
+    """The identity of `file` (of the file open as `fd`, when given: what a reader reads, even after the
+    name was renamed over)."""
+    st = os.fstat(fd) if fd is not None else os.stat(file)
+    return (str(Path(file).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def cache_dir() -> Path:

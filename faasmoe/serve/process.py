@@ -394,7 +394,7 @@ class FrontendProcess:
         workers = workers_json(stats)
         return {"workers": workers, "models": models, "functions": functions,
                 "distinct_resident_bytes": sum(w["resident_bytes"] for w in workers),
-                "shared_trunk_tensors": self.shared_tensors.reused, "time": time.time()}
+                "distinct_trunk_bytes": self.deployments.trunk_bytes(), "time": time.time()}
 
     def _tenants_of(self, users: list) -> list[str]:
         """The tenants that may call a function: a private model's owner; every tenant allowed a shared model

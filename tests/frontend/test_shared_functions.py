@@ -137,6 +137,14 @@ def test_fine_tunes_share_their_base_blocks_and_answer_as_transformers(server, c
     assert len(shared) == per_model - 2 and all(f["models"] == ["base", "tunea", "tuneb"] for f in shared)
     assert all(f["tenants"] == ["acme", "globex"] and f["owner"] == "" for f in shared)
     assert by_name  # names are for people: model/layer/block of the first model that named the block
+    trunks = {name: cluster["models"][name]["trunk_bytes"] for name in ("base", "tunea", "tuneb")}
+    assert cluster["distinct_trunk_bytes"] == trunks["base"] == trunks["tunea"] > 0  # one trunk's tensors, shared
+
+    status, dash = call(server, "/admin/dashboard.json", "acme")
+    assert status == 200
+    shared_with = {m["name"]: m["shared_with"] for m in dash["models"]}
+    assert shared_with["tunea"] == {"base": per_model - 1, "tuneb": per_model - 2}, shared_with
+    assert shared_with["solo"] == {} and dash["frontend"]["trunk_bytes"] == trunks["base"]
 
     status, usage = call(server, "/v1/usage?tenant=acme", "acme")
     rows = {row["model"]: row for row in usage["data"]}

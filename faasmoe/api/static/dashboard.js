@@ -193,7 +193,8 @@ function drawModels(models, windowS) {
       `${m.layers.length} MoE layers × ${m.num_experts} experts in blocks of ${m.block_size} · ` +
       `device ${m.resident.device}, host ${m.resident.host}, cold ${m.resident.cold} of ${m.functions} blocks · ` +
       `experts held ${bytes(m.resident_bytes)} of ${bytes(m.expert_bytes)} · trunk ${bytes(m.trunk_bytes)} · ` +
-      `running ${m.running}, waiting ${m.waiting} · ${num(m.calls)} calls, ${num(m.cold_starts)} cold starts`}));
+      `running ${m.running}, waiting ${m.waiting} · ${num(m.calls)} calls, ${num(m.cold_starts)} cold starts` +
+      Object.entries(m.shared_with || {}).map(([other, n]) => ` · ${n} blocks shared with ${other}`).join("")}));
     const grid = h("div", {class: "heatmap"});
     grid.style.gridTemplateColumns = `max-content repeat(${m.num_experts}, minmax(4px, 1fr))`;
     let maxHits = 0;
