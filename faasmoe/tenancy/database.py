@@ -16,9 +16,16 @@ def open_database(path: str | Path) -> sqlite3.Connection:
     """Open (creating if missing, mode 0600) a SQLite file in WAL mode, shared by the state stores."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The file holds key hashes and billing data: readable by its owner only, like ~/.ssh. The mode of
-    # os.open applies to a new file only, so an existing one (and its WAL files) is tightened too.
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    # The file holds key hashes and billing data: readable by its owner only, like ~/.ssh. A new file is
+    # made 0600; an existing one (and its WAL files) is tightened by chmod. Never open and close an
+    # existing database file ourselves: closing any descriptor of a file drops every POSIX lock this
+    # process holds on it, the locks by which this process's other connections tell other processes
+    # they are there; another process closing its connection then checkpoints and deletes the WAL
+    # we still write to, and our committed rows are lost (SQLite's "how to corrupt" list, 2.2).
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))  # only where nothing had it open
+    except FileExistsError:
+        pass
     for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         _owner_only(file)
     # Autocommit mode: transactions are explicit (`transaction`), so none is left open by accident.

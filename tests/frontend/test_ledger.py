@@ -141,3 +141,44 @@ def test_cli_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "no usage recorded for tenant nobody" in capsys.readouterr().out
     assert main(["usage", "--since", "soon", "--state", str(db)]) == 2
     assert "not a time" in capsys.readouterr().err
+
+
+def test_no_committed_row_is_lost_when_other_processes_open_and_close_the_database(tmp_path: Path) -> None:
+    """The server holds two connections (tenants, ledger); `faasmoe usage` in another process opens and closes
+    the file. Opening the second connection must not drop the first one's locks: else that other process,
+    closing last as far as SQLite can tell, checkpoints and deletes the WAL the server still writes to."""
+    db = tmp_path / "state.db"
+    TenantStore(db).close()
+    script = textwrap.dedent(f"""
+        import sys, time
+        from faasmoe.tenancy.ledger import UsageLedger, UsageRecord
+        from faasmoe.tenancy.tenants import TenantStore
+        tenants = TenantStore({str(db)!r})  # the server's two connections, in its order
+        ledger = UsageLedger({str(db)!r})
+        print("ready", flush=True)
+        sys.stdin.readline()
+        for i in range(10):
+            ledger.record(UsageRecord(f"req-{{i}}", "acme", "tiny", prompt_tokens=i, finished_at=1000.0 + i))
+        print("recorded", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        usage = subprocess.run([sys.executable, "-m", "faasmoe.cli", "usage", "--state", str(db), "--json"], cwd=REPO,
+                               capture_output=True, text=True, timeout=60)
+        assert usage.returncode == 0, usage.stderr
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "recorded"
+        with UsageLedger(db) as reader:  # another process's view while the writer lives
+            assert len(reader.query(tenant="acme")) == 10
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with UsageLedger(db) as ledger:
+        assert [r.prompt_tokens for r in ledger.query(tenant="acme")] == list(range(10))

@@ -245,3 +245,52 @@ def test_the_config_is_the_truth_for_its_own_tenants_and_keys(store: TenantStore
     assert store.remove_config_tenants([]) == ["cfg"]  # cfg left the config
     assert store.authenticate(k2) is None and store.authenticate(extra) is None
     assert store.authenticate(cli_key).name == "handmade"  # made by `faasmoe tenant add`: stays
+
+
+def test_tenants_added_and_removed_from_the_cli_apply_to_a_running_server_at_once(tmp_path: Path) -> None:
+    """`faasmoe tenant add|remove` on the live state file: a removed tenant's key answers 401 (not 500 from a
+    WAL deleted under the server), a new tenant's key works, both on the next request."""
+    import json
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
+
+    from ..processes import free_port, serving
+
+    model = init_checkpoint(tmp_path / "tiny", "qwen2_moe", seed=1, progress=False)
+    db = tmp_path / "state.db"
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "faasmoe.cli", "tenant", *args, "--state", str(db)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def key_of(output: str) -> str:
+        return next(word for line in output.splitlines() for word in line.split() if word.startswith("fm-"))
+
+    old = key_of(cli("add", "old"))
+    port = free_port()
+    server = serving(port, str(model), "--port", str(port), "--workers", "1", "--device", "cpu", "--state", str(db))
+    try:
+        def status(key: str) -> int:
+            request = urllib.request.Request(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    json.loads(response.read())
+                    return response.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        assert status(old) == 200
+        new = key_of(cli("add", "new"))
+        assert status(new) == 200
+        cli("remove", "old")
+        assert status(old) == 401
+        assert status(new) == 200
+        assert Path(f"{db}-wal").exists()  # the server's WAL is still there for it
+    finally:
+        assert server.stop() == 0, server.output
