@@ -169,7 +169,10 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
 def _error_response(exc: ApiError, headers: dict[str, str] | None = None) -> web.Response:
     merged = {k: v for k, v in (headers or {}).items() if k.lower() not in ("content-type", "content-length")}
     merged.update(exc.headers)
-    return web.json_response(exc.body(), status=exc.status, headers=merged)
+    response = web.json_response(exc.body(), status=exc.status, headers=merged)
+    if merged.get("Connection", "").lower() == "close":
+        response.force_close()
+    return response
 
 
 # --- CORS (off unless origins are allowed) -------------------------------------------------------------
@@ -341,6 +344,11 @@ def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 async def _read_body(request: web.Request) -> bytes:
+    announced, limit = request.content_length, request.app._client_max_size
+    if announced is not None and announced > limit:  # no need to wait for what would be refused
+        raise ApiError(413, f"The request body would be {announced} bytes (Content-Length); the most this server "
+                       f"accepts is {limit}.", "invalid_request_error", code="request_too_large",
+                       headers={"Connection": "close"})  # its body is never read: the connection cannot go on
     try:
         async with asyncio.timeout(BODY_READ_TIMEOUT_S):
             return await request.read()

@@ -321,3 +321,24 @@ async def test_a_body_that_trickles_in_is_408(bounded, monkeypatch) -> None:
 
     answer = await asyncio.wait_for(asyncio.to_thread(run), 10)
     assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer, answer
+
+
+async def test_a_body_announced_past_the_limit_is_413_as_soon_as_the_head_is_read(bounded) -> None:
+    port, _ = bounded
+
+    def run() -> tuple[bytes, float]:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        start = time.monotonic()
+        try:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000000000\r\n\r\n{\"model\": ")  # and never the rest
+            answer = b""
+            while not answer.endswith(b"}}") and (chunk := sock.recv(4096)):
+                answer += chunk
+            return answer, time.monotonic() - start
+        finally:
+            sock.close()
+
+    answer, took = await asyncio.wait_for(asyncio.to_thread(run), 10)
+    assert answer.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in answer and b"1000000000" in answer, answer
+    assert took < 5, took  # not after the body timeout
