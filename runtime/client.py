@@ -134,6 +134,8 @@ class RuntimeClient:
             self.workers = {w.worker_id: w for w in message.workers}
             for wid in [w for w in self._channels if w not in self.workers]:
                 asyncio.create_task(self._channels.pop(wid).close())
+            for wid in [w for w in self._connecting if w not in self.workers]:  # a dial to a dropped worker
+                self._connecting.pop(wid).cancel()
             self._routing_ready.set()
 
     async def _scheduler_request(self, message: p.Message, wait_s: float = 10.0) -> p.Message:
@@ -156,16 +158,33 @@ class RuntimeClient:
 
     # -- workers ---------------------------------------------------------------------------------
 
-    async def _channel(self, wid: str) -> RpcChannel:
+    async def _channel(self, wid: str, timeout: float | None = None) -> RpcChannel:
+        """The connection to `wid`, dialling it if needed; concurrent callers share one dial. A caller waits
+        at most `timeout` (its invoke's deadline): a worker that accepts but never completes the handshake
+        (stopped, hung) must not hold a call for the handshake timeout. The dial itself goes on for later
+        callers until it succeeds, fails, or the routing table drops the worker."""
         channel = self._channels.get(wid)
         if channel is not None and not channel.closed.is_set():
             return channel
-        if wid not in self._connecting:
-            self._connecting[wid] = asyncio.create_task(self._connect(wid))
+        dialing = self._connecting.get(wid)
+        if dialing is None:
+            dialing = self._connecting[wid] = asyncio.create_task(self._connect(wid), name=f"dial-{wid}")
+            dialing.add_done_callback(lambda task: self._dialed(wid, task))
         try:
-            return await self._connecting[wid]
-        finally:
-            self._connecting.pop(wid, None)
+            return await asyncio.wait_for(asyncio.shield(dialing), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"worker {wid} did not complete a connection within {timeout:.1f}s") from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if dialing.cancelled() and not (current is not None and current.cancelling()):
+                raise ConnectionError(f"worker {wid} left the routing table while we dialled it") from None
+            raise
+
+    def _dialed(self, wid: str, task: asyncio.Task[RpcChannel]) -> None:
+        if self._connecting.get(wid) is task:
+            del self._connecting[wid]
+        if not task.cancelled():
+            task.exception()  # seen: the callers that waited re-raise it; one that gave up needs no warning
 
     async def _connect(self, wid: str) -> RpcChannel:
         info = self.workers.get(wid)
@@ -322,12 +341,12 @@ class RuntimeClient:
                 asyncio.create_task(channel.close())
 
     async def _invoke_on(self, wid: str, calls: list[FunctionCall], meter: InvokeMeter | None) -> list[torch.Tensor]:
-        channel = await self._channel(wid)
+        deadline = self.deadline_s(wid, calls)
+        channel = await self._channel(wid, deadline)  # a dial counts against the same deadline as the reply
         known = self._known.setdefault(wid, set())
         ids = [c.function.function_id for c in calls]
         rows = [c.x.shape[0] for c in calls]
         specs = {c.function.function_id: c.function for c in calls if c.function.function_id not in known}
-        deadline = self.deadline_s(wid, calls)
         reply = await self._send_invoke(channel, calls, ids, rows, list(specs.values()), deadline)
         if isinstance(reply, p.Error) and reply.code == "unknown_function":  # it forgot (restart): tell it all
             known.clear()

@@ -24,7 +24,7 @@ import torch
 from runtime.client import InvokeError, RuntimeClient
 
 from ..processes import Process, faasmoe, free_port
-from .test_cluster import TOKEN, call, connect, expected, join_worker, spec, start_scheduler
+from .test_cluster import TOKEN, call, connect, expected, join_worker, resident, spec, start_scheduler
 
 can_unshare = os.geteuid() == 0 and shutil.which("unshare") is not None
 
@@ -164,3 +164,31 @@ def test_a_worker_whose_scheduler_is_not_there_says_so_and_exits():
         assert "cannot reach the scheduler at 127.0.0.1:" in worker.output
     finally:
         worker.kill()
+
+
+async def test_a_stopped_worker_holds_a_call_no_longer_than_its_deadline(model_dir):
+    """SIGSTOP one of two workers: the call in flight to it times out at its deadline and runs on the other;
+    the next calls must not wait out a redial's handshake timeout (10 s) to the stopped one either."""
+    sched, address = start_scheduler("--workers", "0", "--heartbeat-timeout", "8")  # it stays routed meanwhile
+    workers = [join_worker(address, name) for name in ("a", "b")]
+    client = None
+    try:
+        client = await connect(address, 2)
+        calls = [call(spec(model_dir, 0, block), seed=block) for block in range(4)]
+        await client.invoke(calls)
+        held = await resident(client)
+        assert held.get("a") and held.get("b"), held  # each worker holds some of them
+        os.kill(workers[0].proc.pid, signal.SIGSTOP)
+        worst, until = 0.0, time.monotonic() + 8
+        while time.monotonic() < until:
+            started = time.monotonic()
+            outputs = await asyncio.wait_for(client.invoke(calls), 60)
+            worst = max(worst, time.monotonic() - started)
+            assert all(torch.equal(out, expected(model_dir, c)) for c, out in zip(calls, outputs))
+        assert worst < 5.0, f"a call waited {worst:.1f}s (the invoke deadline is {client.deadline_min_s}s)"
+    finally:
+        if client is not None:
+            await client.close()
+        os.kill(workers[0].proc.pid, signal.SIGCONT)
+        for proc in (*workers, sched):
+            proc.stop()
