@@ -256,12 +256,16 @@ class RuntimeClient:
         outputs: list[torch.Tensor | None] = [None] * len(calls)
         todo = list(range(len(calls)))
         excluded: dict[int, set[str]] = {i: set() for i in todo}
+        failures: dict[str, str] = {}  # worker -> why its calls failed: the cause the caller must see
         for attempt in range(MAX_ATTEMPTS):
             by_worker: dict[str, list[int]] = {}
             placed = {i: self._routed(calls[i].function, excluded[i]) for i in todo}
             unplaced = [i for i, wid in placed.items() if wid is None]
             if unplaced:  # a cold layer's functions are placed in one round trip, not one after another
-                wids = await asyncio.gather(*(self.resolve(calls[i].function, excluded[i]) for i in unplaced))
+                try:
+                    wids = await asyncio.gather(*(self.resolve(calls[i].function, excluded[i]) for i in unplaced))
+                except InvokeError as exc:
+                    raise InvokeError(_with_causes(str(exc), failures)) from None
                 placed.update(zip(unplaced, wids))
             for i in todo:
                 by_worker.setdefault(placed[i], []).append(i)
@@ -282,6 +286,7 @@ class RuntimeClient:
                     if not isinstance(result, (ConnectionError, InvokeError, OSError, TimeoutError)):
                         raise result
                     log.warning("calls on %s failed (%r); retrying elsewhere", wid, result)
+                    failures[wid] = str(result) or type(result).__name__
                     self._forget(wid, result)
                     if not isinstance(result, InvokeError):  # no room or a broken block is not the worker's fault
                         self._report(wid, ok=False, reason=type(result).__name__)
@@ -295,7 +300,7 @@ class RuntimeClient:
                 return outputs  # type: ignore[return-value]
             self.stats.retries += 1
             await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # jitter
-        raise InvokeError(f"{len(todo)} calls failed on every worker tried")
+        raise InvokeError(_with_causes(f"{len(todo)} calls failed on every worker tried", failures))
 
     def prefetch(self, spec: p.FunctionSpec) -> None:
         """Have a worker load `spec` now, without waiting: a cold call that comes later shares the load."""
@@ -356,7 +361,7 @@ class RuntimeClient:
             known.update(specs)
         if isinstance(reply, p.Error):
             if reply.code in RETRYABLE:
-                raise InvokeError(f"{wid}: {reply.message}")
+                raise InvokeError(reply.message)  # the caller names the worker
             raise RuntimeError(f"worker {wid} rejected the call: {reply.code}: {reply.message}")
         assert isinstance(reply, p.Result)
         per_row = reply.compute_s / max(1, sum(rows))
@@ -402,6 +407,13 @@ class RuntimeClient:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+def _with_causes(message: str, failures: dict[str, str]) -> str:
+    """An invoke's final error with what each worker tried said (a short read, a full budget): the cause."""
+    if not failures:
+        return message
+    return f"{message}; the workers tried said: " + "; ".join(f"{wid}: {why}" for wid, why in failures.items())
 
 
 def _itemsize(dtype: str) -> int:

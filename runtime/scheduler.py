@@ -267,7 +267,8 @@ class Scheduler:
         chosen = self.placement.choose(fid, nbytes, live, set(request.exclude))
         if not chosen:
             return p.Error(request.req_id, "unavailable",
-                           f"no live worker can hold {fid} ({nbytes} bytes); workers: {len(self.workers)}")
+                           f"no live worker can hold {request.function.name or fid} ({nbytes} bytes); "
+                           f"workers: {len(self.workers)}")
         for wid in chosen:
             self.pending.setdefault(fid, {})[wid] = time.monotonic()
         self.m_placements.inc()

@@ -248,10 +248,17 @@ class ExpertStore:
         return sum(r.nbytes for r in self.resident.values())
 
     def model(self, path: str) -> tuple[CheckpointReader, MoEConfig]:
-        if path not in self._models:
+        """The checkpoint at `path`, opened once; opened anew when a file of it was replaced since (the open
+        descriptors would go on reading the old file: weights nobody deployed any more)."""
+        cached = self._models.get(path)
+        if cached is not None and cached[0].replaced():
+            log.warning("checkpoint %s was replaced on disk: reading it anew", path)
+            cached[0].close()
+            cached = None
+        if cached is None:
             allowed = self.allowed_path(path)
-            self._models[path] = (CheckpointReader(allowed), MoEConfig.from_pretrained(allowed))
-        return self._models[path]
+            cached = self._models[path] = (CheckpointReader(allowed), MoEConfig.from_pretrained(allowed))
+        return cached
 
     def allowed_path(self, path: str) -> Path:
         """`path` resolved, if it lies under a model root; raises Forbidden otherwise."""
@@ -312,7 +319,7 @@ class ExpertStore:
             ago = f"{time.monotonic() - failed[0]:.0f}s ago"
             if isinstance(failed[1], ContentMismatch):
                 raise ContentMismatch(f"{failed[1]} ({ago}; retried after {FAILED_LOAD_MEMORY_S:.0f}s)")
-            raise LoadFailed(f"loading {fid} failed {ago}: {failed[1]}")
+            raise LoadFailed(f"loading {spec.name or fid} failed {ago}: {failed[1]}")
         future: asyncio.Future[Resident] = asyncio.get_running_loop().create_future()
         self._loading[fid] = future
         try:
@@ -339,7 +346,7 @@ class ExpertStore:
                 if isinstance(exc, ContentMismatch):  # it says what is wrong as it is
                     log.error("refused to load %s: %s", spec.name or fid, exc)
                 else:
-                    exc = LoadFailed(f"loading {fid} failed: {exc}")
+                    exc = LoadFailed(f"loading {spec.name or fid} failed: {exc}")
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else needs a warning
             raise exc

@@ -125,9 +125,24 @@ class CheckpointReader:
         if not files:
             raise CheckpointError(f"{self.path}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
         entries: dict[str, TensorEntry] = {}
+        self._inodes = {}
         for file in files:
+            st = file.stat()
+            self._inodes[file] = (st.st_dev, st.st_ino)
             entries.update(read_header(file))
         return entries
+
+    def replaced(self) -> bool:
+        """Whether a file this reader indexed is no longer the one at its name (renamed over, or deleted):
+        its header and bytes are the old file's, so a reader for what is there now must be made."""
+        for file, inode in self._inodes.items():
+            try:
+                st = file.stat()
+            except FileNotFoundError:
+                return True
+            if (st.st_dev, st.st_ino) != inode:
+                return True
+        return False
 
     def entry(self, name: str) -> TensorEntry:
         entry = self._entries.get(name)
