@@ -276,7 +276,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     tenant, deployment, body, [prompt] = await _prepared(request, parse_responses_json)
     shape = ResponsesShape(body, deployment.name, deployment.tokenizer)
     gen = GenerationRequest(deployment.name, prompt.token_ids, prompt.params, tenant=tenant.name,
-                            logprobs=body.logprobs, request_id=shape.id)
+                            weight=tenant.weight, logprobs=body.logprobs, request_id=shape.id)
     run = _admit(request, deployment, tenant, gen)
     try:
         run.submit()
@@ -317,7 +317,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             for j in range(body.n):
                 index = p * body.n + j
                 gen = GenerationRequest(deployment.name, prompt.token_ids, _choice_params(prompt.params, j),
-                                        tenant=tenant.name, logprobs=body.logprobs,
+                                        tenant=tenant.name, weight=tenant.weight, logprobs=body.logprobs,
                                         prompt_logprobs=prompt_top_logprobs(body),
                                         request_id=request_id if sequences == 1 else f"{request_id}-{index}")
                 shapes.append(ResponseShape(chat, request_id, deployment.name, deployment.tokenizer, body.logprobs,

@@ -29,6 +29,8 @@ def add_tenant_parser(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--memory-quota", type=parse_size_or_zero, default=0, metavar="SIZE",
                      help="resident memory of its private models (e.g. 2GiB); default: 0 (unlimited)")
     add.add_argument("--admin", action="store_true", help="may call the /admin endpoints")
+    add.add_argument("--weight", type=float, default=1.0, metavar="W",
+                     help="its share of a shared model when other tenants are busy too (default 1; 2 = twice)")
     add.set_defaults(handler=_tenant_add)
     listing = actions.add_parser("list", parents=[state], help="print the tenants and their limits (never keys)")
     listing.set_defaults(handler=_tenant_list)
@@ -60,7 +62,7 @@ def _tenant_add(args: argparse.Namespace) -> int:
     with TenantStore(_state(args)) as store:
         _, key = store.add_tenant(args.name, allowed_models=models, max_concurrent=args.max_concurrent,
                                   tokens_per_minute=args.tokens_per_minute,
-                                  memory_quota_bytes=args.memory_quota, admin=args.admin)
+                                  memory_quota_bytes=args.memory_quota, admin=args.admin, weight=args.weight)
     print(f"added tenant {args.name} to {_state(args)}")
     _print_key(args.name, key)
     return 0
@@ -74,12 +76,12 @@ def _tenant_list(args: argparse.Namespace) -> int:
     with TenantStore(_existing_state(_state(args))) as store:
         rows = [[t.name, ",".join(t.allowed_models), t.max_concurrent or "-", t.tokens_per_minute or "-",
                  format_bytes(t.memory_quota_bytes) if t.memory_quota_bytes else "-", "yes" if t.admin else "",
-                 store.key_count(t.name), datetime.fromtimestamp(t.created_at).strftime("%Y-%m-%d %H:%M")]
+                 f"{t.weight:g}", store.key_count(t.name), datetime.fromtimestamp(t.created_at).strftime("%Y-%m-%d %H:%M")]
                 for t in store.list_tenants()]
     if not rows:
         print(f"no tenants in {_state(args)}")
         return 0
-    _print_table(["tenant", "models", "max concurrent", "tokens/min", "memory quota", "admin", "keys", "created"],
+    _print_table(["tenant", "models", "max concurrent", "tokens/min", "memory quota", "admin", "weight", "keys", "created"],
                  rows)
     return 0
 

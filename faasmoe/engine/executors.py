@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +34,22 @@ class StepCost:
     cold_starts: int = 0
     touched_bytes: int = 0  # bytes of the distinct functions the step used
     load_wait_s: float = 0.0  # how long the step waited for expert loads (every sequence of it waited)
+    touched: set[str] = field(default_factory=set, repr=False)  # those functions
+
+
+_STEP_COST: ContextVar[StepCost | None] = ContextVar("faasmoe_step_cost", default=None)
+
+
+@contextlib.contextmanager
+def own_step_cost() -> Iterator[StepCost]:
+    """Meter the expert work done in this context (a step running beside the engine's main one, in a task
+    of its own) here, not into the executor's shared step cost that the main step takes."""
+    cost = StepCost()
+    token = _STEP_COST.set(cost)
+    try:
+        yield cost
+    finally:
+        _STEP_COST.reset(token)
 
 
 class AsyncExpertExecutor(Protocol):
@@ -116,7 +134,6 @@ class RemoteExpertExecutor:
             layout.reader.close()
         self.hits = RecentHits(spec.function_id for spec in self.specs.values())
         self._cost = StepCost()
-        self._touched: set[str] = set()
         self.prefetch_stats = PrefetchStats()
         self._prefetched: dict[int, set[int]] = {}  # layer -> blocks warmed for its next call
 
@@ -157,19 +174,19 @@ class RemoteExpertExecutor:
         meter = InvokeMeter()
         outputs = await self.client.invoke(calls, meter)
         self.hits.record((c.function.function_id for c in calls), meter.cold_starts)
-        cost = self._cost
+        cost = _STEP_COST.get() or self._cost
         cost.invocations += len(calls)
         cost.cold_starts += meter.cold_starts
         cost.compute_s += meter.compute_s
         cost.load_wait_s += meter.load_wait_s
         for c in calls:
-            if c.function.function_id not in self._touched:
-                self._touched.add(c.function.function_id)
+            if c.function.function_id not in cost.touched:
+                cost.touched.add(c.function.function_id)
                 cost.touched_bytes += c.function.nbytes
         return plan.combine(outputs, x)  # in x's dtype, converted once there
 
     def take_step_cost(self) -> StepCost:
-        cost, self._cost, self._touched = self._cost, StepCost(), set()
+        cost, self._cost = self._cost, StepCost()
         return cost
 
     @property
@@ -281,8 +298,10 @@ class InProcessExpertExecutor:
         start = loop.time()
         out = await self.compute.run(local.run_layer, layer, x, routing, plan)
         self.hits.record(function_name(self.model, layer, b) for b in blocks)
-        self._cost.invocations += len(blocks)
-        self._cost.compute_s += loop.time() - start
+        cost = _STEP_COST.get() or self._cost
+        cost.invocations += len(blocks)
+        cost.compute_s += loop.time() - start
+        cost.touched_bytes = self.resident_bytes()  # every expert is held for every step
         return out
 
     def take_step_cost(self) -> StepCost:

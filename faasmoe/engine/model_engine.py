@@ -5,6 +5,13 @@ prompt (prefill) next to the running ones' single new token (decode), in one pac
 Trunk math runs on a compute thread; each MoE layer's expert work is awaited from the
 executor (remote workers: one message per worker per layer), so many models step
 concurrently on one loop and the loop never blocks on torch.
+
+Tenants share the model fairly (faasmoe.engine.fairness): waiting requests are admitted by their
+tenants' virtual token counters, not in arrival order, and a request of a tenant that has nothing
+running and has had the least service does not wait for the running batch's step to end: its
+prefill runs at once in a *lane* of its own, and the batch's step yields to it between ops. So one
+tenant's flood costs another's first token about one op of the flood's step, not a whole step
+plus a step grown by the flood; with one tenant busy, nothing changes.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from faasmoe.engine.executors import AsyncExpertExecutor
+from faasmoe.engine.executors import AsyncExpertExecutor, StepCost, own_step_cost
+from faasmoe.engine.fairness import FairShares
 from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
 from faasmoe.engine.sampling import prompt_logprobs, score_rows
 from faasmoe.engine.sequence import Sequence
@@ -82,6 +90,13 @@ class ModelEngine:
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[_Running] = []
         self.starting: GenerationRequest | None = None
+        self.fair = FairShares()
+        self.lane: list[GenerationRequest] = []  # a prefill stepped beside the batch (empty: none)
+        self.lanes = 0  # lanes run so far
+        self._lane_task: asyncio.Task[None] | None = None
+        self._lane_idle = asyncio.Event()  # clear while a lane runs: the batch's step waits between ops
+        self._lane_idle.set()
+        self._stepping = False  # the main loop is inside a step
         self.steps = 0
         self.last_active = time.monotonic()
         self._last_step_s = 0.0
@@ -91,20 +106,44 @@ class ModelEngine:
     # -- intake ----------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> None:
-        self.waiting.append(request)
+        busy = self.busy_tenants()
+        self.fair.arrive(request.tenant, busy)
         self.last_active = time.monotonic()
+        if self._lane_fits(request, busy):
+            self.lane = [request]
+            self._lane_idle.clear()
+            self._lane_task = asyncio.create_task(self._lane_step(request), name=f"lane-{self.name}")
+        else:
+            self.waiting.append(request)
         self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop(), name=f"engine-{self.name}")
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running or self.starting)
+        return bool(self.waiting or self.running or self.starting or self.lane)
+
+    def busy_tenants(self) -> set[str]:
+        """Tenants with a request waiting, starting or running here."""
+        return ({w.tenant for w in self.waiting} | {r.request.tenant for r in self.running}
+                | {w.tenant for w in self.lane} | ({self.starting.tenant} if self.starting else set()))
 
     def holds(self, request: GenerationRequest) -> bool:
         """Whether the request is queued, starting or running here (else its Finished has been sent)."""
         return (request is self.starting or any(w is request for w in self.waiting)
-                or any(r.request is request for r in self.running))
+                or any(r.request is request for r in self.running) or any(w is request for w in self.lane))
+
+    def _lane_fits(self, request: GenerationRequest, busy: set[str]) -> bool:
+        """A lane for this request now: a step is running, no lane is, its tenant has nothing here and has had
+        no more service than any tenant running, its prompt is one prefill chunk, and there is room."""
+        running = {r.request.tenant for r in self.running}
+        if not self._stepping or self.lane or request.tenant in busy or len(self.running) >= self.max_running:
+            return False
+        if len(request.prompt_token_ids) > self.prefill_chunk_tokens or not self.fair.most_underserved(request.tenant,
+                                                                                                      running):
+            return False
+        kv = self._kv_worst_case(request)
+        return self.kv_budget_bytes is None or kv is None or self.kv_reserved_bytes() + kv <= self.kv_budget_bytes
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -119,33 +158,76 @@ class ModelEngine:
     async def _loop(self) -> None:
         while True:
             if not self.busy:
+                self.fair.forget_idle(())
                 self._wake.clear()
                 await self._wake.wait()
             try:
                 await self._admit()
                 self._drop_cancelled()
                 if not self.running:
-                    await asyncio.sleep(0)  # only cancelled or failed ones were waiting: let the loop breathe
+                    if self.lane:  # only a lane's prefill is running: its sequence joins when it is done
+                        self._wake.clear()
+                        await self._wake.wait()
+                    else:
+                        await asyncio.sleep(0)  # only cancelled or failed ones were waiting: let the loop breathe
                     continue
                 batch = list(self.running)
+                self._stepping = True
                 try:
                     await self._step(batch)
                 except Exception as exc:  # fails the requests of this step; the waiting ones are not concerned
-                    log.exception("step of %s failed", self.name)
-                    code = "unavailable" if isinstance(exc, (InvokeError, ConnectionError, TimeoutError)) else ""
-                    for r in batch:
-                        self._finish(r, "error", str(exc) or type(exc).__name__, code)
+                    self._fail(batch, exc)
                     self.running = [r for r in self.running if r not in batch]
+                finally:
+                    self._stepping = False
             except Exception:  # a bug here must not stop the model for good: log it, go on
                 log.exception("engine loop of %s failed", self.name)
                 await asyncio.sleep(0.1)
 
+    def _fail(self, batch: list[_Running], exc: Exception) -> None:
+        log.exception("step of %s failed", self.name, exc_info=exc)
+        code = "unavailable" if isinstance(exc, (InvokeError, ConnectionError, TimeoutError)) else ""
+        for r in batch:
+            self._finish(r, "error", str(exc) or type(exc).__name__, code)
+
+    async def _lane_step(self, request: GenerationRequest) -> None:
+        """The request's prefill stepped at once, beside the running batch (which yields to it between its
+        ops); then its sequence joins the batch. Its expert work is metered to this step alone."""
+        r: _Running | None = None
+        try:
+            with own_step_cost() as cost:
+                request.scheduled_at = time.monotonic()
+                try:
+                    seq = await self._start(request)
+                except Exception as exc:  # as in _admit: this request alone fails
+                    code = "invalid" if isinstance(exc, ValueError) else ""
+                    request.events.put_nowait(Finished("error", "", Usage(len(request.prompt_token_ids)), str(exc), code))
+                    return
+                r = _Running(request, seq, Usage(prompt_tokens=len(request.prompt_token_ids)))
+                self.lanes += 1
+                await self._step([r], cost)
+        except Exception as exc:
+            if r is not None:
+                self._fail([r], exc)
+            r = None
+        finally:
+            self.lane = []
+            self._lane_task = None
+            self._lane_idle.set()
+            self._wake.set()
+        if r is not None and not r.seq.finished:
+            if r.request.cancelled:
+                self._finish(r, "cancelled")
+            else:
+                self.running.append(r)
+
     async def _admit(self) -> None:
         budget = self.max_batch_tokens - len(self.running)
         while self.waiting and len(self.running) < self.max_running:
-            request = self.waiting[0]
+            index = self.fair.next_index([w.tenant for w in self.waiting])  # the least served tenant's first
+            request = self.waiting[index]
             if request.cancelled:  # gone before it started: nothing was spent on it
-                self.waiting.popleft()
+                del self.waiting[index]
                 request.events.put_nowait(Finished("cancelled", "", Usage(len(request.prompt_token_ids))))
                 continue
             need = min(len(request.prompt_token_ids), self.prefill_chunk_tokens)  # its first chunk
@@ -155,7 +237,7 @@ class ModelEngine:
             if self.kv_budget_bytes is not None and kv is not None and kv <= self.kv_budget_bytes \
                     and self.kv_reserved_bytes() + kv > self.kv_budget_bytes:
                 break  # it fits once running sequences finish: wait in line
-            self.waiting.popleft()
+            del self.waiting[index]
             request.scheduled_at = time.monotonic()
             self.starting = request  # between the queue and the batch (its trunk may be loading): still ours
             try:
@@ -217,21 +299,25 @@ class ModelEngine:
                 r.seq.pending, r.unfed = r.seq.pending[:take], r.seq.pending[take:]
             room -= take
 
-    async def _step(self, batch: list[_Running]) -> None:
+    async def _step(self, batch: list[_Running], lane_cost: StepCost | None = None) -> None:
+        """One step of `batch`: the running batch's, or with `lane_cost` a lane's (which never yields)."""
         trunk = self._trunk()
         self._chunk_prefills(batch)
         groups = micro_batches(batch, self.micro_batches)
         steps = [PackedStep.build(trunk.config, [r.seq.pending for r in g], [r.seq.cache for r in g], trunk.device)
                  for g in groups]
         started = time.perf_counter()
+        yields = lane_cost is None
         # Micro-batches ping-pong: one's trunk math runs while another's experts are on the workers.
-        parts = await asyncio.gather(*(self._forward(trunk, step, g) for step, g in zip(steps, groups)))
+        parts = await asyncio.gather(*(self._forward(trunk, step, g, yields) for step, g in zip(steps, groups)))
+        if yields:
+            await self._yield_to_lane()
         # One lm_head for every group: it is most of a decode step's bytes, read once, not once per group.
         # Every token's logprob is recorded, and the top alternatives asked for: one batched op each.
         asked = max((r.request.logprobs or 0 for r in batch), default=0)
         scores = await self._run(score_rows, trunk.logits, parts[0] if len(parts) == 1 else torch.cat(parts), asked)
         self._last_step_s = time.perf_counter() - started
-        cost = self.executor.take_step_cost()
+        cost = self.executor.take_step_cost() if lane_cost is None else lane_cost
         for group, step in zip(groups, steps):
             step.commit([r.seq.cache for r in group])
         batch = [r for g in groups for r in g]
@@ -247,6 +333,9 @@ class ModelEngine:
             u.cold_starts += cost.cold_starts * share
             u.cold_start_s += cost.load_wait_s  # not a share: every sequence of the step waited that long
             u.resident_byte_seconds += cost.touched_bytes * share * self._last_step_s
+            decoding = bool(r.seq.output)
+            self.fair.charge(r.request.tenant, r.request.weight, prompt_tokens=0 if decoding else n,
+                             output_tokens=0 if r.unfed else 1)
             if r.unfed:  # mid-prompt: nothing to sample yet
                 r.seq.pending, r.unfed = r.unfed, []
                 continue
@@ -262,15 +351,19 @@ class ModelEngine:
         self.running = [r for r in self.running if not r.seq.finished]
         self._drop_cancelled()  # cancelled during the step: they get their Finished too
 
-    async def _forward(self, trunk: Trunk, step: PackedStep, group: list[_Running] = ()) -> torch.Tensor:
+    async def _forward(self, trunk: Trunk, step: PackedStep, group: list[_Running] = (),
+                       yields: bool = False) -> torch.Tensor:
         """Drive the shared decoder generator: trunk halves on the compute thread, experts awaited.
-        Returns the hidden state of each sequence's last row (the lm_head runs once per step)."""
+        Returns the hidden state of each sequence's last row (the lm_head runs once per step).
+        `yields`: wait between ops while a lane runs."""
         layers = decoder_layers(trunk, step.ids, step.batch)
         done, value = await self._run(_advance, layers, None)
         starting = any(not r.seq.output for r in group)
         depth = (self.prefetch_depth or trunk.config.num_layers) if starting else 1
         while not done:
             layer, state = value
+            if yields:
+                await self._yield_to_lane()
             ahead = self._cold_ahead(trunk, layer, depth) if self.prefetch else []
             depth = 1
             if not ahead:  # awaited here, not as a task: the call leaves now, not on the loop's next turn
@@ -283,9 +376,15 @@ class ModelEngine:
                     call.cancel()
                     raise
                 expert_out = await call
+            if yields:
+                await self._yield_to_lane()
             done, value = await self._run(_advance, layers, expert_out)
         await self._prompt_logprobs(trunk, step, group, value)
         return step.last_rows(value)
+
+    async def _yield_to_lane(self) -> None:
+        if not self._lane_idle.is_set():
+            await self._lane_idle.wait()
 
     def _cold_ahead(self, trunk: Trunk, layer: int, depth: int) -> list[int]:
         """Of the next `depth` MoE layers after `layer`, those prefetching could help (a no-op for in-process experts)."""

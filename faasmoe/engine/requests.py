@@ -61,6 +61,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     tenant: str = ""
+    weight: float = 1.0  # the tenant's share of the model when several are busy (faasmoe.engine.fairness)
     logprobs: int | None = None  # top-N logprobs per token (OpenAI `logprobs`), None = off
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token (0: the prompt token's alone), None = off
     request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")

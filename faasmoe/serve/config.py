@@ -151,6 +151,10 @@ class _Reader:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise self.error(name, f"must be an integer >= {minimum:g}, got {value!r}")
             return value
+        if kind == "share":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise self.error(name, f"must be a number > 0 (1 = an equal share), got {value!r}")
+            return float(value)
         if kind == "seconds":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
                 raise self.error(name, f"must be a number of seconds >= {minimum:g}, got {value!r}")
@@ -233,7 +237,7 @@ def _model(r: _Reader, t: dict, where: str) -> ModelSpec:
     )
 
 
-_TENANT_KEYS = {"name", "models", "max_concurrent", "tokens_per_minute", "memory_quota", "admin", "api_keys"}
+_TENANT_KEYS = {"name", "models", "max_concurrent", "tokens_per_minute", "memory_quota", "admin", "api_keys", "weight"}
 
 
 # TenantLimits field -> its [[tenants]] key
@@ -258,6 +262,7 @@ def _tenant(r: _Reader, t: dict, where: str) -> TenantSpec:
             tokens_per_minute=r.get(t, where, "tokens_per_minute", "int", 0),
             memory_quota_bytes=r.get(t, where, "memory_quota", "size", 0),
             admin=r.get(t, where, "admin", "bool", False),
+            weight=r.get(t, where, "weight", "share", 1.0),
         )
     except InvalidLimit as exc:
         raise r.error(f"{where}.{_LIMIT_KEYS.get(exc.field, exc.field)}", exc.reason) from None

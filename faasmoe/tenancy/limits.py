@@ -27,8 +27,12 @@ class TenantLimits:
     tokens_per_minute: int = 0
     memory_quota_bytes: int = 0
     admin: bool = False
+    weight: float = 1.0  # its share of a shared model against the other busy tenants (2 = twice the service)
 
     def __post_init__(self) -> None:
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0 < self.weight <= 1e6:
+            raise InvalidLimit("weight", f"must be a number > 0 (a share; 1 = the default), got {self.weight!r}")
+        self.weight = float(self.weight)
         for name in ("max_concurrent", "tokens_per_minute", "memory_quota_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

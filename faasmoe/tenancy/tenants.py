@@ -26,7 +26,7 @@ from faasmoe.tenancy.limits import ALL_MODELS, TenantLimits
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 # Where a tenant or key came from, so that the config file stays the truth: a tenant or key the
 # config declared goes when the config no longer does; one made by `faasmoe tenant` stays.
 FROM_CONFIG = "config"
@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS tenants (
     memory_quota_bytes INTEGER NOT NULL,
     admin INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    source TEXT  -- FROM_CONFIG or FROM_CLI, NULL: made before sources were recorded (schema 1)
+    source TEXT,  -- FROM_CONFIG or FROM_CLI, NULL: made before sources were recorded (schema 1)
+    weight REAL NOT NULL DEFAULT 1.0  -- its fair share of a shared model (schema 3)
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_hash TEXT PRIMARY KEY,
@@ -62,7 +63,12 @@ def _add_sources(conn) -> None:
     conn.execute("ALTER TABLE api_keys ADD COLUMN source TEXT")
 
 
-_MIGRATIONS = {2: _add_sources}
+def _add_weights(conn) -> None:
+    """Schema 2 -> 3: each tenant's share of a shared model; old tenants get the default, 1."""
+    conn.execute("ALTER TABLE tenants ADD COLUMN weight REAL NOT NULL DEFAULT 1.0")
+
+
+_MIGRATIONS = {2: _add_sources, 3: _add_weights}
 
 
 @dataclass
@@ -106,10 +112,11 @@ class TenantStore:
 
     def add_tenant(self, name: str, *, allowed_models: Sequence[str] = (ALL_MODELS,), max_concurrent: int = 0,
                    tokens_per_minute: int = 0, memory_quota_bytes: int = 0,
-                   admin: bool = False) -> tuple[Tenant, str]:
+                   admin: bool = False, weight: float = 1.0) -> tuple[Tenant, str]:
         """Create a tenant and its first API key; the plaintext key is returned here and never again."""
         limits = TenantLimits(allowed_models=list(allowed_models), max_concurrent=max_concurrent,
-                              tokens_per_minute=tokens_per_minute, memory_quota_bytes=memory_quota_bytes, admin=admin)
+                              tokens_per_minute=tokens_per_minute, memory_quota_bytes=memory_quota_bytes, admin=admin,
+                              weight=weight)
         tenant = Tenant(validate_name(name), created_at=time.time(), source=FROM_CLI, **vars(limits))
         key = self._new_key(name)
         with self._lock, transaction(self._conn) as conn:
@@ -182,7 +189,7 @@ class TenantStore:
 
     def list_tenants(self) -> list[Tenant]:
         with self._lock:
-            rows = self._conn.execute("SELECT * FROM tenants ORDER BY name").fetchall()
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM tenants ORDER BY name").fetchall()
         return [_tenant(row) for row in rows]
 
     def update_limits(self, name: str, **limits: object) -> Tenant:
@@ -253,9 +260,10 @@ class TenantStore:
 
     @staticmethod
     def _insert(conn, t: Tenant) -> None:
-        conn.execute("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        conn.execute("INSERT INTO tenants (name, allowed_models, max_concurrent, tokens_per_minute, memory_quota_bytes, "
+                     "admin, created_at, source, weight) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      (t.name, json.dumps(t.allowed_models), t.max_concurrent, t.tokens_per_minute,
-                      t.memory_quota_bytes, int(t.admin), t.created_at, t.source))
+                      t.memory_quota_bytes, int(t.admin), t.created_at, t.source, t.weight))
 
     @staticmethod
     def _update(conn, name: str, limits: dict) -> None:
@@ -266,7 +274,7 @@ class TenantStore:
 
     @staticmethod
     def _row(conn, name: str) -> Tenant | None:
-        row = conn.execute("SELECT * FROM tenants WHERE name = ?", (name,)).fetchone()
+        row = conn.execute(f"SELECT {_COLUMNS} FROM tenants WHERE name = ?", (name,)).fetchone()
         return None if row is None else _tenant(row)
 
     def _require(self, conn, name: str) -> Tenant:
@@ -276,7 +284,11 @@ class TenantStore:
         return tenant
 
 
+# By name: a migrated file has its columns in the order they were added.
+_COLUMNS = "name, allowed_models, max_concurrent, tokens_per_minute, memory_quota_bytes, admin, created_at, source, weight"
+
+
 def _tenant(row: Sequence) -> Tenant:
-    name, models, max_concurrent, tpm, quota, admin, created_at, source = row
+    name, models, max_concurrent, tpm, quota, admin, created_at, source, weight = row
     return Tenant(name, created_at, source, allowed_models=json.loads(models), max_concurrent=max_concurrent,
-                  tokens_per_minute=tpm, memory_quota_bytes=quota, admin=bool(admin))
+                  tokens_per_minute=tpm, memory_quota_bytes=quota, admin=bool(admin), weight=weight)

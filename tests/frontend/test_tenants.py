@@ -222,11 +222,12 @@ def test_a_schema_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     with TenantStore(db) as store:
         assert store.authenticate(key).name == "old"  # rows and salt survive
         assert store.get("old").source is None  # unknown: never removed for not being in a config
+        assert store.get("old").weight == 1.0  # schema 3's share: the default for a tenant from before
         assert store.remove_config_tenants([]) == []
         store.ensure_tenant("old", api_keys=[key])  # a config that declares it claims it
         assert store.get("old").source == "config"
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT version FROM schema_versions WHERE component = 'tenants'").fetchone() == (2,)
+    assert conn.execute("SELECT version FROM schema_versions WHERE component = 'tenants'").fetchone() == (3,)
     conn.close()
     with TenantStore(db) as store:  # reopening a migrated file is a no-op
         assert store.authenticate(key).name == "old"
