@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.digests import cpu_isa  # noqa: E402
 from bench.dispatch import checkpoint  # noqa: E402
+from bench.serve import streamed_usage  # noqa: E402
 from faasmoe.tenancy.ledger import UsageLedger  # noqa: E402
 from tests.processes import free_port, serving  # noqa: E402
 
@@ -44,17 +45,11 @@ async def stream(session: aiohttp.ClientSession, url: str, tenant: str, prompt: 
     """One streamed completion; the completion tokens it got."""
     body = {"model": "m", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
-    got = 0
     async with session.post(url + "/v1/completions", json=body,
                             headers={"Authorization": f"Bearer {KEYS[tenant]}"}) as response:
         response.raise_for_status()
-        async for raw in response.content:
-            line = raw.decode().strip()
-            if line.startswith("data: {") and '"usage"' in line:
-                usage = json.loads(line[6:]).get("usage")
-                if usage:
-                    got = usage["completion_tokens"]
-    return got
+        usage = await streamed_usage(response)
+    return usage["completion_tokens"] if usage else 0
 
 
 async def flood(url: str, args: argparse.Namespace, rng: random.Random) -> tuple[int, float]:

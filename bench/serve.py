@@ -45,13 +45,19 @@ async def one_client(url: str, model: str, seed: int, prompt_len: int, max_token
                     "stream_options": {"include_usage": True}}
             async with session.post(url + "/v1/completions", json=body) as response:
                 response.raise_for_status()
-                async for raw in response.content:
-                    line = raw.decode().strip()
-                    if line.startswith("data: {") and '"usage"' in line:
-                        usage = json.loads(line[6:]).get("usage")
-                        if usage:
-                            out["tokens"] += usage["completion_tokens"]
+                usage = await streamed_usage(response)
+                out["tokens"] += usage["completion_tokens"] if usage else 0
             out["requests"] += 1
+
+
+async def streamed_usage(response: aiohttp.ClientResponse) -> dict | None:
+    """Read an SSE completion stream to its end; the usage of its last chunk (stream_options.include_usage)."""
+    usage = None
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if line.startswith("data: {") and '"usage"' in line:
+            usage = json.loads(line[6:]).get("usage") or usage
+    return usage
 
 
 async def histograms(session: aiohttp.ClientSession, url: str) -> dict[str, dict[float, float]]:

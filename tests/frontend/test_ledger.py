@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -70,6 +71,19 @@ def test_bad_status_is_rejected() -> None:
         rec("x", status="done")
 
 
+@contextlib.contextmanager
+def sigkilled_at_the_end(proc: subprocess.Popen):
+    """Run the block against a live writer, then SIGKILL it (and reap it even when the block failed)."""
+    try:
+        yield
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_usage_survives_sigkill_of_the_writer(tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     script = textwrap.dedent(f"""
@@ -82,15 +96,9 @@ def test_usage_survives_sigkill_of_the_writer(tmp_path: Path) -> None:
         time.sleep(60)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
+    with sigkilled_at_the_end(proc):
         assert proc.stdout.readline().strip() == "recorded"
         assert Path(f"{db}-wal").stat().st_size > 0  # the rows are in the WAL, not yet checkpointed
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     with UsageLedger(db) as ledger:
         rows = ledger.query(tenant="acme")
     assert [r.prompt_tokens for r in rows] == list(range(20))
@@ -164,7 +172,7 @@ def test_no_committed_row_is_lost_when_other_processes_open_and_close_the_databa
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
-    try:
+    with sigkilled_at_the_end(proc):
         assert proc.stdout.readline().strip() == "ready"
         usage = subprocess.run([sys.executable, "-m", "faasmoe.cli", "usage", "--state", str(db), "--json"], cwd=REPO,
                                capture_output=True, text=True, timeout=60)
@@ -174,11 +182,5 @@ def test_no_committed_row_is_lost_when_other_processes_open_and_close_the_databa
         assert proc.stdout.readline().strip() == "recorded"
         with UsageLedger(db) as reader:  # another process's view while the writer lives
             assert len(reader.query(tenant="acme")) == 10
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     with UsageLedger(db) as ledger:
         assert [r.prompt_tokens for r in ledger.query(tenant="acme")] == list(range(10))

@@ -251,15 +251,14 @@ def test_the_config_is_the_truth_for_its_own_tenants_and_keys(store: TenantStore
 def test_tenants_added_and_removed_from_the_cli_apply_to_a_running_server_at_once(tmp_path: Path) -> None:
     """`faasmoe tenant add|remove` on the live state file: a removed tenant's key answers 401 (not 500 from a
     WAL deleted under the server), a new tenant's key works, both on the next request."""
-    import json
+    import functools
     import subprocess
     import sys
-    import urllib.error
-    import urllib.request
 
     from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
     from ..processes import free_port, serving
+    from .test_serve_process import status_of
 
     model = init_checkpoint(tmp_path / "tiny", "qwen2_moe", seed=1, progress=False)
     db = tmp_path / "state.db"
@@ -276,16 +275,8 @@ def test_tenants_added_and_removed_from_the_cli_apply_to_a_running_server_at_onc
     old = key_of(cli("add", "old"))
     port = free_port()
     server = serving(port, str(model), "--port", str(port), "--workers", "1", "--device", "cpu", "--state", str(db))
+    status = functools.partial(status_of, port)
     try:
-        def status(key: str) -> int:
-            request = urllib.request.Request(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
-            try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    json.loads(response.read())
-                    return response.status
-            except urllib.error.HTTPError as err:
-                return err.code
-
         assert status(old) == 200
         new = key_of(cli("add", "new"))
         assert status(new) == 200
