@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import (
@@ -89,7 +90,7 @@ def _corpus_lines() -> list[str]:
     return CORPUS * 3
 
 
-def _build_tokenizer(vocab_size: int) -> Tokenizer:
+def _build_tokenizer(vocab_size: int, lines: Iterable[str] | None = None) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -108,7 +109,7 @@ def _build_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet()),
         special_tokens=[],
     )
-    tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    tok.train_from_iterator(_corpus_lines() if lines is None else lines, trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
 
@@ -142,18 +143,19 @@ def _tokenizer_config(special_ids: dict[str, int]) -> dict:
     }
 
 
-def write_tokenizer_files(out_dir: Path, vocab_size: int) -> dict[str, int]:
+def write_tokenizer_files(out_dir: Path, vocab_size: int, corpus: Iterable[str] | None = None) -> dict[str, int]:
     """Write tokenizer.json and tokenizer_config.json into out_dir; return the special token ids.
 
     The whole vocabulary (256 byte tokens, merges, specials) fits in vocab_size; merges stop
-    earlier when the embedded corpus supports no more, so large vocab sizes leave unused ids.
+    earlier when the corpus (the small embedded one unless `corpus` is given) supports no more, so
+    large vocab sizes leave unused ids.
     """
     min_size = 256 + len(SPECIAL_TOKENS)
     if vocab_size < min_size:
         raise ValueError(f"vocab_size must be >= {min_size} (256 byte tokens + specials), got {vocab_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = _build_tokenizer(vocab_size)
+    tok = _build_tokenizer(vocab_size, corpus)
     special_ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     size = tok.get_vocab_size(with_added_tokens=True)
     if size > vocab_size:  # the trainer's budget already excludes the specials; keep the promise explicit
