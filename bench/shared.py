@@ -1,6 +1,12 @@
 """A base and its tenants' expert-specialised fine-tunes (ESFT) on one pool: what content-named functions hold.
 
     python bench/shared.py [--family qwen2_moe] [--tenants 2] [--tuned-experts 1] [--block-size 1]
+    python bench/shared.py --trained [--tenants 4] [--tune-seconds 45]
+
+With --trained, the base is bench/trained_model.py's checkpoint (trained routing, its own tokenizer) and
+each tenant's fine-tune is made as ESFT makes it (bench/trainedlib/esft.py: the experts with the highest
+token selection ratio on the tenant's domain, top_p 0.2, trained on that domain); each model is prompted
+with held-out text of its tenant's domain.
 
 Builds a base checkpoint (`faasmoe model init`, the tiny preset unless --preset) and --tenants copies of
 it, each with --tuned-experts experts of every MoE layer retrained (--tuned-layers 1: of its first MoE
@@ -50,7 +56,28 @@ def build(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     return models
 
 
-def measure(models: dict[str, Path], root: Path, block_size: int, dedupe: bool) -> dict:
+def build_trained(root: Path, args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, list[int]]]:
+    """The trained base and one ESFT fine-tune per tenant (a domain each); each model's prompt."""
+    from bench.trainedlib.esft import domain_stream, fine_tune
+    from bench.trainedlib.train import TrainSpec, build, corpus, default_dir
+
+    spec = TrainSpec()
+    base = build(default_dir(ROOT, spec), spec)
+    texts = corpus(spec)
+    names = sorted(texts)
+    models, prompts = {"base": base}, {}
+    for t in range(args.tenants):
+        domain = names[t % len(names)]
+        train, held = texts[domain]
+        out = ROOT / "models" / f"esft-{base.name}-{domain}-{args.tune_seconds:g}s"
+        models[f"tune-{domain}"] = fine_tune(base, out, domain_stream(base, train), seconds=args.tune_seconds, seed=t)
+        prompts[f"tune-{domain}"] = domain_stream(base, held)[:128].tolist()
+    prompts["base"] = domain_stream(base, texts[names[0]][1])[128:256].tolist()
+    return models, prompts
+
+
+def measure(models: dict[str, Path], root: Path, block_size: int, dedupe: bool,
+            prompts: dict[str, list[int]] | None = None) -> dict:
     port = free_port()
     entries = "".join(f'[[models]]\nname = "{name}"\npath = "{path}"\nexpert_block_size = {block_size}\n'
                       f'keep_alive = 600\ndedupe = {str(dedupe).lower()}\n\n' for name, path in models.items())
@@ -60,7 +87,7 @@ def measure(models: dict[str, Path], root: Path, block_size: int, dedupe: bool) 
     proc = serving(port, "--config", str(config), env={"FAASMOE_API_KEY": KEY})
     try:
         for name in models:
-            body = {"model": name, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+            body = {"model": name, "prompt": (prompts or {}).get(name, PROMPT), "max_tokens": 4, "temperature": 0}
             request = urllib.request.Request(proc.url + "/v1/completions", json.dumps(body).encode(),
                                              {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=300) as response:
@@ -87,13 +114,17 @@ def main() -> None:
     parser.add_argument("--tuned-experts", type=int, default=1, help="experts each fine-tune retrains per tuned layer")
     parser.add_argument("--tuned-layers", type=int, default=1, help="MoE layers each fine-tune retrains (from the first)")
     parser.add_argument("--block-size", type=int, default=1)
+    parser.add_argument("--trained", action="store_true", help="the trained base and ESFT fine-tunes (see above)")
+    parser.add_argument("--tune-seconds", type=float, default=45.0, help="with --trained: each fine-tune's budget")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="faasmoe-shared-") as tmp:
         root = Path(tmp)
-        models = build(root, args)
-        runs = [measure(models, root, args.block_size, dedupe) for dedupe in (False, True)]
-    print(f"\n{len(models)} models ({', '.join(models)}), {args.family} {args.preset}, blocks of {args.block_size}; "
-          f"each fine-tune retrains {args.tuned_experts} expert(s) in {args.tuned_layers} MoE layer(s)")
+        models, prompts = build_trained(root, args) if args.trained else (build(root, args), None)
+        runs = [measure(models, root, args.block_size, dedupe, prompts) for dedupe in (False, True)]
+    what = ("trained base, ESFT fine-tunes (top_p 0.2)" if args.trained else
+            f"{args.family} {args.preset}; each fine-tune retrains {args.tuned_experts} expert(s) in "
+            f"{args.tuned_layers} MoE layer(s)")
+    print(f"\n{len(models)} models ({', '.join(models)}), {what}, blocks of {args.block_size}")
     print(f"{'functions':24} {'blocks used':>12} {'blocks held':>12} {'expert MiB held':>16} {'trunk MiB held':>15}")
     for run in runs:
         label = "named by content" if run["dedupe"] else "one copy per model"
