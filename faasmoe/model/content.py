@@ -183,6 +183,8 @@ class DigestCache:
                 return self._memo[identity]
             pieces = self._read_cached(identity)
             if pieces is None:
+                log.info("hashing %s (%.2f GB): its first deploy reads it once; the digests are cached in %s",
+                         file, identity[3] / 1e9, self.directory)
                 pieces = hash_file(file, entries)
                 self.hashed_bytes += identity[3]
                 if file_identity(file) != identity:  # written to while we read it: trust nothing of it
