@@ -31,6 +31,8 @@ run: install $(TINY_MODEL)/config.json
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+	@echo "the CPU kernels again with the ISA masked to AVX2 (the paths an AVX2-only CPU takes):"
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q tests/model/test_kernels.py tests/model/test_model.py
 
 bench: install
 	$(PY) bench/decode.py

@@ -40,26 +40,13 @@ from faasmoe.engine.functions import block_content  # noqa: E402
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout  # noqa: E402
 from faasmoe.model.config import MoEConfig  # noqa: E402
 from faasmoe.model.content import CheckpointDigests, DigestCache, ProvenBlocks  # noqa: E402
+from faasmoe.model.kernels import cpu_isa  # noqa: E402
 from runtime import protocol as p  # noqa: E402
 from runtime.policies import make_eviction, make_keep_alive  # noqa: E402
 from tests.pagecache import drop_page_cache, page_cache_bytes  # noqa: E402
 from worker.memory import ExpertStore, HostCache  # noqa: E402
 
 FULL_MODEL_BYTES = 28.6e9  # Qwen1.5-MoE-A2.7B, bf16 safetensors
-
-
-def cpu_isa() -> str:
-    flags = set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    if "amx_bf16" in flags:
-        return "AMX"
-    if "avx512_bf16" in flags:
-        return "AVX-512 bf16"
-    return "AVX-512" if "avx512f" in flags else "AVX2"
 
 
 def drop(files: list[Path]) -> bool:

@@ -32,9 +32,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.digests import cpu_isa  # noqa: E402
 from bench.dispatch import checkpoint  # noqa: E402
 from bench.serve import streamed_usage  # noqa: E402
+from faasmoe.model.kernels import cpu_isa  # noqa: E402
 from faasmoe.tenancy.ledger import UsageLedger  # noqa: E402
 from tests.processes import free_port, serving  # noqa: E402
 

@@ -17,6 +17,28 @@ def test_half_precision_is_widened_only_without_native_instructions() -> None:
     assert kernels.native_half_dtypes({"avx512_bf16"}, "widen") == frozenset()
 
 
+def test_a_masked_isa_hides_the_flags_above_it() -> None:
+    amx = {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"}
+    assert kernels.visible_cpu_flags(amx, {}) == amx
+    assert kernels.visible_cpu_flags(amx, {"ONEDNN_MAX_CPU_ISA": "AVX2"}) == {"avx2", "fma"}
+    assert kernels.visible_cpu_flags(amx, {"ATEN_CPU_CAPABILITY": "avx2"}) == {"avx2", "fma"}
+    assert kernels.cpu_isa(kernels.visible_cpu_flags(amx, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})) == "AVX-512 bf16"
+    assert kernels.cpu_isa(kernels.visible_cpu_flags(amx, {"ONEDNN_MAX_CPU_ISA": "avx512_core"})) == "AVX-512"
+    assert kernels.cpu_isa(amx) == "AMX"
+    lowest = {"ONEDNN_MAX_CPU_ISA": "ALL", "ATEN_CPU_CAPABILITY": "avx2"}  # the lower ceiling wins
+    assert kernels.visible_cpu_flags(amx, lowest) == {"avx2", "fma"}
+
+
+def test_the_masked_run_takes_the_avx2_paths() -> None:
+    import os
+
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() != "AVX2":
+        pytest.skip("only in the masked run (make test repeats the kernel tests with ONEDNN_MAX_CPU_ISA=AVX2)")
+    assert kernels.NATIVE_HALF == frozenset() and kernels.cpu_isa() == "AVX2"
+    w = torch.randn(64, 32).to(torch.bfloat16)
+    assert kernels.pack_weight(w) is w  # no oneDNN bf16 packing below AVX-512
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 8, 64])
 @pytest.mark.parametrize("native", [frozenset(), frozenset({torch.bfloat16})])
