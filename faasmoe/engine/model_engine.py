@@ -146,12 +146,13 @@ class ModelEngine:
         return self.kv_budget_bytes is None or kv is None or self.kv_reserved_bytes() + kv <= self.kv_budget_bytes
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._lane_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
 
     # -- the loop -----------------------------------------------------------------------------
 
