@@ -122,7 +122,8 @@ class PackedWeight:
 def onednn_packs_bf16() -> bool:
     """Whether oneDNN reorders a bf16 weight on this CPU. It refuses without avx512bw/vl/dq or avx_ne_convert
     (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA set below them), even where FAASMOE_CPU_HALF=native asks."""
-    if not _MKLDNN_LINEAR:
+    flags = visible_cpu_flags()  # a masked ISA (ONEDNN_MAX_CPU_ISA=AVX2) counts as that CPU
+    if not _MKLDNN_LINEAR or not ({"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags):
         return False
     try:
         torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
