@@ -66,10 +66,19 @@ class FrontendMetrics:
         self.prefetches = r.counter("faasmoe_expert_prefetches_total",
                                     "Expert blocks loaded ahead of their layer (pre-gating): issued, then used or "
                                     "wasted by that layer's call.", ("model_name", "outcome"))
+        self.lanes = r.counter("faasmoe_fair_share_lanes_total",
+                               "Prefills stepped at once beside the running batch for a tenant with nothing "
+                               "running and the least service (faasmoe.engine.fairness).", ("model_name",))
+        self.virtual_tokens = r.gauge("faasmoe_fair_share_virtual_tokens",
+                                      "Each busy tenant's virtual token counter on the model: the service it got, "
+                                      "in weighted tokens over its weight (the least served goes first).",
+                                      ("model_name", "tenant"))
         self.http_requests = r.counter("faasmoe_http_requests_total",
                                        "HTTP requests answered, by method, route template and status.",
                                        ("method", "handler", "status"))
         self._prefetches_seen: dict[tuple[str, str], int] = {}
+        self._lanes_seen: dict[str, int] = {}
+        self._tenants_shown: dict[str, set[str]] = {}
 
     def read_engines(self, deployments: Deployments) -> None:
         """Queue depths and KV caches are read when scraped (on the event loop: the engines own them)."""
@@ -80,6 +89,15 @@ class FrontendMetrics:
             if engine.kv_budget_bytes:  # an unbounded cache has no usage fraction
                 self.kv_usage.labels(model_name=d.name).set(engine.kv_reserved_bytes() / engine.kv_budget_bytes)
             self.kv_allocated.labels(model_name=d.name).set(engine.kv_allocated_bytes())
+            if engine.lanes > self._lanes_seen.get(d.name, 0):
+                self.lanes.labels(model_name=d.name).inc(engine.lanes - self._lanes_seen.get(d.name, 0))
+                self._lanes_seen[d.name] = engine.lanes
+            shown = self._tenants_shown.setdefault(d.name, set())
+            for tenant in shown - set(engine.fair.counters):  # idle since: its counter is gone
+                self.virtual_tokens.labels(model_name=d.name, tenant=tenant).set(0)
+            for tenant, counter in engine.fair.counters.items():
+                self.virtual_tokens.labels(model_name=d.name, tenant=tenant).set(counter)
+            shown |= set(engine.fair.counters)
             for outcome, count in vars(d.executor.prefetch_stats).items():  # the executor counts; we publish
                 seen = self._prefetches_seen.get((d.name, outcome), 0)
                 if count > seen:

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from faasmoe.engine.deployments import Deployment, DeploymentSpec
+from faasmoe.api.metrics import FrontendMetrics
+from faasmoe.engine.deployments import Deployment, Deployments, DeploymentSpec
 from faasmoe.engine.executors import InProcessExpertExecutor
 from faasmoe.engine.fairness import OUTPUT_COST, FairShares
 from faasmoe.engine.offline import generate
@@ -108,6 +109,12 @@ async def test_a_quiet_tenant_s_prefill_runs_in_a_lane_before_the_flood_s_step_e
     assert outputs == [e.token_ids for e in expected[:-1]]
     assert got == expected[-1].token_ids[:3]
     assert engine.lanes == 1
+    metrics = FrontendMetrics()
+    deployments = Deployments()
+    deployments.add(dep)
+    metrics.read_engines(deployments)
+    text = metrics.registry.render()
+    assert 'faasmoe_fair_share_lanes_total{model_name="tiny"} 1.0' in text, text
     await engine.stop()
 
 
