@@ -252,8 +252,9 @@ class ExpertStore:
         descriptors would go on reading the old file: weights nobody deployed any more)."""
         cached = self._models.get(path)
         if cached is not None and cached[0].replaced():
+            # Not closed here: a load in another thread may be reading through it (its descriptors would be
+            # reused); the old reader closes when the last load that holds it lets go.
             log.warning("checkpoint %s was replaced on disk: reading it anew", path)
-            cached[0].close()
             cached = None
         if cached is None:
             allowed = self.allowed_path(path)
@@ -386,16 +387,20 @@ class ExpertStore:
         reader, config = self.model(spec.model_path)
         layout = ExpertLayout(reader, config)
         dtype, pin = parse_dtype(spec.dtype), self.device.type == "cuda"
-        files = layout.block_identities(spec.layer, spec.first, spec.count)
-        if self.proven.proven(spec.content, files):
+
+        def source() -> tuple:
+            return (spec.model_path, spec.layer, spec.first, spec.count,
+                    layout.block_identities(spec.layer, spec.first, spec.count))
+
+        before = source()
+        if self.proven.proven(spec.content, before):
             weights = layout.load_block(spec.layer, spec.first, spec.count, dtype, pin_memory=pin)
-            if layout.block_identities(spec.layer, spec.first, spec.count) == files:
+            if source() == before:
                 return weights
             # written to while we read it: prove what is there now
         weights = layout.load_block(spec.layer, spec.first, spec.count, dtype, pin_memory=pin, expect=spec.content)
-        after = layout.block_identities(spec.layer, spec.first, spec.count)
-        if after == files:
-            self.proven.add(spec.content, files)
+        if source() == before:
+            self.proven.add(spec.content, before)
         return weights
 
     def _place(self, cached: BlockWeights) -> BlockWeights:

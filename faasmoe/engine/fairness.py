@@ -50,7 +50,6 @@ class FairShares:
         others = [self.counter(t) for t in set(running) if t != tenant]
         return bool(others) and self.counter(tenant) <= min(others)
 
-    def forget_idle(self, busy: Iterable[str]) -> None:
-        """Drop counters of tenants with nothing waiting or running once none is busy (bounded memory)."""
-        if not set(busy):
-            self.counters.clear()
+    def reset(self) -> None:
+        """Forget every counter: the model is idle, nobody is owed anything (and the memory stays bounded)."""
+        self.counters.clear()

@@ -107,11 +107,10 @@ class FunctionCatalog:
         return list(entry.users) if entry is not None else []
 
     def describe(self, function_id: str) -> dict:
-        """A function for the admin view: its name, where it lies, its size and who uses it."""
+        """A function for the admin view: its name, where it lies, its size and the models that use it
+        (the frontend adds the tenants that may call them)."""
         entry = self.entries[function_id]
         s = entry.spec
+        models = sorted({u.model for u in entry.users})
         return {"id": s.function_id, "name": s.name, "layer": s.layer, "first": s.first, "count": s.count,
-                "dtype": s.dtype, "bytes": s.nbytes, "owner": s.owner,
-                "models": sorted({u.model for u in entry.users}),
-                "tenants": sorted({u.owner for u in entry.users if u.owner}),
-                "shared_by": len({u.model for u in entry.users})}
+                "dtype": s.dtype, "bytes": s.nbytes, "owner": s.owner, "models": models, "shared_by": len(models)}

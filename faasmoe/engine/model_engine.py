@@ -159,7 +159,7 @@ class ModelEngine:
     async def _loop(self) -> None:
         while True:
             if not self.busy:
-                self.fair.forget_idle(())
+                self.fair.reset()
                 self._wake.clear()
                 await self._wake.wait()
             try:

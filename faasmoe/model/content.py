@@ -77,19 +77,24 @@ def block_digest(served_dtype: torch.dtype, count: int, parts: Iterable[PartDige
     return h.hexdigest()[:BLOCK_DIGEST_HEX]
 
 
+# Where a block was read from: (checkpoint, layer, first expert, count) and its files' identities.
+BlockSource = tuple[str, int, int, int, tuple["FileIdentity", ...]]
+
+
 class ProvenBlocks:
-    """Blocks a worker has hashed and found right, with the identities of the files it read them from.
-    Reading one again from files with the same identities needs no second hash; a file written to since
-    (its ctime moved) or replaced is hashed again. Bounded: the oldest proofs are forgotten first."""
+    """Blocks a worker has hashed and found right, by the content they proved and where they were read
+    from, files' identities included. Reading the same place again from files with the same identities
+    needs no second hash; a file written to since (its ctime moved) or replaced is hashed again; another
+    place claiming the same content is hashed too. Bounded: the oldest proofs are forgotten first."""
 
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity
-        self._proofs: OrderedDict[tuple[str, tuple[FileIdentity, ...]], None] = OrderedDict()
+        self._proofs: OrderedDict[tuple[str, BlockSource], None] = OrderedDict()
         self._lock = threading.Lock()  # loads read (and ask) from several threads
         self.reused = 0  # loads that an earlier hash proved
 
-    def proven(self, content: str, files: tuple[FileIdentity, ...]) -> bool:
-        key = (content, files)
+    def proven(self, content: str, source: BlockSource) -> bool:
+        key = (content, source)
         with self._lock:
             if key in self._proofs:
                 self._proofs.move_to_end(key)
@@ -97,10 +102,10 @@ class ProvenBlocks:
                 return True
             return False
 
-    def add(self, content: str, files: tuple[FileIdentity, ...]) -> None:
+    def add(self, content: str, source: BlockSource) -> None:
         with self._lock:
-            self._proofs[(content, files)] = None
-            self._proofs.move_to_end((content, files))
+            self._proofs[(content, source)] = None
+            self._proofs.move_to_end((content, source))
             while len(self._proofs) > self.capacity:
                 self._proofs.popitem(last=False)
 
@@ -174,13 +179,13 @@ class DigestCache:
         self._lock = threading.Lock()
         self.hashed_bytes = 0  # read and hashed by this process (cache misses)
 
-    def file(self, file: Path, entries: dict) -> dict[str, list[str]]:
-        """Tensor name -> its pieces' digests, for one safetensors file whose header `entries`
-        (name -> TensorEntry) are given: cached, else hashed now."""
+    def file(self, file: Path, entries: dict) -> tuple[FileIdentity, dict[str, list[str]]]:
+        """The file's identity and, per tensor name, its pieces' digests, for one safetensors file whose
+        header `entries` (name -> TensorEntry) are given: cached, else hashed now."""
         identity = file_identity(file)
         with self._lock:
             if identity in self._memo:
-                return self._memo[identity]
+                return identity, self._memo[identity]
             pieces = self._read_cached(identity)
             if pieces is None:
                 log.info("hashing %s (%.2f GB): its first deploy reads it once; the digests are cached in %s",
@@ -191,7 +196,7 @@ class DigestCache:
                     raise ContentMismatch(f"{file} changed while it was being hashed; deploy it again")
                 self._write_cached(identity, pieces)
             self._memo[identity] = pieces
-            return pieces
+            return identity, pieces
 
     def _path(self, identity: FileIdentity) -> Path:
         return self.directory / f"{blake3.blake3(identity[0].encode()).hexdigest()[:32]}.json"
@@ -256,8 +261,15 @@ class CheckpointDigests:
         by_file: dict[Path, dict] = {}
         for name, entry in entries.items():
             by_file.setdefault(entry.file, {})[name] = entry
-        self._by_file = {file: cache.file(file, header) for file, header in sorted(by_file.items())}
+        hashed = {file: cache.file(file, header) for file, header in sorted(by_file.items())}
+        self._identity = {file: identity for file, (identity, _) in hashed.items()}
+        self._by_file = {file: pieces for file, (_, pieces) in hashed.items()}
         self._file_of = {name: entry.file for name, entry in entries.items()}
+
+    def hashed_as(self, file: Path, identity: FileIdentity) -> bool:
+        """Whether `file`, as `identity` says it is now, is the very file these digests were made from
+        (not written to since: its ctime would have moved): what is read from it needs no second hash."""
+        return self._identity.get(file) == identity
 
     @classmethod
     def of(cls, reader, cache: DigestCache | None = None) -> CheckpointDigests:

@@ -73,9 +73,10 @@ class LayerState:
 class Trunk:
     """Non-expert weights of one model on one device, with the per-layer math.
 
-    With the checkpoint's content `digests`, every tensor read is hashed and refused unless it is what
-    the digests name (ContentMismatch), and tensors are taken from `shared` by content: a model that
-    holds the same bytes as one already loaded (a fine-tune of the same base) shares them."""
+    With the checkpoint's content `digests`, a tensor read from a file changed since they were made is
+    hashed and refused unless it is what the digests name (ContentMismatch), and tensors are taken from
+    `shared` by content: a model that holds the same bytes as one already loaded (a fine-tune of the same
+    base) shares them."""
 
     def __init__(self, config: MoEConfig, reader: CheckpointReader, dtype: torch.dtype, device: torch.device,
                  digests: CheckpointDigests | None = None, shared: SharedTensors | None = None) -> None:
@@ -101,8 +102,11 @@ class Trunk:
         return self._content("tensor", [name], lambda: self._read(name, shape))
 
     def _read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor from the checkpoint, hashed and refused unless it is what the digests name; read from
+        the very file the digests were made of (same identity, ctime included), the digests are its proof."""
         raw = self._reader.tensor(name, shape)
-        if self._digests is not None:
+        file = self._reader.entry(name).file
+        if self._digests is not None and not self._digests.hashed_as(file, self._reader.identity(file)):
             expect, got = self._digests.tensor(name), hash_tensor(raw)
             if got != expect:
                 raise ContentMismatch(f"{self._reader.path}: tensor {name!r} hashes to {got[:16]}, not {expect[:16]} "

@@ -387,29 +387,23 @@ class FrontendProcess:
                               "host_bytes": host_bytes, "trunk_bytes": d.trunk_bytes,
                               "distinct_functions": len({f.function_id for f in d.executor.functions})}
         functions = {}
+        callers = self._callers()
         for fid, where in holders.items():
             if fid in self.functions.entries:  # another frontend's functions are its to describe
-                functions[fid] = {**self.functions.describe(fid), "workers": where,
-                                  "tenants": self._tenants_of(self.functions.users(fid))}
+                tenants = set().union(*(callers.get(u.model, set()) for u in self.functions.users(fid)))
+                functions[fid] = {**self.functions.describe(fid), "workers": where, "tenants": sorted(tenants)}
         workers = workers_json(stats)
         return {"workers": workers, "models": models, "functions": functions,
                 "distinct_resident_bytes": sum(w["resident_bytes"] for w in workers),
                 "distinct_trunk_bytes": self.deployments.trunk_bytes(), "time": time.time()}
 
-    def _tenants_of(self, users: list) -> list[str]:
-        """The tenants that may call a function: a private model's owner; every tenant allowed a shared model
-        ("*" when tenancy is off: anyone with the key)."""
-        names: set[str] = set()
-        for user in users:
-            if user.owner:
-                names.add(user.owner)
-            elif self.tenants is None:
-                names.add("*")
-            else:
-                deployment = self.deployments.by_name.get(user.model)
-                names.update(t.name for t in self.tenants.list_tenants()
-                             if deployment is not None and deployment.visible_to(t.name, t.allowed_models))
-        return sorted(names)
+    def _callers(self) -> dict[str, set[str]]:
+        """Model -> the tenants that may call it: a private model's owner; every tenant allowed a shared one
+        ("*" when tenancy is off: anyone with the key). Read once per admin view, not once per function."""
+        tenants = self.tenants.list_tenants() if self.tenants is not None else []
+        return {name: {t.name for t in tenants if d.visible_to(t.name, t.allowed_models)}
+                if self.tenants is not None else ({d.spec.owner} if d.spec.sharing == "private" else {"*"})
+                for name, d in self.deployments.by_name.items()}
 
     async def stop(self) -> None:
         """Drain: stop taking requests, finish the running ones, then stop everything."""

@@ -51,3 +51,15 @@ async def test_a_spec_without_a_content_digest_is_refused(tmp_path):
     path = init_checkpoint(tmp_path / "m", "qwen2_moe", seed=6, progress=False)
     with pytest.raises(ContentMismatch, match="names no content digest"):
         await store().acquire(FunctionSpec("f", str(path), 0, 0, 4))
+
+
+async def test_a_proof_covers_the_place_it_was_read_from_not_every_place_claiming_that_content(tmp_path):
+    path = init_checkpoint(tmp_path / "m", "qwen2_moe", seed=6, progress=False)
+    layer = MoEConfig.from_pretrained(path).moe_layers[0]
+    content = block_content_at(path, layer, 0, 4, "float32")
+    s = store()
+    resident, _ = await s.acquire(FunctionSpec("f", str(path), layer, 0, 4, content=content))
+    s.release(resident)
+    liar = FunctionSpec("g", str(path), layer, 4, 4, content=content)  # other experts, the same claimed bytes
+    with pytest.raises(ContentMismatch, match="experts 4..7"):
+        await s.acquire(liar)
