@@ -193,19 +193,9 @@ class CheckpointReader:
                 raise CheckpointError(f"{entry.file}: short read of tensor {name!r} (file truncated?)")
             done += n
 
-    def read_bytes(self, name: str, offset: int, length: int) -> bytes:
-        """`length` raw bytes at absolute `offset` of the file that holds tensor `name`."""
-        data = os.pread(self._fd(self.entry(name).file), length, offset)
-        if len(data) != length:
-            raise CheckpointError(f"{self.entry(name).file}: short read of tensor {name!r} (file truncated?)")
-        return data
-
     def identity(self, file: Path) -> FileIdentity:
         """The identity of the file this reader reads as `file` (its open descriptor's, not the name's)."""
         return file_identity(file, self._fd(file))
-
-    def config_bytes(self) -> bytes:
-        return (self.path / "config.json").read_bytes()
 
     def _fd(self, file: Path) -> int:
         with self._lock:
