@@ -36,3 +36,13 @@ def page_cache_bytes(path: Path) -> int:
         del buffer
         mapping.close()
     return sum(v & 1 for v in vector) * page
+
+
+def readahead_bytes(path: Path) -> int:
+    """The most the kernel reads past a read of `path` on its own (its device's read_ahead_kb)."""
+    st = path.stat()
+    window = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+    try:
+        return int(window.read_text()) * 1024
+    except (OSError, ValueError):
+        return 128 * 1024  # the kernel's default window

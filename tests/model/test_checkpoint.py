@@ -14,7 +14,7 @@ from faasmoe.model.checkpoint import CheckpointError, CheckpointReader, ExpertLa
 from faasmoe.model.config import ConfigError, MoEConfig
 from faasmoe.model.moe_model import MoEModel
 
-from ..pagecache import drop_page_cache, page_cache_bytes
+from ..pagecache import drop_page_cache, page_cache_bytes, readahead_bytes
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,12 @@ def test_loading_a_block_reads_only_its_bytes(wide_checkpoints, layout_name):
     assert block.nbytes == block_bytes
     read = page_cache_bytes(shard)
     assert read >= block_bytes * 0.9  # the block really came from this file
-    assert read < block_bytes + 2 * 1024 * 1024, f"read {read} bytes for a {block_bytes}-byte block"
+    # Beyond the block, at most what the kernel reads ahead by itself (8 MiB on some disks): a block's parts
+    # are read as the kernel sees a stream. Turning readahead off (POSIX_FADV_RANDOM) would make this exact
+    # but halves a cold load's read rate (1300 -> 730 MiB/s measured on an ext4 virtio disk).
+    limit = block_bytes + readahead_bytes(shard) + 256 * 1024
+    assert read < limit, f"read {read} bytes for a {block_bytes}-byte block"
+    assert limit < shard.stat().st_size, "the file is too small for this test to tell a block from the whole file"
 
     # Control: the measurement sees a whole-layer load as the whole layer.
     layout.load_block(0, first=0, count=16, dtype=torch.float32)
