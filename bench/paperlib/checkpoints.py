@@ -91,8 +91,11 @@ def special_ids(path: Path) -> list[int]:
 
 
 def token_id(text: str) -> int | None:
-    """The id of a streamed token of the word-level tokenizer (`t1234` -> 1234; specials: None)."""
+    """The id of a streamed token: `token_id:1234` (return_tokens_as_token_ids), or the word-level tokenizer's
+    `t1234`; None for anything else (specials)."""
     text = text.strip()
+    if text.startswith("token_id:") and text[9:].isdigit():
+        return int(text[9:])
     return int(text[1:]) if text.startswith("t") and text[1:].isdigit() else None
 
 

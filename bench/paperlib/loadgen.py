@@ -45,7 +45,7 @@ class RequestResult:
 
 def completion_body(endpoint: Endpoint, prompt: list[int] | tuple[int, ...], max_tokens: int) -> dict:
     return {"model": endpoint.model, "prompt": list(prompt), "max_tokens": max_tokens, "stream": True,
-            "ignore_eos": True, "temperature": 0, "logprobs": 0}
+            "ignore_eos": True, "temperature": 0, "logprobs": 0, "return_tokens_as_token_ids": True}
 
 
 async def stream_completion(session: aiohttp.ClientSession, endpoint: Endpoint, request: Request,

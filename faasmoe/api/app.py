@@ -323,7 +323,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
                 shapes.append(ResponseShape(chat, request_id, deployment.name, deployment.tokenizer, body.logprobs,
                                             prompt.echo_text, prompt_ids=prompt.token_ids,
                                             echo_logprobs=body.echo and body.logprobs is not None,
-                                            prompt_logprobs=body.prompt_logprobs, index=index))
+                                            prompt_logprobs=body.prompt_logprobs, index=index,
+                                            tokens_as_ids=body.tokens_as_ids))
                 runs.append(_admit(request, deployment, tenant, gen))
         for run in runs:
             run.submit()

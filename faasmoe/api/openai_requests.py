@@ -133,6 +133,7 @@ class GenerationBody:
     logprobs: int | None = None  # top alternatives per token (0 = the sampled token only); None = off
     echo: bool = False
     prompt_logprobs: int | None = None  # vLLM's: top-N logprobs of every prompt token; None = off
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N"
     add_generation_prompt: bool = True  # chat: end the templated prompt with the assistant's turn
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat: extra template variables
 
@@ -159,7 +160,7 @@ SAMPLING_EXTRAS = ("stop", "stop_token_ids", "ignore_eos", "top_k", "min_p", "re
                    "presence_penalty", "frequency_penalty", "logit_bias")
 # Options accepted by both endpoints; values other than their neutral ones are rejected below.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stream", "stream_options", "logprobs",
-           "user", "prompt_logprobs", *SAMPLING_EXTRAS}
+           "user", "prompt_logprobs", "return_tokens_as_token_ids", *SAMPLING_EXTRAS}
 # vLLM's extra sampling options that clients send with their neutral value: accepted only as that.
 _NEUTRAL_EXTRAS: dict[str, tuple] = {"min_tokens": (0,), "skip_special_tokens": (True,),
                                      "include_stop_str_in_output": (False,)}
@@ -298,6 +299,7 @@ def _parse_common(body: dict, chat: bool) -> GenerationBody:
     out.min_p = _number(body, "min_p", 0.0, lo=0.0, hi=1.0)
     out.logit_bias = _parse_logit_bias(body.get("logit_bias"))
     out.prompt_logprobs = _int(body, "prompt_logprobs", None, lo=0, hi=MAX_PROMPT_LOGPROBS)
+    out.tokens_as_ids = _bool(body, "return_tokens_as_token_ids", False)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid(f"user must be a string, got {_json_type(user)}.", "user")

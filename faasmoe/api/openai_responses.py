@@ -48,6 +48,11 @@ class TokenText:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def text(self, token_id: int) -> str:
+        """How logprobs name the token."""
+        return self._text(token_id)
+
+    def plain(self, token_id: int) -> str:
+        """The token's decoded text (what text offsets count)."""
         return self._text(token_id)
 
     def bytes(self, token_id: int) -> list[int]:
@@ -64,19 +69,31 @@ class TokenText:
         return list(self.text(token_id).encode("utf-8"))
 
 
+class TokenIds(TokenText):
+    """Tokens named by id, as vLLM's return_tokens_as_token_ids does ("token_id:N"): exact where several
+    ids decode to the same text (a byte-level BPE's partial characters)."""
+
+    def text(self, token_id: int) -> str:
+        return f"token_id:{token_id}"
+
+    def bytes(self, token_id: int) -> list[int]:
+        return list(self.text(token_id).encode())
+
+
 class ResponseShape:
     """Builds the response objects of one `/v1/completions` or `/v1/chat/completions` request."""
 
     def __init__(self, chat: bool, request_id: str, model: str, tokenizer: Tokenizer, logprobs: int | None,
                  echo_text: str = "", created: int | None = None, prompt_ids: list[int] | None = None,
-                 echo_logprobs: bool = False, prompt_logprobs: int | None = None, index: int = 0) -> None:
+                 echo_logprobs: bool = False, prompt_logprobs: int | None = None, index: int = 0,
+                 tokens_as_ids: bool = False) -> None:
         self.chat = chat
         self.id = request_id
         self.model = model
         self.created = int(time.time()) if created is None else created
         self.logprobs = logprobs
         self.echo_text = echo_text
-        self.tokens = TokenText(tokenizer)
+        self.tokens = TokenIds(tokenizer) if tokens_as_ids else TokenText(tokenizer)
         self._pending: list[TokenEvent] = []  # tokens whose logprobs have not been streamed yet
         self._offset = len(echo_text)  # completions' text_offset of the next token
         self._role_sent = False  # chat streams: the role rides on the first token's chunk
@@ -194,7 +211,7 @@ class ResponseShape:
                 top.setdefault(text, lp.logprob)
                 out["top_logprobs"].append(top)
             out["text_offset"].append(offset)
-            offset += len(text)
+            offset += len(self.tokens.plain(token_id))
         return out
 
     @staticmethod
@@ -226,7 +243,7 @@ class ResponseShape:
             top.setdefault(text, e.logprob)
             out["top_logprobs"].append(top)
             out["text_offset"].append(self._offset)
-            self._offset += len(text)
+            self._offset += len(self.tokens.plain(e.token_id))
         return out
 
     def _chat_logprobs(self, events: list[TokenEvent]) -> dict:

@@ -367,6 +367,29 @@ async def test_vllm_prompt_logprobs_field(server: Server, checkpoint: Path) -> N
     assert all(len(e) == 1 for e in chat["choices"][0]["prompt_logprobs"][1:])
 
 
+async def test_return_tokens_as_token_ids_names_every_token_by_its_id(server: Server, checkpoint: Path) -> None:
+    ids = Tokenizer.from_pretrained(checkpoint).encode("Experts by id.")
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 4, "temperature": 0, "logprobs": 1, "echo": True,
+            "return_tokens_as_token_ids": True}
+    status, _, plain = await raw(server, "POST", "/v1/completions", {**body, "return_tokens_as_token_ids": False})
+    status, _, out = await raw(server, "POST", "/v1/completions", body)
+    assert status == 200, out
+    lp, plain_lp = out["choices"][0]["logprobs"], plain["choices"][0]["logprobs"]
+    assert lp["tokens"][:len(ids)] == [f"token_id:{i}" for i in ids]
+    generated = [int(t.removeprefix("token_id:")) for t in lp["tokens"][len(ids):]]
+    assert len(generated) == 4 and Tokenizer.from_pretrained(checkpoint).decode(generated) == \
+        plain["choices"][0]["text"][len("".join(plain_lp["tokens"][:len(ids)])):]
+    assert lp["text_offset"] == plain_lp["text_offset"]  # offsets still count the text
+    assert all(f"token_id:{i}" in top for i, top in zip(ids[1:], lp["top_logprobs"][1:len(ids)]))
+    _, _, events = await sse(server, "/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 1,
+                                                              "stream": True, "return_tokens_as_token_ids": True})
+    content = [c for e in events for ch in e["choices"] for c in ((ch.get("logprobs") or {}).get("content") or [])]
+    assert content and all(c["token"].startswith("token_id:") for c in content)
+    assert all(bytes(c["bytes"]).decode() == c["token"] for c in content)
+    status, _, bad = await raw(server, "POST", "/v1/completions", {**body, "return_tokens_as_token_ids": "yes"})
+    assert status == 400 and bad["error"]["param"] == "return_tokens_as_token_ids"
+
+
 async def test_n_choices(server: Server) -> None:
     client = server.client()
     kw = dict(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=1.5, seed=11,
