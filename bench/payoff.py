@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))} (choose trained, random)")
     started = time.monotonic()
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    doc = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "command": "python bench/payoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine(), "models": {}}
     for model in models:

@@ -21,8 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.paperlib.setups import (TOKEN, Endpoint, RunningSetup, SetupOptions, _config, _start_pool,
-                                   _wait_serving, tenant_key)
+from bench.paperlib.setups import TOKEN, Endpoint, RunningSetup, SetupOptions, _config, _start_pool, _wait_serving, tenant_key
 from bench.payofflib.tenants import Deployment
 from tests.processes import faasmoe, free_port
 
