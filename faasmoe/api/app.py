@@ -36,10 +36,12 @@ from faasmoe.api.openai_requests import (
     parse_json_body,
     prepare_all,
     prompt_top_logprobs,
+    resolve_tools,
     tokenize_body,
 )
 from faasmoe.api.openai_responses import ResponseShape, usage_dict
 from faasmoe.api.responses_api import ResponsesShape, parse_responses_json
+from faasmoe.api.tool_parsers import DEFAULT_PARSER
 from faasmoe.engine.deployments import Deployment, Deployments
 from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
 from faasmoe.engine.sampling import SamplingParams
@@ -78,6 +80,8 @@ class FrontendContext:
     runtime_metrics: Callable[[], Awaitable[str]]  # Prometheus text of the scheduler and workers
     max_waiting: int = 512  # requests queued per model before new ones get 503 (bounded queues)
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any); () = off
+    tool_call_parser: str | None = None  # how models name tool calls (hermes, mistral); None: by model family
+    auto_tool_choice: bool = True  # tool_choice "auto" lets the model decide to call (vLLM's --enable-auto-tool-choice)
 
 
 @dataclass
@@ -298,6 +302,9 @@ async def _prepared(request: web.Request, parse: Callable, *args) -> tuple[Tenan
     deployment = ctx.deployments.get(body.model, tenant.name, tenant.allowed_models)
     if deployment is None:
         raise model_not_found(body.model)
+    if body.tools is not None:
+        parser = ctx.tool_call_parser or DEFAULT_PARSER.get(deployment.config.family, "hermes")
+        body = resolve_tools(body, parser, ctx.auto_tool_choice, deployment.tokenizer)
     prompts = await _off_loop(request, prepare_all, body, deployment.tokenizer, deployment.max_context,
                               deployment.config.vocab_size)
     return tenant, deployment, body, prompts
@@ -324,7 +331,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
                                             prompt.echo_text, prompt_ids=prompt.token_ids,
                                             echo_logprobs=body.echo and body.logprobs is not None,
                                             prompt_logprobs=body.prompt_logprobs, index=index,
-                                            tokens_as_ids=body.tokens_as_ids))
+                                            tokens_as_ids=body.tokens_as_ids, tool_parser=body.tool_parser))
                 runs.append(_admit(request, deployment, tenant, gen))
         for run in runs:
             run.submit()

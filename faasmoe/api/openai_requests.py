@@ -15,7 +15,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from faasmoe.api.structured_requests import FIELDS as STRUCTURED_FIELDS
+from faasmoe.api.structured_requests import parse_structured
+from faasmoe.api.tool_parsers import MARKERS
+from faasmoe.api.tool_requests import ToolRequest, forced_grammar, parse_tools, template_tool_calls
 from faasmoe.engine.sampling import SamplingParams
+from faasmoe.engine.structured import StructuredOutput, StructuredOutputError, compiler_for
 from faasmoe.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -134,6 +139,9 @@ class GenerationBody:
     echo: bool = False
     prompt_logprobs: int | None = None  # vLLM's: top-N logprobs of every prompt token; None = off
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N"
+    structured: StructuredOutput | None = None  # what the output must match (JSON schema, regex, ...)
+    tools: ToolRequest | None = None  # chat: the functions the model may call, and how it must
+    tool_parser: str | None = None  # set once the model is known: how its output names calls (None: not parsed)
     add_generation_prompt: bool = True  # chat: end the templated prompt with the assistant's turn
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat: extra template variables
 
@@ -160,14 +168,14 @@ SAMPLING_EXTRAS = ("stop", "stop_token_ids", "ignore_eos", "top_k", "min_p", "re
                    "presence_penalty", "frequency_penalty", "logit_bias")
 # Options accepted by both endpoints; values other than their neutral ones are rejected below.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stream", "stream_options", "logprobs",
-           "user", "prompt_logprobs", "return_tokens_as_token_ids", *SAMPLING_EXTRAS}
+           "user", "prompt_logprobs", "return_tokens_as_token_ids", *STRUCTURED_FIELDS, *SAMPLING_EXTRAS}
 # vLLM's extra sampling options that clients send with their neutral value: accepted only as that.
 _NEUTRAL_EXTRAS: dict[str, tuple] = {"min_tokens": (0,), "skip_special_tokens": (True,),
                                      "include_stop_str_in_output": (False,)}
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 _COMPLETION_ONLY = {"prompt", "echo", "best_of", "suffix"}
 _CHAT_ONLY = {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
-              "function_call", "parallel_tool_calls", "response_format", "metadata", "store", "service_tier",
+              "function_call", "parallel_tool_calls", "metadata", "store", "service_tier",
               "modalities", "chat_template_kwargs", "add_generation_prompt"}
 # Unknown fields are ignored, as vLLM does, and logged once per name (at most this many names, so a client
 # sending random names cannot grow the set without bound).
@@ -208,17 +216,14 @@ def parse_chat(body: dict) -> GenerationBody:
         out.logprobs = top or 0
     elif top is not None:
         raise invalid("top_logprobs needs logprobs set to true.", "top_logprobs")
-    if body.get("tools") or body.get("functions"):
-        param = "tools" if body.get("tools") else "functions"
-        raise invalid("Tool and function calling are not supported by this server.", param)
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise invalid("tool_choice must be 'none' or 'auto': no tools are supported.", "tool_choice")
-    if body.get("function_call") not in (None, "none", "auto"):
-        raise invalid("function_call is not supported.", "function_call")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise invalid("response_format must be {\"type\": \"text\"}: structured output is not supported.",
-                      "response_format")
+    if body.get("functions") or body.get("function_call") not in (None, "none", "auto"):
+        param = "functions" if body.get("functions") else "function_call"
+        raise invalid("functions and function_call are deprecated and not supported; send tools and tool_choice.",
+                      param)
+    try:
+        out.tools = parse_tools(body)
+    except StructuredOutputError as exc:
+        raise invalid(str(exc), exc.param) from None
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise invalid("modalities must be [\"text\"].", "modalities")
@@ -254,6 +259,12 @@ def tokenize_body(body: dict, tokenizer: Tokenizer) -> dict:
     """vLLM's POST /tokenize: a prompt, or chat messages through the template -> token ids."""
     if body.get("messages") is not None:
         add, kwargs = _template_options(body)
+        try:
+            tools = parse_tools(body)
+        except StructuredOutputError as exc:
+            raise invalid(str(exc), exc.param) from None
+        if tools is not None:
+            kwargs = {**kwargs, "tools": [dict(t) for t in tools.tools]}
         text = render_chat(tokenizer, _parse_messages(body["messages"]), add, kwargs)
         ids = tokenizer.encode(text, add_special_tokens=_bool(body, "add_special_tokens", False))
     elif isinstance(body.get("prompt"), str):
@@ -300,6 +311,10 @@ def _parse_common(body: dict, chat: bool) -> GenerationBody:
     out.logit_bias = _parse_logit_bias(body.get("logit_bias"))
     out.prompt_logprobs = _int(body, "prompt_logprobs", None, lo=0, hi=MAX_PROMPT_LOGPROBS)
     out.tokens_as_ids = _bool(body, "return_tokens_as_token_ids", False)
+    try:
+        out.structured = parse_structured(body)
+    except StructuredOutputError as exc:
+        raise invalid(str(exc), exc.param) from None
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid(f"user must be a string, got {_json_type(user)}.", "user")
@@ -377,14 +392,24 @@ def _parse_messages(messages: Any) -> list[dict]:
         role = m.get("role")
         if role not in CHAT_ROLES:
             raise invalid(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}.", f"{where}.role")
-        if m.get("tool_calls") or m.get("function_call"):
-            raise invalid(f"{where}: tool calls are not supported.", f"{where}.tool_calls")
+        if m.get("function_call"):
+            raise invalid(f"{where}.function_call is deprecated and not supported; send tool_calls.",
+                          f"{where}.function_call")
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""
         out.append({"role": role, "content": _message_text(content, f"{where}.content")})
         if isinstance(m.get("name"), str):
             out[-1]["name"] = m["name"]
+        if m.get("tool_calls") is not None:
+            if role != "assistant":
+                raise invalid(f"{where}: only assistant messages hold tool_calls.", f"{where}.tool_calls")
+            try:
+                out[-1]["tool_calls"] = template_tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            except StructuredOutputError as exc:
+                raise invalid(str(exc), exc.param) from None
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            out[-1]["tool_call_id"] = m["tool_call_id"]
     return out
 
 
@@ -451,7 +476,10 @@ def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_
     check_prompt_size(body, max_context)
     echo_text = ""
     if body.chat:
-        text = render_chat(tokenizer, body.messages or [], body.add_generation_prompt, body.chat_template_kwargs)
+        kwargs = body.chat_template_kwargs
+        if body.tools is not None and body.tools.choice != "none":  # the template shows the model its tools
+            kwargs = {**kwargs, "tools": [dict(t) for t in body.tools.tools]}
+        text = render_chat(tokenizer, body.messages or [], body.add_generation_prompt, kwargs)
         ids = tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS etc.
         what = "messages"
     elif isinstance(body.prompt, str):
@@ -486,8 +514,39 @@ def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_
                             stop=list(body.stop), stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, top_k=body.top_k,
                             min_p=body.min_p, presence_penalty=body.presence_penalty,
                             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-                            logit_bias=body.logit_bias)
+                            logit_bias=body.logit_bias, grammar=compile_structured(body.structured, tokenizer, vocab_size),
+                            # a family whose call marker is a control token: its text must reach the parser
+                            skip_special_tokens=not (body.tool_parser and MARKERS[body.tool_parser].special))
     return PreparedPrompt(ids, params, echo_text if body.echo else "")
+
+
+def resolve_tools(body: GenerationBody, parser: str, auto_tool_choice: bool, tokenizer: Tokenizer) -> GenerationBody:
+    """The body with its tools bound to the model's parser: `required` or a named function become a grammar
+    (combined with another output constraint they are a 400); `auto` needs auto tool choice on."""
+    request = body.tools
+    if request is None or request.choice == "none":
+        return body
+    if request.choice == "auto" and not auto_tool_choice:
+        raise invalid("\"auto\" tool choice requires --enable-auto-tool-choice on this server.", "tool_choice")
+    structured = body.structured
+    if request.forced:
+        if structured is not None:
+            raise invalid(f"tool_choice {request.choice!r} and {structured.param} both constrain the output; "
+                          "send one.", "tool_choice")
+        marker = tokenizer.token_to_id(MARKERS[parser].start) if MARKERS[parser].special else None
+        structured = forced_grammar(request, parser, marker)
+    return dataclasses.replace(body, tool_parser=parser, structured=structured)
+
+
+def compile_structured(constraint: StructuredOutput | None, tokenizer: Tokenizer, vocab_size: int):
+    """The request's output constraint compiled for this model (cached per schema); a 400 naming the field
+    when the grammar engine cannot compile it."""
+    if constraint is None:
+        return None
+    try:
+        return compiler_for(tokenizer, vocab_size).compile(constraint)
+    except StructuredOutputError as exc:
+        raise invalid(str(exc), exc.param) from None
 
 
 # --- field checks ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import functools
 import re
 import time
 
+from faasmoe.api.tool_parsers import ToolCallStream, parse_tool_calls
 from faasmoe.engine.requests import Finished, PromptLogprob, TokenEvent, Usage
 from faasmoe.model.tokenizer import Tokenizer
 
@@ -86,7 +87,7 @@ class ResponseShape:
     def __init__(self, chat: bool, request_id: str, model: str, tokenizer: Tokenizer, logprobs: int | None,
                  echo_text: str = "", created: int | None = None, prompt_ids: list[int] | None = None,
                  echo_logprobs: bool = False, prompt_logprobs: int | None = None, index: int = 0,
-                 tokens_as_ids: bool = False) -> None:
+                 tokens_as_ids: bool = False, tool_parser: str | None = None) -> None:
         self.chat = chat
         self.id = request_id
         self.model = model
@@ -102,6 +103,9 @@ class ResponseShape:
         self.prompt_logprobs = prompt_logprobs  # vLLM's choice-level prompt_logprobs, top N
         self._prompt_sent = False
         self.index = index  # the choice's index among n
+        # Chat with tools: the text is read for tool calls in the model family's format (None: it is not).
+        self.tool_parser = tool_parser if chat else None
+        self._tool_stream = ToolCallStream(tool_parser) if self.tool_parser else None
 
     # --- whole responses ------------------------------------------------------------------------
 
@@ -112,8 +116,15 @@ class ResponseShape:
         if self.echo_logprobs and not self.chat and prompt is not None:
             logprobs = self._join(self._echo_logprobs(prompt), logprobs)
         if self.chat:
-            choice = {"index": self.index, "message": {"role": "assistant", "content": finished.text},
-                      "logprobs": logprobs, "finish_reason": finished.finish_reason}
+            message: dict = {"role": "assistant", "content": finished.text}
+            finish_reason = finished.finish_reason
+            if self.tool_parser:
+                content, calls = parse_tool_calls(self.tool_parser, finished.text)
+                if calls:
+                    message = {"role": "assistant", "content": content,
+                               "tool_calls": [c.as_openai() for c in calls]}
+                    finish_reason = "tool_calls"
+            choice = {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": self.index, "text": self.echo_text + finished.text, "logprobs": logprobs,
                       "finish_reason": finished.finish_reason}
@@ -152,6 +163,8 @@ class ResponseShape:
         first token always has one: the role, with whatever text there is)."""
         if self.logprobs is not None:
             self._pending.append(event)
+        if self._tool_stream is not None:
+            return self._tool_chunk(self._tool_stream.feed(event.text))
         if self.chat and not self._role_sent:
             self._role_sent = True
             return self._chunk({"role": "assistant", "content": event.text}, logprobs=self._take_pending())
@@ -159,8 +172,22 @@ class ResponseShape:
             return None
         return self._chunk({"content": event.text} if self.chat else event.text, logprobs=self._take_pending())
 
+    def _tool_chunk(self, delta: dict, finish_reason: str | None = None) -> dict | None:
+        """A chat chunk of content and tool-call deltas (the role rides on the first)."""
+        if not self._role_sent:
+            self._role_sent = True
+            delta = {"role": "assistant", "content": "", **delta}
+        elif not delta and self.logprobs is None and finish_reason is None:
+            return None
+        return self._chunk(delta, finish_reason, self._take_pending())
+
     def final_chunk(self, finish_reason: str) -> dict:
         """The last choice chunk: finish_reason and logprobs still pending (usage has its own chunk)."""
+        if self._tool_stream is not None:
+            delta = self._tool_stream.feed("", final=True)
+            if self._tool_stream.called and finish_reason == "stop":
+                finish_reason = "tool_calls"
+            return self._tool_chunk(delta, finish_reason)
         delta = {"role": "assistant"} if self.chat and not self._role_sent else {}
         self._role_sent = True
         return self._chunk(delta if self.chat else "", finish_reason, self._take_pending())

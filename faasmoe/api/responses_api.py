@@ -27,7 +27,11 @@ from faasmoe.api.openai_requests import (
     parse_json_body,
 )
 from faasmoe.api.openai_responses import TokenText
+from faasmoe.api.structured_requests import parse_text_format
+from faasmoe.api.tool_parsers import ToolCall, ToolCallStream, parse_tool_calls
+from faasmoe.api.tool_requests import parse_tools, template_tool_calls
 from faasmoe.engine.requests import Finished, TokenEvent, Usage
+from faasmoe.engine.structured import StructuredOutputError
 from faasmoe.model.tokenizer import Tokenizer
 
 # What `_parse_common` validates for us (the same checks and messages as chat); `seed` and the sampling extras
@@ -57,6 +61,8 @@ class ResponsesBody(GenerationBody):
     parallel_tool_calls: bool = True
     tool_choice: str = "auto"
     user: str | None = None
+    text_format: dict = field(default_factory=lambda: {"type": "text"})  # echoed as the response's text.format
+    tools_echo: list = field(default_factory=list)  # the request's tools, echoed
 
 
 def parse_responses_json(raw: bytes) -> ResponsesBody:
@@ -80,7 +86,18 @@ def parse_responses(body: dict) -> ResponsesBody:
     out.metadata = _metadata(body.get("metadata"))
     out.parallel_tool_calls = _bool(body, "parallel_tool_calls", True)
     out.tool_choice = body.get("tool_choice") or "auto"
+    try:
+        out.tools = parse_tools(body, flat=True)
+    except StructuredOutputError as exc:
+        raise invalid(str(exc), exc.param) from None
+    out.tools_echo = list(body.get("tools") or [])
     out.user = body.get("user")  # a string: _parse_common checked it
+    try:
+        out.structured = parse_text_format(body.get("text"))
+    except StructuredOutputError as exc:
+        raise invalid(str(exc), exc.param) from None
+    if out.structured is not None:
+        out.text_format = body["text"]["format"]
     top = _int(body, "top_logprobs", None, lo=0, hi=MAX_CHAT_TOP_LOGPROBS)
     if LOGPROBS_INCLUDE in _include(body.get("include")) or top is not None:
         out.logprobs = top or 0
@@ -92,10 +109,6 @@ def parse_responses(body: dict) -> ResponsesBody:
 
 def _refuse_unsupported(body: dict) -> None:
     """Options this server cannot honour: a 400 naming each, never a silent difference."""
-    if body.get("tools"):
-        raise invalid("Tools and function calling are not supported by this server.", "tools")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise invalid("tool_choice must be 'none' or 'auto': no tools are supported.", "tool_choice")
     if body.get("previous_response_id") is not None:
         raise invalid("previous_response_id is not supported: this server stores no responses; send the whole "
                       "conversation in input.", "previous_response_id")
@@ -108,11 +121,6 @@ def _refuse_unsupported(body: dict) -> None:
         raise invalid("store must be false: this server does not store responses for later retrieval.", "store")
     if _bool(body, "background", False):
         raise invalid("background responses are not supported; use stream to see output as it comes.", "background")
-    text = body.get("text")
-    if text is not None:
-        fmt = text.get("format") if isinstance(text, dict) else None
-        if not isinstance(text, dict) or (fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text")):
-            raise invalid("text.format must be {\"type\": \"text\"}: structured output is not supported.", "text.format")
     if body.get("truncation") not in (None, "disabled"):
         raise invalid("truncation must be 'disabled': input that does not fit the context is refused, not cut.",
                       "truncation")
@@ -132,6 +140,19 @@ def _input_messages(value: Any) -> list[dict]:
         if not isinstance(item, dict):
             raise invalid(f"{where} must be an object, got {_json_type(item)}.", where)
         kind = item.get("type", "message")
+        if kind == "function_call":  # a call the model made earlier: the assistant's turn (calls in a row: one)
+            call = _function_call(item, where)
+            if messages and messages[-1]["role"] == "assistant" and "tool_calls" in messages[-1]:
+                messages[-1]["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            continue
+        if kind == "function_call_output":
+            output = item.get("output")
+            if not isinstance(item.get("call_id"), str) or not isinstance(output, str):
+                raise invalid(f"{where} must hold call_id and output (strings).", where)
+            messages.append({"role": "tool", "content": output, "tool_call_id": item["call_id"]})
+            continue
         if kind != "message":
             raise invalid(_item_refusal(kind, where), f"{where}.type")
         role = item.get("role")
@@ -141,9 +162,21 @@ def _input_messages(value: Any) -> list[dict]:
     return messages
 
 
+def _function_call(item: dict, where: str) -> dict:
+    if not isinstance(item.get("call_id"), str) or not isinstance(item.get("name"), str) \
+            or not isinstance(item.get("arguments"), str):
+        raise invalid(f"{where} must hold call_id, name and arguments (strings).", where)
+    try:
+        [call] = template_tool_calls([{"id": item["call_id"], "function": {"name": item["name"],
+                                                                          "arguments": item["arguments"]}}], where)
+    except StructuredOutputError as exc:
+        raise invalid(str(exc), exc.param) from None
+    return call
+
+
 def _item_refusal(kind: Any, where: str) -> str:
-    if kind in ("function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output"):
-        return f"{where}: {kind} items are not supported: this server has no tool or function calling."
+    if kind in ("custom_tool_call", "custom_tool_call_output"):
+        return f"{where}: {kind} items are not supported: only function tools are."
     if kind == "item_reference":
         return f"{where}: item_reference is not supported: this server stores no items; send their content."
     return f"{where}: {kind!r} items are not supported; send messages ({{\"role\", \"content\"}}) with text."
@@ -211,6 +244,19 @@ class ResponsesShape:
         self._logprobs: list[dict] = []
         self._streamed = ""  # the text sent in deltas so far
         self._deltas = 0  # output_text.delta events sent
+        # With tools: the text is read for calls; each becomes a function_call item after the message's
+        self._tool_stream = ToolCallStream(body.tool_parser) if body.tool_parser else None
+        self._split: tuple[str, list[ToolCall]] | None = None
+
+    def _parts(self, finished: Finished) -> tuple[str, list[ToolCall]]:
+        """The message's text and the calls made (the same ids every time it is asked)."""
+        if self._split is None:
+            self._split = (finished.text, [])
+            if self.body.tool_parser:
+                content, calls = parse_tool_calls(self.body.tool_parser, finished.text)
+                if calls:
+                    self._split = (content or "", calls)
+        return self._split
 
     # --- whole responses ------------------------------------------------------------------------
 
@@ -228,7 +274,7 @@ class ResponsesShape:
                "max_output_tokens": b.max_tokens, "max_tool_calls": None, "metadata": b.metadata, "model": self.model,
                "output": [], "parallel_tool_calls": b.parallel_tool_calls, "previous_response_id": None,
                "reasoning": {"effort": None, "summary": None}, "store": False, "temperature": b.temperature,
-               "text": {"format": {"type": "text"}}, "tool_choice": b.tool_choice, "tools": [],
+               "text": {"format": b.text_format}, "tool_choice": b.tool_choice, "tools": b.tools_echo,
                "top_logprobs": b.logprobs or 0, "top_p": b.top_p, "truncation": "disabled", "usage": None,
                "user": b.user}
         if finished is None:
@@ -240,8 +286,16 @@ class ResponsesShape:
             return out
         if status == "incomplete":
             out["incomplete_details"] = {"reason": "max_output_tokens"}
-        out["output"] = [self._item("completed" if status == "completed" else "incomplete", finished.text)]
+        text, calls = self._parts(finished)
+        item_status = "completed" if status == "completed" else "incomplete"
+        message = [self._item(item_status, text)] if text or not calls or self._item_sent else []
+        out["output"] = message + [self._call_item(c, "completed") for c in calls]
         return out
+
+    @staticmethod
+    def _call_item(call: ToolCall, status: str) -> dict:
+        return {"id": f"fc_{call.id.removeprefix('call_')}", "type": "function_call", "status": status,
+                "call_id": call.id, "name": call.name, "arguments": call.arguments if status == "completed" else ""}
 
     def _item(self, status: str, text: str | None) -> dict:
         content = [] if text is None else [self._part(text)]
@@ -260,11 +314,14 @@ class ResponsesShape:
     def token_events(self, event: TokenEvent) -> list[dict]:
         """The events of one token: at the first, the message item and its text part; then its text delta
         (none while the engine holds the token's text back, unless its logprob was asked for)."""
-        out = self._open_item()
         logprobs = self._token_logprobs(event)
         self._logprobs.extend(logprobs)
-        if event.text or logprobs:
-            out.append(self._delta(event.text, logprobs))
+        text = event.text if self._tool_stream is None else self._tool_stream.feed(event.text).get("content", "")
+        if not (text or logprobs) and (self._tool_stream is not None or self._item_sent):
+            return []  # with tools, the message item opens with its first text: a call alone has none
+        out = self._open_item()
+        if text or logprobs:
+            out.append(self._delta(text, logprobs))
         return out
 
     def end_events(self, finished: Finished) -> list[dict]:
@@ -272,18 +329,30 @@ class ResponsesShape:
         final = self._response(finished)
         if final["status"] == "failed":
             return [self._event(_LAST_EVENT["failed"], response=final)]
-        out = self._open_item()
-        held = finished.text[len(self._streamed):] if finished.text.startswith(self._streamed) else ""
-        if held or (self._deltas == 0 and finished.usage.completion_tokens > 0):
-            # text the engine still held back when it stopped: the deltas must add up to the whole; and a
-            # response that generated tokens has at least one delta, even an empty one (its text was all
-            # special tokens): clients such as vllm bench count a stream without any delta as failed
-            out.append(self._delta(held, []))
-        part = self._part(finished.text)
-        out.append(self._event("response.output_text.done", **self._where(), text=finished.text,
-                               logprobs=part["logprobs"]))
-        out.append(self._event("response.content_part.done", **self._where(), part=part))
-        out.append(self._event("response.output_item.done", output_index=0, item=final["output"][0]))
+        text, calls = self._parts(finished)
+        out = []
+        if text or not calls or self._item_sent:
+            out += self._open_item()
+            held = text[len(self._streamed):] if text.startswith(self._streamed) else ""
+            if held or (self._deltas == 0 and finished.usage.completion_tokens > 0):
+                # text the engine still held back when it stopped: the deltas must add up to the whole; and a
+                # response that generated tokens has at least one delta, even an empty one (its text was all
+                # special tokens): clients such as vllm bench count a stream without any delta as failed
+                out.append(self._delta(held, []))
+            part = self._part(text)
+            out.append(self._event("response.output_text.done", **self._where(), text=text, logprobs=part["logprobs"]))
+            out.append(self._event("response.content_part.done", **self._where(), part=part))
+            out.append(self._event("response.output_item.done", output_index=0, item=final["output"][0]))
+        first = len(final["output"]) - len(calls)
+        for index, call in enumerate(calls, start=first):  # each call: announced, its arguments, done
+            item_id = final["output"][index]["id"]
+            out.append(self._event("response.output_item.added", output_index=index,
+                                   item=self._call_item(call, "in_progress")))
+            out.append(self._event("response.function_call_arguments.delta", item_id=item_id, output_index=index,
+                                   delta=call.arguments))
+            out.append(self._event("response.function_call_arguments.done", item_id=item_id, output_index=index,
+                                   arguments=call.arguments))
+            out.append(self._event("response.output_item.done", output_index=index, item=final["output"][index]))
         out.append(self._event(_LAST_EVENT.get(final["status"], "response.incomplete"), response=final))
         return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from faasmoe.api.tool_parsers import PARSERS
 from faasmoe.cli.credentials import add_secret_arguments, resolve_secret
 from faasmoe.tenancy.database import STATE_HELP
 from runtime.sizes import parse_size, parse_size_or_zero
@@ -166,6 +167,12 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CORS: origins browsers may call the API from, comma-separated or a JSON list "
                         "(vLLM's '[\"*\"]'); '*' = any; default: none (CORS off)")
     parser.add_argument("--access-log", action="store_true", help="log one line per HTTP request on stdout")
+    parser.add_argument("--enable-auto-tool-choice", dest="auto_tool_choice", action=argparse.BooleanOptionalAction,
+                        default=True, help="let tool_choice 'auto' (the default with tools) have the model decide to "
+                        "call a tool, as vLLM's flag; on by default, --no-enable-auto-tool-choice refuses it with a 400")
+    parser.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                        help="how generated text names tool calls: hermes (<tool_call> tags: Qwen, OLMoE) or mistral "
+                        "([TOOL_CALLS]); default: by each model's family")
 
 
 def _origins(value: str) -> list[str]:
@@ -240,7 +247,8 @@ def _serve(args: argparse.Namespace) -> int:
         whole_model_keep_alive=getattr(args, "whole_model_keep_alive", 0.0),
         scheduler_timeout=getattr(args, "scheduler_timeout", 30.0), kv_cache_memory=args.kv_cache_memory,
         invoke_timeout=args.invoke_timeout, invoke_timeout_factor=args.invoke_timeout_factor,
-        micro_batches=args.micro_batches,
+        micro_batches=args.micro_batches, tool_call_parser=args.tool_call_parser,
+        auto_tool_choice=args.auto_tool_choice,
     )
     import uvloop
 

@@ -4,8 +4,12 @@ seed, after vLLM's logits adjustments (logit_bias; repetition, frequency and pre
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from faasmoe.engine.structured import Grammar
 
 
 @dataclass
@@ -25,6 +29,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: minus this times how often it was generated
     repetition_penalty: float = 1.0  # HF's / vLLM's: logits of prompt and output tokens /= it (x it if negative)
     logit_bias: dict[int, float] | None = None  # OpenAI's: added to those tokens' logits
+    grammar: Grammar | None = None  # structured output: only tokens it allows are sampled
+    skip_special_tokens: bool = True  # drop special tokens' text from the output (vLLM's default)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -67,12 +73,16 @@ class Sampler:
                 self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, prompt: list[int] = (), output: list[int] = (),
-                 argmax: int | None = None) -> int:
+                 argmax: int | None = None, allowed: torch.Tensor | None = None) -> int:
         """logits [V] (and the tokens so far, for the penalties) -> the next token id. `argmax`: the
-        logits' argmax when the caller has it (a whole batch's in one op); greedy takes it as is."""
+        logits' argmax when the caller has it (a whole batch's in one op); greedy takes it as is.
+        `allowed`: bool [V], the only tokens that may be chosen (a grammar's), applied after the penalties."""
         p = self.params
         if p.adjusts_logits:
             logits, argmax = adjust_logits(logits, p, prompt, output), None
+        if allowed is not None and (self.generator is not None or argmax is None or not bool(allowed[argmax])):
+            # (greedy whose choice the grammar allows needs no mask: the masked argmax is the same token)
+            logits, argmax = logits.masked_fill(~allowed, float("-inf")), None
         if self.generator is None:
             return int(torch.argmax(logits)) if argmax is None else argmax
         probs = torch.softmax(logits.float() / p.temperature, dim=-1)

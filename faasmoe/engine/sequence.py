@@ -46,6 +46,7 @@ class Sequence:
         self.sampler = Sampler(params, cache.device)
         # As vLLM: stop_token_ids stop besides EOS, and ignore_eos ignores EOS alone.
         self.stop_ids = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else eos_ids)
+        self._eos_ids = eos_ids
         self.output: list[int] = []
         self.logprobs: list[float] = []
         self.pending: list[int] = list(prompt)  # fed to the model at the next step
@@ -54,8 +55,10 @@ class Sequence:
         if tokenizer is not None:
             from faasmoe.model.tokenizer import IncrementalDetokenizer
 
-            self._detok = IncrementalDetokenizer(tokenizer)
+            self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.text = ""
+        # Structured output: this sequence's place in its grammar (None: unconstrained).
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None
 
     @property
     def finished(self) -> bool:
@@ -65,10 +68,17 @@ class Sequence:
         """Sample from this step's logits [V], record the token and check the stop conditions.
         `log_probs` is their log-softmax and `argmax` their argmax when the caller has them (a whole
         batch's in one op)."""
-        token = self.sampler(logits, self.prompt, self.output, argmax)
+        allowed = self.matcher.allowed() if self.matcher is not None else None
+        token = self.sampler(logits, self.prompt, self.output, argmax, allowed)
         self.output.append(token)
         self.logprobs.append(logprobs_of(logits, token) if log_probs is None else float(log_probs[token]))
         self.pending = [token]
+        if self.matcher is not None and (not self.matcher.consume(token) or self.matcher.done):
+            # The grammar is complete (EOS included, where it accepted): nothing may follow.
+            self.finish_reason = "stop"
+            if self._detok is not None and token not in self._eos_ids:
+                self._add_text(self._detok.push(token) + self._detok.flush())
+            return token
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return token

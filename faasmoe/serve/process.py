@@ -64,6 +64,8 @@ class ServeOptions:
     served_model_names: list[str] | None = None  # one MODEL_DIR: its name, then aliases; several: one name each
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: off
     access_log: bool = False  # one line per HTTP request on stdout
+    tool_call_parser: str | None = None  # hermes | mistral; None: each model's family's
+    auto_tool_choice: bool = True  # tool_choice "auto" allowed (vLLM's --enable-auto-tool-choice)
     config: Path | None = None
     host: str | None = None
     port: int | None = None
@@ -275,7 +277,8 @@ class FrontendProcess:
             deployments=self.deployments, tenants=self.tenants, api_key=self.opts.api_key,
             admin_key=s.admin_key or self.opts.api_key, admission=Admission(), ledger=self.ledger,
             cluster_state=self.cluster_state, runtime_metrics=self.runtime_metrics,
-            allowed_origins=tuple(self.opts.allowed_origins),
+            allowed_origins=tuple(self.opts.allowed_origins), tool_call_parser=self.opts.tool_call_parser,
+            auto_tool_choice=self.opts.auto_tool_choice,
         )
         self.runner = FrontendRunner(create_app(ctx), access_log=access_logger() if self.opts.access_log else None,
                                      handle_signals=False)

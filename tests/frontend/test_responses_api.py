@@ -261,17 +261,20 @@ def test_admission_limits_apply(server) -> None:
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}]}, "tools"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]}, "tools[0].parameters"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0]"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"previous_response_id": "resp_123"}, "previous_response_id"),
     ({"store": True}, "store"),
     ({"background": True}, "background"),
     ({"conversation": "conv_123"}, "conversation"),
-    ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
      "input[0].content[0]"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]}, "input[0].content[0]"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}, "input[0].type"),
+    ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0]"),
+    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0]"),
+    ({"input": [{"type": "custom_tool_call_output", "call_id": "c", "output": "4"}]}, "input[0].type"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
     ({"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
     ({"input": 3}, "input"),

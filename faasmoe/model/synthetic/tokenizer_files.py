@@ -34,15 +34,40 @@ PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-# Qwen1.5's ChatML template (default system message when none is given).
+# ChatML as Qwen uses it (a default system message when none is given), with tools the Qwen2.5 way: the
+# functions listed in the system turn, calls in <tool_call> tags (the hermes parser's format), results
+# in <tool_response> tags. Without tools or tool messages it renders exactly Qwen1.5's template.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else 'You are a helpful assistant.' %}"
+    "{%- if tools %}"
+    "{{ '<|im_start|>system\\n' + system + '\\n\\n# Tools\\n\\nThese functions can be called. Their signatures, "
+    "one per line, between <tools> and </tools>:\\n<tools>' }}"
+    "{%- for tool in tools %}{{ '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{ '\\n</tools>\\n\\nTo call one, answer with its name and arguments as JSON between <tool_call> and "
+    "</tool_call>:\\n<tool_call>\\n{\\\"name\\\": <function name>, \\\"arguments\\\": <arguments object>}\\n</tool_call>"
+    "<|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}"
+    "{%- if not tools %}{{ '<|im_start|>system\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined %}"
+    "{{ '<|im_start|>assistant\\n' + message['content'] }}"
+    "{%- for call in message['tool_calls'] %}"
+    "{{ ('\\n' if message['content'] or not loop.first else '') + '<tool_call>\\n{\\\"name\\\": \\\"' "
+    "+ call['function']['name'] + '\\\", \\\"arguments\\\": ' + "
+    "(call['function']['arguments'] if call['function']['arguments'] is string "
+    "else call['function']['arguments'] | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 # Training text: English prose, chat turns, code and multi-byte text (accents, CJK, emoji), so

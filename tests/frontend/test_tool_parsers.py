@@ -1,0 +1,39 @@
+"""The tool-call parsers on text (issue 24): each family's format read whole, and streamed however the text is
+cut: the stream's content and calls (names, arguments joined from their pieces) are the whole text's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from faasmoe.api.tool_parsers import ToolCallStream, parse_tool_calls
+
+HERMES = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
+          '</tool_call>\n<tool_call>\n{"name": "add_user", "arguments": {"name": "a}b\\"{", "tags": ["x"]}}\n</tool_call>')
+MISTRAL = ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, '
+           '{"name": "add_user", "arguments": {"nested": {"deep": [1, {"k": "}"}]}}}]')
+
+
+@pytest.mark.parametrize("parser,text", [("hermes", HERMES), ("mistral", MISTRAL)])
+@pytest.mark.parametrize("cut", [1, 2, 3, 7, 1000])
+def test_a_stream_cut_anywhere_gives_the_whole_texts_calls(parser: str, text: str, cut: int) -> None:
+    content, calls = parse_tool_calls(parser, text)
+    assert [c.name for c in calls] == ["get_weather", "add_user"]
+    stream, streamed_content, names, arguments = ToolCallStream(parser), "", {}, {}
+    pieces = [text[i:i + cut] for i in range(0, len(text), cut)]
+    for i, piece in enumerate(pieces):
+        delta = stream.feed(piece, final=i == len(pieces) - 1)
+        streamed_content += delta.get("content", "")
+        for call in delta.get("tool_calls", []):
+            if "id" in call:
+                names[call["index"]] = call["function"]["name"]
+            arguments[call["index"]] = arguments.get(call["index"], "") + call["function"]["arguments"]
+    assert streamed_content.strip() == (content or "")
+    assert [names[i] for i in sorted(names)] == [c.name for c in calls]
+    assert [json.loads(arguments[i]) for i in sorted(arguments)] == [json.loads(c.arguments) for c in calls]
+
+
+def test_text_without_a_well_formed_call_is_content() -> None:
+    for text in ("plain words", "<tool_call>\n{not json}\n</tool_call>", "<tool_call>\n{\"name\": \"f\""):
+        assert parse_tool_calls("hermes", text) == (text, [])
