@@ -2,7 +2,7 @@
 
     python bench/grammar.py [--steps 64] [--batches 1,16]
 
-At a 152k vocabulary (a byte-level BPE trained here to Qwen's size on the corpus of bench/trainedlib, cached
+At a 152k-wide vocabulary (a byte-level BPE trained here with Qwen's vocab_size on the corpus of bench/trainedlib, cached
 under models/), each engine compiles the constraints agents send (a JSON schema with nested objects, enums and
 arrays; any JSON object; a tool call of one of three functions in <tool_call> tags) and walks them: every step
 computes the mask of allowed tokens for each sequence of the batch, then each sequence takes a random allowed
@@ -63,7 +63,7 @@ def tokenizer_152k() -> Path:
     from bench.trainedlib.corpus import documents, domains
     from faasmoe.model.synthetic.tokenizer_files import write_tokenizer_files
 
-    texts = [doc for d in domains() for doc in documents(d, 6_000_000)]
+    texts = [doc for d in domains() for doc in documents(d, 2_000_000)]
     write_tokenizer_files(out, VOCAB, texts)
     return out
 
@@ -74,9 +74,9 @@ def walk(mask_of, take, matchers: list, steps: int, rng: random.Random, vocab: i
     times = []
     for _ in range(steps):
         started = time.perf_counter()
-        masks = mask_of(matchers)
+        bitmask = mask_of(matchers)  # the engine's work: the packed mask of every sequence
         times.append(time.perf_counter() - started)
-        for i, allowed in enumerate(masks):
+        for i, allowed in enumerate(unpack(bitmask)):
             ids = allowed[:vocab].nonzero().flatten().tolist()
             take(matchers, i, rng.choice(ids) if ids else None)
     return times
@@ -110,11 +110,11 @@ def llguidance_runs(tok_path: Path, constraints: dict, batches: list[int], steps
             def serial(ms, bitmask=bitmask):
                 for i, m in enumerate(ms):
                     llt.fill_next_token_bitmask(m, bitmask, i)
-                return unpack(bitmask)
+                return bitmask
 
             def parallel(ms, bitmask=bitmask):
                 llt.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(ms)], bitmask)
-                return unpack(bitmask)
+                return bitmask
 
             def take(ms, i, token):
                 if token is None or not ms[i].consume_token(token) or ms[i].is_stopped():
@@ -149,7 +149,7 @@ def xgrammar_runs(tok_path: Path, constraints: dict, batches: list[int], steps: 
             def fill(ms, bitmask=bitmask):
                 for i, m in enumerate(ms):
                     m.fill_next_token_bitmask(bitmask, i)
-                return unpack(bitmask)
+                return bitmask
 
             def take(ms, i, token):
                 if token is None or not ms[i].accept_token(token) or ms[i].is_terminated():
@@ -176,8 +176,11 @@ def main() -> None:
     tool = json.dumps(tool_schema() | {"x-guidance": {"whitespace_flexible": False}})
     constraints = {"json schema": ("json", SCHEMA), "json object": ("json", {"type": "object"}),
                    "tool call": ("lark", f'start: "<tool_call>\\n" %json {tool} "\\n</tool_call>"')}
+    from tokenizers import Tokenizer
+
     from faasmoe.model.kernels import cpu_isa
 
+    print(f"tokenizer: {Tokenizer.from_file(str(tok / 'tokenizer.json')).get_vocab_size()} tokens, logits {VOCAB}")
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "isa": cpu_isa(),
                            "cores": os.cpu_count(), "torch": torch.__version__}, "vocab": VOCAB, "engines": {}}
     results["engines"]["llguidance"] = llguidance_runs(tok, constraints, batches, args.steps)
