@@ -1,6 +1,7 @@
 """Token-mask time per decode step of the grammar engines vLLM and SGLang use, on this CPU (issue 24).
 
     python bench/grammar.py [--steps 64] [--batches 1,16]
+    python bench/grammar.py --decode MODEL_DIR [--tokens 32] [--dtype bfloat16]   # decode tok/s, constrained or not
 
 At a 152k-wide vocabulary (a byte-level BPE trained here with Qwen's vocab_size on the corpus of bench/trainedlib, cached
 under models/), each engine compiles the constraints agents send (a JSON schema with nested objects, enums and
@@ -10,6 +11,12 @@ token (seeded), so the walk covers the grammar the way a model's output would. R
 then cached), mask time per step at batch 1 and 16 (p50 / p99, ms), and for llguidance its parallel batch fill.
 xgrammar is measured when importable (`pip install --no-deps xgrammar apache-tvm-ffi` next to torch and
 transformers; it is not a dependency of faasmoe). Writes bench/results/grammar.json.
+
+With --decode, what the constraint costs a real decode instead: faasmoe's batched generation (the engine's
+sequences and sampler, every expert in process) on MODEL_DIR (e.g. the Qwen1.5-MoE-A2.7B shape of
+`faasmoe model init --preset qwen1.5-moe-a2.7b`), greedy, `--tokens` new tokens at batch 1 and 16, without a
+constraint and with a JSON schema that cannot end before them (an object holding an array of >= 64 short
+strings), the two alternating A B A B; prints tok/s of each and the ratio. Writes bench/results/grammar_decode.json.
 """
 
 from __future__ import annotations
@@ -166,12 +173,62 @@ def summary(times: list[float], compile_s: float | None) -> dict:
             "mask_ms_mean": statistics.fmean(ms), "compile_ms": None if compile_s is None else compile_s * 1000}
 
 
+LONG_SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "minItems": 64, "maxItems": 128,
+                                                        "items": {"type": "string", "maxLength": 8}}},
+               "required": ["items"], "additionalProperties": False}
+
+
+def decode(model_dir: Path, tokens: int, dtype: str, batches: list[int], rounds: int = 2) -> dict:
+    from faasmoe.engine.offline import generate
+    from faasmoe.engine.sampling import SamplingParams
+    from faasmoe.engine.structured import StructuredOutput, compiler_for
+    from faasmoe.model.moe_model import MoEModel
+
+    model = MoEModel.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    grammar = compiler_for(model.tokenizer, model.config.vocab_size).compile(
+        StructuredOutput.json_schema(LONG_SCHEMA, "bench"))
+    prompt = model.tokenizer.encode("List the items as JSON.")
+    out = {}
+    for batch in batches:
+        runs: dict[str, list[float]] = {"plain": [], "json schema": []}
+        for _ in range(rounds):
+            for label, g in (("plain", None), ("json schema", grammar)):
+                params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, grammar=g)
+                generate(model, [prompt] * batch, params)  # warm: caches, packed weights
+                started = time.perf_counter()
+                results = generate(model, [prompt] * batch, params)
+                took = time.perf_counter() - started
+                assert all(len(r.token_ids) == tokens for r in results), "a sequence ended early"
+                runs[label].append(batch * tokens / took)
+        plain, constrained = statistics.fmean(runs["plain"]), statistics.fmean(runs["json schema"])
+        out[f"batch {batch}"] = {"plain_tok_s": runs["plain"], "constrained_tok_s": runs["json schema"],
+                                 "ratio": constrained / plain}
+        print(f"| {batch} | {' / '.join(f'{x:.2f}' for x in runs['plain'])} | "
+              f"{' / '.join(f'{x:.2f}' for x in runs['json schema'])} | {constrained / plain:.3f}x |", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=64, help="decode steps per run")
     parser.add_argument("--batches", default="1,16", help="batch sizes")
+    parser.add_argument("--decode", type=Path, default=None, metavar="MODEL_DIR",
+                        help="measure decode tok/s with and without a constraint on this checkpoint instead")
+    parser.add_argument("--tokens", type=int, default=32, help="with --decode: new tokens per sequence")
+    parser.add_argument("--dtype", default="bfloat16", help="with --decode: compute dtype")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    if args.decode is not None:
+        from faasmoe.model.kernels import cpu_isa
+
+        print(f"decode on {args.decode} ({args.dtype}, {cpu_isa()}), {args.tokens} tokens, greedy\n"
+              "| batch | tok/s unconstrained (A B A B) | tok/s with a JSON schema | ratio |\n|---|---|---|---|")
+        result = {"model": str(args.decode), "dtype": args.dtype, "isa": cpu_isa(), "tokens": args.tokens,
+                  "batches": decode(args.decode, args.tokens, args.dtype, batches)}
+        out = ROOT / "bench" / "results" / "grammar_decode.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        return
     tok = tokenizer_152k()
     tool = json.dumps(tool_schema() | {"x-guidance": {"whitespace_flexible": False}})
     constraints = {"json schema": ("json", SCHEMA), "json object": ("json", {"type": "object"}),

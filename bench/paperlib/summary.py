@@ -40,16 +40,16 @@ def latency_stats(results: list[RequestResult], duration_s: float) -> dict:
     }
 
 
-def cold_requests(results: list[RequestResult], idle_s: float) -> set[str]:
-    """Requests sent after their tenant was idle (nothing in flight) for at least `idle_s`, the keep-alive:
-    the ones that meet a scaled-to-zero model or experts where a setup scales to zero. A function of the
-    schedule and the finish times, so every setup is judged on (about) the same requests; the warm-up
-    before the window counts as the tenants' first activity."""
+def cold_requests(results: list[RequestResult], idle_s: float, group=lambda r: r.tenant) -> set[str]:
+    """Requests sent after their tenant (or `group(request)`: its model, where tenants share one) was idle
+    (nothing in flight) for at least `idle_s`, the keep-alive: the ones that meet a scaled-to-zero model or
+    experts where a setup scales to zero. A function of the schedule and the finish times, so every setup is
+    judged on (about) the same requests; the warm-up before the window counts as the first activity."""
     cold: set[str] = set()
-    by_tenant: dict[str, list[RequestResult]] = {}
+    by_group: dict[str, list[RequestResult]] = {}
     for r in results:
-        by_tenant.setdefault(r.tenant, []).append(r)
-    for mine in by_tenant.values():
+        by_group.setdefault(group(r), []).append(r)
+    for mine in by_group.values():
         busy_until = 0.0
         for r in sorted(mine, key=lambda r: r.scheduled_at):
             if r.scheduled_at - busy_until >= idle_s:

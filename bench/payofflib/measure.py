@@ -58,20 +58,8 @@ class PageCacheDropper:
 
 def cold_requests(results: list[RequestResult], model_of: dict[str, str], idle_s: float) -> set[str]:
     """Requests sent after their model had nothing in flight for at least the keep-alive: those that meet
-    a model (or its functions) scaled to zero. By model, not tenant: shared tenants keep their model warm
-    for each other."""
-    by_model: dict[str, list[RequestResult]] = {}
-    for r in results:
-        by_model.setdefault(model_of[r.tenant], []).append(r)
-    cold = set()
-    for mine in by_model.values():
-        busy_until = 0.0
-        for r in sorted(mine, key=lambda r: r.scheduled_at):
-            if r.scheduled_at - busy_until >= idle_s:
-                cold.add(r.key)
-            if r.finished_at is not None:
-                busy_until = max(busy_until, r.finished_at)
-    return cold
+    a model (or its functions) scaled to zero. By model, not tenant: shared tenants keep it warm for each other."""
+    return summary.cold_requests(results, idle_s, group=lambda r: model_of[r.tenant])
 
 
 def run(spec: SetupRun, deployment: Deployment, trace: list[Request], warm_prompts: dict[str, list[int]],

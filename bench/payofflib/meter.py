@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.paperlib.setups import RunningSetup, admin_cluster
+from runtime.periodic import every
 from tests.pagecache import page_cache_bytes
 
 log = logging.getLogger("bench.payoff.meter")
@@ -63,25 +64,17 @@ class WeightMeter:
         self._task: asyncio.Task | None = None
 
     def start(self) -> WeightMeter:
-        self._task = asyncio.create_task(self._loop())
+        # A missed sample must not end the run (every() logs it and goes on); the integral spans the gap.
+        self._task = every(self.interval_s, self._sample, f"weights of {self.setup.name}")
         return self
 
-    async def _loop(self) -> None:
-        while True:
-            started = time.monotonic()
-            try:
-                self.samples.append(await asyncio.to_thread(read_weights, self.setup, self.files))
-            except Exception as exc:  # a missed sample must not end the run; the integral spans the gap
-                log.warning("weights of %s not read: %s", self.setup.name, exc)
-            await asyncio.sleep(max(0.05, self.interval_s - (time.monotonic() - started)))
+    async def _sample(self) -> None:
+        self.samples.append(await asyncio.to_thread(read_weights, self.setup, self.files))
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 def gib_seconds(samples: list[WeightSample], start: float, end: float, value) -> float | None:

@@ -477,7 +477,7 @@ def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_
     echo_text = ""
     if body.chat:
         kwargs = body.chat_template_kwargs
-        if body.tools is not None and body.tools.choice != "none":  # the template shows the model its tools
+        if body.tools is not None:  # the template shows the model its tools (with "none" too, as vLLM does)
             kwargs = {**kwargs, "tools": [dict(t) for t in body.tools.tools]}
         text = render_chat(tokenizer, body.messages or [], body.add_generation_prompt, kwargs)
         ids = tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS etc.

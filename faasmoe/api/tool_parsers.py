@@ -151,40 +151,23 @@ class ToolCallStream:
         """The call objects in the calls region so far: (text, complete)."""
         region = self.text[self.calls_at:]
         out = []
-        depth, start, in_string, escape = 0, None, False, False
+        start = None
         base = 1 if self.markers.array else 0  # mistral's objects sit inside the array
-        for i, ch in enumerate(region):
-            if in_string:
-                if escape:
-                    escape = False
-                elif ch == "\\":
-                    escape = True
-                elif ch == '"':
-                    in_string = False
-                continue
-            if ch == '"':
-                in_string = True
-            elif ch in "{[":
-                if ch == "{" and depth == base:
-                    start = i
-                depth += 1
-            elif ch in "}]":
-                depth -= 1
-                if ch == "}" and depth == base and start is not None:
-                    out.append((region[start:i + 1], True))
-                    start = None
+        for i, ch, depth in _brackets(region):
+            if ch == "{" and depth == base + 1:
+                start = i
+            elif ch == "}" and depth == base and start is not None:
+                out.append((region[start:i + 1], True))
+                start = None
         if start is not None:
             out.append((region[start:], False))
         return out
 
 
-def _arguments_text(rest: str, complete: bool) -> str:
-    """The raw arguments JSON within the text after `"arguments":` of one call object: all of it once the
-    object is complete (less its closing brace), and while it is not, what cannot be the object's end."""
-    if complete:
-        return rest[:rest.rfind("}")].rstrip()
+def _brackets(text: str):
+    """(index, bracket, depth after it) of every bracket of `text` outside JSON strings."""
     depth, in_string, escape = 0, False, False
-    for i, ch in enumerate(rest):  # the arguments value ends where its brackets close
+    for i, ch in enumerate(text):
         if in_string:
             if escape:
                 escape = False
@@ -192,13 +175,22 @@ def _arguments_text(rest: str, complete: bool) -> str:
                 escape = True
             elif ch == '"':
                 in_string = False
-            continue
-        if ch == '"':
+        elif ch == '"':
             in_string = True
         elif ch in "{[":
             depth += 1
+            yield i, ch, depth
         elif ch in "}]":
             depth -= 1
-            if depth == 0:
-                return rest[:i + 1]
+            yield i, ch, depth
+
+
+def _arguments_text(rest: str, complete: bool) -> str:
+    """The raw arguments JSON within the text after `"arguments":` of one call object: all of it once the
+    object is complete (less its closing brace), and while it is not, what cannot be the object's end."""
+    if complete:
+        return rest[:rest.rfind("}")].rstrip()
+    for i, ch, depth in _brackets(rest):  # the arguments value ends where its brackets close
+        if ch in "}]" and depth == 0:
+            return rest[:i + 1]
     return rest.rstrip()

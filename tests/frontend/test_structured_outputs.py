@@ -47,8 +47,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return init_checkpoint(tmp_path_factory.mktemp("structured") / "tiny", "qwen2_moe", seed=3, progress=False)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(checkpoint: Path):
+async def start(checkpoint: Path, **options):
     compute = ComputeThread("trunk")
     deployments = make_deployments(checkpoint, compute)
 
@@ -58,12 +57,22 @@ async def server(checkpoint: Path):
     async def no_metrics() -> str:
         return ""
 
-    ctx = FrontendContext(deployments, None, None, None, Admission(), None, nothing, no_metrics)
+    ctx = FrontendContext(deployments, None, None, None, Admission(), None, nothing, no_metrics, **options)
     runner, port = await serve(ctx)
-    yield Server(port, deployments, None, {"acme": "any-key"})
-    await runner.cleanup()
-    await deployments.stop()
-    compute.shutdown()
+
+    async def stop() -> None:
+        await runner.cleanup()
+        await deployments.stop()
+        compute.shutdown()
+
+    return Server(port, deployments, None, {"acme": "any-key"}), stop
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(checkpoint: Path):
+    server, stop = await start(checkpoint)
+    yield server
+    await stop()
 
 
 def chat(**extra) -> dict:

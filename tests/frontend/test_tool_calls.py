@@ -12,16 +12,13 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from faasmoe.api.app import FrontendContext
 from faasmoe.api.tool_requests import MAX_PARALLEL_CALLS
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 from faasmoe.model.tokenizer import Tokenizer
-from faasmoe.tenancy.admission import Admission
-from runtime.compute import ComputeThread
 
 from .test_api_compat import sse
-from .test_server import Server, assert_error, make_deployments, raw, serve
-from .test_structured_outputs import PERSON, check_person
+from .test_server import Server, assert_error, raw
+from .test_structured_outputs import PERSON, check_person, start
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -43,27 +40,6 @@ CHECKS = {"get_weather": check_weather, "add_user": check_person}
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return init_checkpoint(tmp_path_factory.mktemp("tools") / "tiny", "qwen2_moe", seed=4, progress=False)
-
-
-async def start(checkpoint: Path, **options):
-    compute = ComputeThread("trunk")
-    deployments = make_deployments(checkpoint, compute)
-
-    async def nothing() -> dict:
-        return {}
-
-    async def no_metrics() -> str:
-        return ""
-
-    ctx = FrontendContext(deployments, None, None, None, Admission(), None, nothing, no_metrics, **options)
-    runner, port = await serve(ctx)
-
-    async def stop() -> None:
-        await runner.cleanup()
-        await deployments.stop()
-        compute.shutdown()
-
-    return Server(port, deployments, None, {"acme": "any-key"}), stop
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
