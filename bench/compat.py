@@ -5,7 +5,8 @@
     python bench/compat.py --ttft-rounds 3 --ttft-prompts 32
 
 The heavy clients are installed on first use into their own virtualenv, `.venv-compat/` at the repo
-root (git-ignored), and reused after: lm-evaluation-harness, guidellm, litellm and langchain-openai,
+root (git-ignored), and reused after: lm-evaluation-harness, guidellm, litellm, langchain-openai,
+instructor and openai-agents,
 over torch 2.13's CPU build (installed first, or lm-eval pulls a multi-GB CUDA torch). `vllm bench
 serve` is vLLM's own client from `.venv-vllm/` (bench/peer.py's installer builds it when missing).
 The light ones (the openai SDK, prometheus_client's parser) run from `.venv`, as in the test suite;
@@ -15,8 +16,11 @@ One `faasmoe serve` (one worker process, warm experts) serves the tiny qwen2_moe
 `make run` builds (models/tiny-qwen2_moe, built if missing). Then, one client at a time:
 * openai 3.x: completions with `echo` + `logprobs` as lm-eval sends them, sync and async, chat
   streaming, the Responses API (plain and streamed), the models list;
-* langchain-openai (`invoke`, `stream`, `ainvoke`, `astream`, `use_responses_api`) and litellm
-  (`completion`, streamed, `acompletion`, `text_completion`) with model `openai/<name>`;
+* langchain-openai (`invoke`, `stream`, `ainvoke`, `astream`, `use_responses_api`, `with_structured_output`,
+  `bind_tools`) and litellm (`completion`, streamed, `acompletion`, `text_completion`, `response_format` with a
+  pydantic model, `tools` with `tool_choice="required"`) with model `openai/<name>`;
+* instructor (`response_model` in TOOLS and JSON_SCHEMA modes) and the OpenAI Agents SDK (a Runner whose agent
+  must call a function tool first, and one with a pydantic `output_type`): issue 24's agent clients;
 * lm-eval `local-completions` on a loglikelihood multiple-choice task (bench/compat/mc_tiny.yaml over
   the rows of mc_tiny.jsonl; lm-eval runs in that folder because `data_files` is relative), with
   the checkpoint's tokenizer (`tokenizer_backend=huggingface`), at lm-eval's default batch size 1
@@ -61,11 +65,13 @@ from peer import log  # noqa: E402
 
 COMPAT_VENV = ROOT / ".venv-compat"
 TORCH_SPEC = "torch==2.13.0"  # the CPU build (a wheel on disk here); lm-eval would otherwise pull CUDA torch
-COMPAT_SPECS = ("lm_eval==0.4.13", "guidellm==0.8.1", "litellm==1.110.2", "langchain-openai==1.7.4")
+COMPAT_SPECS = ("lm_eval==0.4.13", "guidellm==0.8.1", "litellm==1.110.2", "langchain-openai==1.7.4",
+                "instructor==1.17.0", "openai-agents==0.24.0")
 TASK_DIR = ROOT / "bench" / "compat"
 TASK = "faasmoe_mc_tiny"
 MODEL = ROOT / "models" / "tiny-qwen2_moe"  # the checkpoint `make run` builds
-CLIENTS = ("openai", "langchain-openai", "litellm", "lm-eval", "vllm-bench", "guidellm", "prometheus", "curl")
+CLIENTS = ("openai", "langchain-openai", "litellm", "instructor", "openai-agents", "lm-eval", "vllm-bench", "guidellm",
+           "prometheus", "curl")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
            "OPENAI_API_KEY": "sk-none", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -270,6 +276,16 @@ def check(name, fn):
         fn(); results[name] = "ok"
     except Exception as exc:
         results[name] = f"{type(exc).__name__}: {exc}"
+# What agents ask for (issue 24): a bounded object (a random model must be able to finish it) and a tool.
+from typing import Annotated
+import pydantic
+class Ticket(pydantic.BaseModel):
+    title: str = pydantic.Field(max_length=12)
+    priority: int = pydantic.Field(ge=1, le=5)
+    urgent: bool
+def get_weather(city: Annotated[str, pydantic.StringConstraints(max_length=10)]) -> str:
+    'The weather in a city.'
+    return "sunny"
 """
 
 LANGCHAIN = CHECKS_PRELUDE + r"""
@@ -294,10 +310,20 @@ def responses():
                    use_responses_api=True)
     assert r.invoke("Hi").usage_metadata["output_tokens"] >= 1
     assert list(r.stream("Hi"))
+def structured():
+    big = ChatOpenAI(base_url=url + "/v1", api_key="sk-none", model=model, max_tokens=300, max_retries=0)
+    assert isinstance(big.with_structured_output(Ticket).invoke("File a ticket."), Ticket)
+def tools():
+    big = ChatOpenAI(base_url=url + "/v1", api_key="sk-none", model=model, max_tokens=300, max_retries=0)
+    from langchain_core.tools import tool
+    calls = big.bind_tools([tool(get_weather)], tool_choice="any").invoke("Weather in Oslo?").tool_calls
+    assert calls and calls[0]["name"] == "get_weather" and isinstance(calls[0]["args"]["city"], str)
 check("invoke", invoke)
 check("stream", stream)
 asyncio.run(both())
 check("use_responses_api (invoke, stream)", responses)
+check("with_structured_output(pydantic)", structured)
+check("bind_tools(tool_choice='any')", tools)
 print("RESULTS " + json.dumps(results))
 """
 
@@ -316,7 +342,52 @@ def text_completion():
 check("completion", completion)
 check("completion stream", stream)
 check("acompletion", lambda: asyncio.run(acompletion()))
+def structured():
+    out = litellm.completion(messages=[{"role": "user", "content": "A ticket."}], response_format=Ticket,
+                             **{**kw, "max_tokens": 300})
+    Ticket.model_validate_json(out.choices[0].message.content)
+def tools():
+    spec = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 10}}, "required": ["city"]}}}
+    out = litellm.completion(messages=[{"role": "user", "content": "Oslo?"}], tools=[spec], tool_choice="required",
+                             **{**kw, "max_tokens": 300})
+    assert json.loads(out.choices[0].message.tool_calls[0].function.arguments)["city"] is not None
 check("text_completion", text_completion)
+check("response_format=pydantic", structured)
+check("tools, tool_choice=required", tools)
+print("RESULTS " + json.dumps(results))
+"""
+
+INSTRUCTOR = CHECKS_PRELUDE + r"""
+import instructor, openai
+client = openai.OpenAI(base_url=url + "/v1", api_key="sk-none", max_retries=0)
+def mode(m):
+    def run():
+        ticket = instructor.from_openai(client, mode=m).chat.completions.create(
+            model=model, response_model=Ticket, max_retries=0, max_tokens=300,
+            messages=[{"role": "user", "content": "File a ticket."}])
+        assert isinstance(ticket, Ticket)
+    return run
+check("response_model, Mode.TOOLS", mode(instructor.Mode.TOOLS))
+check("response_model, Mode.JSON_SCHEMA", mode(instructor.Mode.JSON_SCHEMA))
+print("RESULTS " + json.dumps(results))
+"""
+
+AGENTS = CHECKS_PRELUDE + r"""
+import openai
+from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+set_tracing_disabled(True)
+chat = OpenAIChatCompletionsModel(model=model, openai_client=openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-none"))
+def tool_then_answer():  # the first turn must call the tool; the SDK then lets the model answer
+    agent = Agent(name="a", model=chat, tools=[function_tool(get_weather)],
+                  model_settings=ModelSettings(tool_choice="required", max_tokens=200))
+    result = Runner.run_sync(agent, "Weather in Oslo?", max_turns=4)
+    assert any(getattr(i, "type", "") == "tool_call_item" for i in result.new_items), result.new_items
+def output_type():
+    agent = Agent(name="b", model=chat, output_type=Ticket, model_settings=ModelSettings(max_tokens=300))
+    assert isinstance(Runner.run_sync(agent, "File a ticket.", max_turns=2).final_output, Ticket)
+check("Runner with a function tool (tool_choice=required)", tool_then_answer)
+check("output_type=pydantic", output_type)
 print("RESULTS " + json.dumps(results))
 """
 
@@ -533,7 +604,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     logs = out.parent.resolve() / "compat-logs"
     logs.mkdir(exist_ok=True)
-    if set(clients) & {"langchain-openai", "litellm", "lm-eval", "guidellm"}:
+    if set(clients) & {"langchain-openai", "litellm", "instructor", "openai-agents", "lm-eval", "guidellm"}:
         ensure_compat_venv()
     if "vllm-bench" in clients:
         peer.ensure_vllm()
@@ -574,6 +645,12 @@ def main() -> None:
             "litellm", "litellm", LITELLM, url, model, logs,
             "`litellm.completion(model=\"openai/$MODEL\", api_base=$URL/v1, ...)`, `stream=True`, `acompletion`, "
             "`text_completion`"))
+        attempt("instructor", lambda: check_script(
+            "instructor", "instructor", INSTRUCTOR, url, model, logs,
+            "`instructor.from_openai(OpenAI(base_url=$URL/v1), mode=...).chat.completions.create(response_model=...)`"))
+        attempt("openai-agents", lambda: check_script(
+            "openai-agents", "openai-agents", AGENTS, url, model, logs,
+            "`Runner.run_sync(Agent(model=OpenAIChatCompletionsModel(...), tools=[...] or output_type=...), ...)`"))
         attempt("lm-eval", lambda: check_lm_eval(url, model, model_dir, logs, batch_size=1))
         attempt("lm-eval", lambda: check_lm_eval(url, model, model_dir, logs, batch_size=4))
         attempt("vllm-bench", lambda: check_vllm_bench(url, model, model_dir, logs, args))

@@ -42,6 +42,18 @@ def test_a_mistyped_flag_gets_a_suggestion(argv: list[str], hint: str, capsys) -
     assert "unrecognized arguments" in err and hint in err, err
 
 
+@pytest.mark.parametrize("command", ["serve", "frontend"])
+def test_an_unknown_tool_call_parser_is_an_error_at_start(command: str, capsys) -> None:
+    extra = ["--scheduler", "h:1"] if command == "frontend" else []
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "m", *extra, "--tool-call-parser", "llama3_json"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tool-call-parser: invalid choice: 'llama3_json'" in err and "hermes" in err and "mistral" in err, err
+    args = build_parser().parse_args([command, "m", *extra, "--no-enable-auto-tool-choice"])
+    assert args.auto_tool_choice is False and args.tool_call_parser is None
+
+
 def test_a_port_in_use_fails_at_once_with_a_clear_message(model: Path, tmp_path: Path, capsys) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
