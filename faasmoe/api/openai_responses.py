@@ -123,7 +123,8 @@ class ResponseShape:
                 if calls:
                     message = {"role": "assistant", "content": content,
                                "tool_calls": [c.as_openai() for c in calls]}
-                    finish_reason = "tool_calls"
+                    if finish_reason == "stop":  # cut by max_tokens, it stays "length" (with the calls before the cut)
+                        finish_reason = "tool_calls"
             choice = {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": self.index, "text": self.echo_text + finished.text, "logprobs": logprobs,

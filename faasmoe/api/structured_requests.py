@@ -36,7 +36,9 @@ def _format(fmt: Any, param: str, schema_of) -> StructuredOutput | None:
     kind = fmt.get("type")
     if kind == "text":
         return None
-    if kind == "json_object":
+    if kind == "json_object":  # with a "schema" beside it (Together's, instructor's JSON_SCHEMA mode): that schema
+        if fmt.get("schema") is not None:
+            return StructuredOutput.json_schema(fmt["schema"], f"{param}.schema")
         return StructuredOutput("json_object", "", param)
     if kind == "json_schema":
         schema, where = schema_of(fmt)

@@ -77,12 +77,35 @@ MARKERS = {"hermes": Markers("<tool_call>", "</tool_call>", array=False),
 
 
 def parse_tool_calls(parser: str, text: str) -> tuple[str | None, list[ToolCall]]:
-    """(content, calls) of a whole generated text: no calls (and the text as content) unless they parse."""
-    found = MARKERS[parser].split(text)
+    """(content, calls) of a whole generated text: no calls (and the text as content) unless they parse. A text
+    cut short (max_tokens) inside a later call keeps the calls complete before the cut, as a stream gave them."""
+    found = MARKERS[parser].split(text) or _complete_calls(parser, text)
     if found is None:
         return text, []
     content, calls = found
     return (content.strip() or None), calls
+
+
+def _complete_calls(parser: str, text: str) -> tuple[str, list[ToolCall]] | None:
+    """The calls whose objects are complete, in a text whose last call was cut; None if there are none."""
+    stream = ToolCallStream(parser)
+    stream.feed(text, final=True)
+    if stream.calls_at is None:
+        return None
+    calls = []
+    for obj, complete in stream._objects(final=True):
+        if not complete:
+            break
+        try:
+            item = json.loads(obj)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        arguments = item.get("arguments", {})
+        calls.append(ToolCall(item["name"], arguments if isinstance(arguments, str) else json.dumps(arguments,
+                                                                                                  ensure_ascii=False)))
+    return (text[:stream.calls_at], calls) if calls else None
 
 
 class ToolCallStream:

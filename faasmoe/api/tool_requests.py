@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from faasmoe.api.tool_parsers import MARKERS
-from faasmoe.engine.structured import StructuredOutput, StructuredOutputError
+from faasmoe.engine.structured import StructuredOutput, StructuredOutputError, strict_objects
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CHOICES = ("none", "auto", "required")
@@ -97,7 +97,7 @@ def parse_tools(body: dict, flat: bool = False) -> ToolRequest | None:
 def call_schema(tool: dict) -> dict:
     """The JSON schema of one call of `tool`: its name, then arguments of its parameters' schema."""
     fn = tool["function"]
-    return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": fn["parameters"]},
+    return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": strict_objects(fn["parameters"])},
             "required": ["name", "arguments"], "additionalProperties": False}
 
 

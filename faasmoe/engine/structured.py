@@ -57,13 +57,36 @@ class StructuredOutput:
         if not isinstance(schema, dict):
             raise StructuredOutputError(f"{param} must be a JSON schema (an object), got {type(schema).__name__}.",
                                         param)
-        return cls("json_schema", json.dumps(schema), param)  # key order kept: fields are generated in it
+        return cls("json_schema", json.dumps(strict_objects(schema)), param)  # key order kept: fields come in it
 
     @classmethod
     def choice(cls, options: Any, param: str) -> StructuredOutput:
         if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
             raise StructuredOutputError(f"{param} must be a non-empty list of strings.", param)
         return cls("choice", json.dumps(options), param)
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def strict_objects(schema: Any) -> Any:
+    """The schema with every object that lists its properties closed to others unless it says otherwise
+    (`additionalProperties` false where not given), as xgrammar's strict mode reads schemas in vLLM: a model
+    should write the fields asked for, and an open object lets a small one write unbounded extra fields.
+    allOf and its members are left open (closing them would make the conjunction unsatisfiable)."""
+    if isinstance(schema, list):
+        return [strict_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):  # name -> schema: the names are not keywords
+            out[key] = {name: strict_objects(sub) for name, sub in value.items()}
+        else:
+            out[key] = value if key in ("allOf", "const", "enum", "default", "examples") else strict_objects(value)
+    if "properties" in out and not {"additionalProperties", "patternProperties", "allOf"} & out.keys():
+        out["additionalProperties"] = False
+    return out
 
 
 class Grammar:

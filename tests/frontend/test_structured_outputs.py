@@ -110,6 +110,11 @@ async def test_json_object_streamed_and_on_completions(server: Server) -> None:
         "structured_outputs": {"json": PERSON}})
     assert status == 200, out
     check_person(json.loads(out["choices"][0]["text"]))
+    # Together's spelling, which instructor's JSON_SCHEMA mode sends: json_object with the schema beside it
+    status, _, out = await raw(server, "POST", "/v1/chat/completions", chat(
+        temperature=1.0, seed=4, response_format={"type": "json_object", "schema": PERSON}))
+    assert status == 200, out
+    check_person(json.loads(out["choices"][0]["message"]["content"]))
 
 
 @pytest.mark.parametrize("field,value,check", [
@@ -185,3 +190,33 @@ async def test_fields_come_in_the_schemas_order(server: Server) -> None:
         temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}))
     assert status == 200, out
     assert list(json.loads(out["choices"][0]["message"]["content"])) == ["zeta", "alpha"]
+
+
+async def test_objects_are_closed_to_undeclared_fields_unless_the_schema_opens_them() -> None:
+    from faasmoe.engine.structured import strict_objects
+
+    schema = {"type": "object", "properties": {
+        "properties": {"type": "object", "properties": {"a": {"type": "string"}}},  # a field named "properties"
+        "open": {"type": "object", "properties": {"b": {}}, "additionalProperties": True},
+        "c": {"const": {"properties": 1}}},
+        "$defs": {"T": {"type": "object", "properties": {"d": {}}}},
+        "anyOf": [{"properties": {"e": {}}}]}
+    closed = strict_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["properties"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["properties"]["properties"]  # names, not a schema
+    assert closed["properties"]["open"]["additionalProperties"] is True
+    assert closed["properties"]["c"] == {"const": {"properties": 1}}
+    assert closed["$defs"]["T"]["additionalProperties"] is False and closed["anyOf"][0]["additionalProperties"] is False
+    both = {"allOf": [{"properties": {"f": {}}}, {"properties": {"g": {}}}], "properties": {"h": {}}}
+    assert strict_objects(both) == both  # closing a conjunction's parts would make it unsatisfiable
+
+
+async def test_a_model_writes_only_the_declared_fields(server: Server) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}  # open by the spec
+    for seed in range(4):
+        status, _, out = await raw(server, "POST", "/v1/chat/completions", chat(
+            temperature=1.0, seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "o",
+                                                                                                   "schema": schema}}))
+        assert status == 200, out
+        assert list(json.loads(out["choices"][0]["message"]["content"])) == ["ok"]

@@ -37,3 +37,11 @@ def test_a_stream_cut_anywhere_gives_the_whole_texts_calls(parser: str, text: st
 def test_text_without_a_well_formed_call_is_content() -> None:
     for text in ("plain words", "<tool_call>\n{not json}\n</tool_call>", "<tool_call>\n{\"name\": \"f\""):
         assert parse_tool_calls("hermes", text) == (text, [])
+
+
+@pytest.mark.parametrize("parser,text", [("hermes", HERMES), ("mistral", MISTRAL)])
+def test_a_text_cut_inside_its_second_call_keeps_the_first(parser: str, text: str) -> None:
+    cut = text[:text.index('"add_user"') + 12]  # max_tokens ran out inside the second call
+    content, calls = parse_tool_calls(parser, cut)
+    assert [c.name for c in calls] == ["get_weather"] and json.loads(calls[0].arguments)["city"] in ("Paris", "Oslo")
+    assert content == ("Let me check." if parser == "hermes" else None)
