@@ -76,9 +76,12 @@ def run(spec: SetupRun, deployment: Deployment, trace: list[Request], warm_promp
     finally:
         processes = sampler.stop()
         setup.stop()
-    log(f"  {spec.label}{' (page cache dropped)' if drop_page_cache else ''}: {sum(r.ok for r in results)}/"
-        f"{len(results)} requests in {window.end - window.start:.1f}s (started in {startup_s:.1f}s)")
-    return summarise(spec, deployment, results, window, weights, processes, startup_s, drop_page_cache)
+    out = summarise(spec, deployment, results, window, weights, processes, startup_s, drop_page_cache)
+    log(f"  {spec.label}{' (page cache dropped)' if drop_page_cache else ''}: {out['completed']}/{out['requests']} "
+        f"requests in {out['window_s']:.1f}s (started in {startup_s:.1f}s); weights "
+        f"{out['gib_s']['weights_device'] or 0:.3f} GiB·s, TTFT p99 {out['ttft_p99_s'] or 0:.3f}s, "
+        f"ITL p50 {(out['itl_p50_s'] or 0) * 1000:.1f}ms", flush=True)
+    return out
 
 
 async def _measure(setup, trace, warm_prompts, files, drop_page_cache):
