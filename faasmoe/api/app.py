@@ -45,6 +45,7 @@ from faasmoe.api.tool_parsers import DEFAULT_PARSER
 from faasmoe.engine.deployments import Deployment, Deployments
 from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
 from faasmoe.engine.sampling import SamplingParams
+from faasmoe.engine.structured import StructuredOutputError
 from faasmoe.tenancy.admission import Admission
 from faasmoe.tenancy.ledger import UsageLedger, parse_since
 from faasmoe.tenancy.tenants import Tenant, TenantStore
@@ -152,6 +153,8 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as exc:
         return _error_response(exc)
+    except StructuredOutputError as exc:  # a field (output constraint, tools) that cannot be served as sent
+        return _error_response(invalid(str(exc), exc.param))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -20,7 +20,7 @@ from faasmoe.api.structured_requests import parse_structured
 from faasmoe.api.tool_parsers import MARKERS
 from faasmoe.api.tool_requests import ToolRequest, forced_grammar, parse_tools, template_tool_calls
 from faasmoe.engine.sampling import SamplingParams
-from faasmoe.engine.structured import StructuredOutput, StructuredOutputError, compiler_for
+from faasmoe.engine.structured import StructuredOutput, compiler_for
 from faasmoe.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -220,10 +220,7 @@ def parse_chat(body: dict) -> GenerationBody:
         param = "functions" if body.get("functions") else "function_call"
         raise invalid("functions and function_call are deprecated and not supported; send tools and tool_choice.",
                       param)
-    try:
-        out.tools = parse_tools(body)
-    except StructuredOutputError as exc:
-        raise invalid(str(exc), exc.param) from None
+    out.tools = parse_tools(body)
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise invalid("modalities must be [\"text\"].", "modalities")
@@ -259,10 +256,7 @@ def tokenize_body(body: dict, tokenizer: Tokenizer) -> dict:
     """vLLM's POST /tokenize: a prompt, or chat messages through the template -> token ids."""
     if body.get("messages") is not None:
         add, kwargs = _template_options(body)
-        try:
-            tools = parse_tools(body)
-        except StructuredOutputError as exc:
-            raise invalid(str(exc), exc.param) from None
+        tools = parse_tools(body)
         if tools is not None:
             kwargs = {**kwargs, "tools": [dict(t) for t in tools.tools]}
         text = render_chat(tokenizer, _parse_messages(body["messages"]), add, kwargs)
@@ -311,10 +305,7 @@ def _parse_common(body: dict, chat: bool) -> GenerationBody:
     out.logit_bias = _parse_logit_bias(body.get("logit_bias"))
     out.prompt_logprobs = _int(body, "prompt_logprobs", None, lo=0, hi=MAX_PROMPT_LOGPROBS)
     out.tokens_as_ids = _bool(body, "return_tokens_as_token_ids", False)
-    try:
-        out.structured = parse_structured(body)
-    except StructuredOutputError as exc:
-        raise invalid(str(exc), exc.param) from None
+    out.structured = parse_structured(body)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid(f"user must be a string, got {_json_type(user)}.", "user")
@@ -404,10 +395,7 @@ def _parse_messages(messages: Any) -> list[dict]:
         if m.get("tool_calls") is not None:
             if role != "assistant":
                 raise invalid(f"{where}: only assistant messages hold tool_calls.", f"{where}.tool_calls")
-            try:
-                out[-1]["tool_calls"] = template_tool_calls(m["tool_calls"], f"{where}.tool_calls")
-            except StructuredOutputError as exc:
-                raise invalid(str(exc), exc.param) from None
+            out[-1]["tool_calls"] = template_tool_calls(m["tool_calls"], f"{where}.tool_calls")
         if role == "tool" and isinstance(m.get("tool_call_id"), str):
             out[-1]["tool_call_id"] = m["tool_call_id"]
     return out
@@ -510,11 +498,13 @@ def prepare(body: GenerationBody, tokenizer: Tokenizer, max_context: int, vocab_
         raise invalid(f"logit_bias holds token id {bad}, outside this model's ids 0..{vocab_size - 1}.", "logit_bias")
     # vLLM's stop_token_ids stop in addition to EOS; the engine's replace it, so merge here.
     stop_ids = None if body.stop_token_ids is None else sorted(set(body.stop_token_ids) | tokenizer.eos_token_ids)
+    # The output constraint is compiled here, off the event loop (cached per text; a 400 if it cannot be).
+    grammar = compiler_for(tokenizer, vocab_size).compile(body.structured) if body.structured else None
     params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                             stop=list(body.stop), stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, top_k=body.top_k,
                             min_p=body.min_p, presence_penalty=body.presence_penalty,
                             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-                            logit_bias=body.logit_bias, grammar=compile_structured(body.structured, tokenizer, vocab_size),
+                            logit_bias=body.logit_bias, grammar=grammar,
                             # a family whose call marker is a control token: its text must reach the parser
                             skip_special_tokens=not (body.tool_parser and MARKERS[body.tool_parser].special))
     return PreparedPrompt(ids, params, echo_text if body.echo else "")
@@ -536,17 +526,6 @@ def resolve_tools(body: GenerationBody, parser: str, auto_tool_choice: bool, tok
         marker = tokenizer.token_to_id(MARKERS[parser].start) if MARKERS[parser].special else None
         structured = forced_grammar(request, parser, marker)
     return dataclasses.replace(body, tool_parser=parser, structured=structured)
-
-
-def compile_structured(constraint: StructuredOutput | None, tokenizer: Tokenizer, vocab_size: int):
-    """The request's output constraint compiled for this model (cached per schema); a 400 naming the field
-    when the grammar engine cannot compile it."""
-    if constraint is None:
-        return None
-    try:
-        return compiler_for(tokenizer, vocab_size).compile(constraint)
-    except StructuredOutputError as exc:
-        raise invalid(str(exc), exc.param) from None
 
 
 # --- field checks ---------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from faasmoe.api.structured_requests import parse_text_format
 from faasmoe.api.tool_parsers import ToolCall, ToolCallStream, parse_tool_calls
 from faasmoe.api.tool_requests import parse_tools, template_tool_calls
 from faasmoe.engine.requests import Finished, TokenEvent, Usage
-from faasmoe.engine.structured import StructuredOutputError
 from faasmoe.model.tokenizer import Tokenizer
 
 # What `_parse_common` validates for us (the same checks and messages as chat); `seed` and the sampling extras
@@ -86,16 +85,10 @@ def parse_responses(body: dict) -> ResponsesBody:
     out.metadata = _metadata(body.get("metadata"))
     out.parallel_tool_calls = _bool(body, "parallel_tool_calls", True)
     out.tool_choice = body.get("tool_choice") or "auto"
-    try:
-        out.tools = parse_tools(body, flat=True)
-    except StructuredOutputError as exc:
-        raise invalid(str(exc), exc.param) from None
+    out.tools = parse_tools(body, flat=True)
     out.tools_echo = list(body.get("tools") or [])
     out.user = body.get("user")  # a string: _parse_common checked it
-    try:
-        out.structured = parse_text_format(body.get("text"))
-    except StructuredOutputError as exc:
-        raise invalid(str(exc), exc.param) from None
+    out.structured = parse_text_format(body.get("text"))
     if out.structured is not None:
         out.text_format = body["text"]["format"]
     top = _int(body, "top_logprobs", None, lo=0, hi=MAX_CHAT_TOP_LOGPROBS)
@@ -166,11 +159,8 @@ def _function_call(item: dict, where: str) -> dict:
     if not isinstance(item.get("call_id"), str) or not isinstance(item.get("name"), str) \
             or not isinstance(item.get("arguments"), str):
         raise invalid(f"{where} must hold call_id, name and arguments (strings).", where)
-    try:
-        [call] = template_tool_calls([{"id": item["call_id"], "function": {"name": item["name"],
-                                                                          "arguments": item["arguments"]}}], where)
-    except StructuredOutputError as exc:
-        raise invalid(str(exc), exc.param) from None
+    [call] = template_tool_calls([{"id": item["call_id"], "function": {"name": item["name"],
+                                                                      "arguments": item["arguments"]}}], where)
     return call
 
 

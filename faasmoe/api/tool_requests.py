@@ -33,31 +33,26 @@ class ToolRequest:
     parallel: bool
 
     @property
-    def names(self) -> list[str]:
-        return [t["function"]["name"] for t in self.tools]
-
-    @property
     def forced(self) -> bool:
         return self.choice in ("required", "function")
 
 
-def _fail(message: str, param: str) -> StructuredOutputError:
-    return StructuredOutputError(message, param)
-
-
 def _tool(item: Any, where: str, flat: bool) -> dict:
     if not isinstance(item, dict) or item.get("type") != "function":
-        raise _fail(f"{where} must be {{\"type\": \"function\", ...}}: only function tools are supported.", where)
+        raise StructuredOutputError(f"{where} must be {{\"type\": \"function\", ...}}: only function tools are supported.", where)
     fn = item if flat else item.get("function")
     if not isinstance(fn, dict):
-        raise _fail(f"{where}.function must be an object with a name.", f"{where}.function")
+        raise StructuredOutputError(f"{where}.function must be an object with a name.", f"{where}.function")
     prefix = where if flat else f"{where}.function"
     name = fn.get("name")
     if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
-        raise _fail(f"{prefix}.name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}.", f"{prefix}.name")
+        raise StructuredOutputError(f"{prefix}.name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}.",
+                                    f"{prefix}.name")
     params = fn.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(params, dict) or params.get("type", "object") != "object":
-        raise _fail(f"{prefix}.parameters must be a JSON schema of an object (type \"object\").", f"{prefix}.parameters")
+        raise StructuredOutputError(f"{prefix}.parameters must be a JSON schema of an object (type \"object\").",
+                                    f"{prefix}.parameters")
+    strict_objects(params, f"{prefix}.parameters")  # its depth checked here: the forced grammar closes it later
     out = {"name": name, "parameters": params}
     if isinstance(fn.get("description"), str):
         out["description"] = fn["description"]
@@ -69,14 +64,14 @@ def parse_tools(body: dict, flat: bool = False) -> ToolRequest | None:
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None or tools == []:
         if choice not in (None, "none", "auto"):
-            raise _fail("tool_choice needs tools: send the functions the model may call.", "tool_choice")
+            raise StructuredOutputError("tool_choice needs tools: send the functions the model may call.", "tool_choice")
         return None
     if not isinstance(tools, list):
-        raise _fail("tools must be a list of function tools.", "tools")
+        raise StructuredOutputError("tools must be a list of function tools.", "tools")
     parsed = tuple(_tool(t, f"tools[{i}]", flat) for i, t in enumerate(tools))
     names = [t["function"]["name"] for t in parsed]
     if len(set(names)) != len(names):
-        raise _fail("tools name a function twice.", "tools")
+        raise StructuredOutputError("tools name a function twice.", "tools")
     function = None
     if choice is None:
         choice = "auto"
@@ -84,13 +79,14 @@ def parse_tools(body: dict, flat: bool = False) -> ToolRequest | None:
         fn = choice if flat else choice.get("function")
         function = fn.get("name") if isinstance(fn, dict) else None
         if choice.get("type") != "function" or function not in names:
-            raise _fail(f"tool_choice names a function that is not in tools: {function!r}.", "tool_choice")
+            raise StructuredOutputError(f"tool_choice names a function that is not in tools: {function!r}.", "tool_choice")
         choice = "function"
     elif choice not in CHOICES:
-        raise _fail(f"tool_choice must be 'none', 'auto', 'required' or a function, got {choice!r}.", "tool_choice")
+        raise StructuredOutputError(f"tool_choice must be 'none', 'auto', 'required' or a function, got {choice!r}.",
+                                    "tool_choice")
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
-        raise _fail("parallel_tool_calls must be a boolean.", "parallel_tool_calls")
+        raise StructuredOutputError("parallel_tool_calls must be a boolean.", "parallel_tool_calls")
     return ToolRequest(parsed, choice, function, parallel)
 
 
@@ -127,12 +123,12 @@ def forced_grammar(request: ToolRequest, parser: str, marker_id: int | None = No
 def template_tool_calls(calls: Any, where: str) -> list[dict]:
     """An assistant message's tool_calls as chat templates read them (arguments as objects where they parse)."""
     if not isinstance(calls, list) or not calls:
-        raise _fail(f"{where} must be a non-empty list of tool calls.", where)
+        raise StructuredOutputError(f"{where} must be a non-empty list of tool calls.", where)
     out = []
     for i, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise _fail(f"{where}[{i}] must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+            raise StructuredOutputError(f"{where}[{i}] must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
                         "\"arguments\"}}}}.", f"{where}[{i}]")
         arguments = fn.get("arguments", "{}")
         if isinstance(arguments, str):

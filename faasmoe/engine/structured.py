@@ -6,7 +6,8 @@ the constraint's text: an agent sends the same schema on every call), and each s
 `GrammarMatcher`, which gives the tokens allowed next as a mask over the logits and follows the tokens
 sampled. EOS is allowed only where the grammar accepts; once nothing can follow, the sequence stops.
 
-llguidance was chosen over xgrammar by measurement (bench/grammar.py): see the README. JSON is generated
+llguidance, against xgrammar (bench/grammar.py, README): it compiles 3-18x faster and is one wheel without
+dependencies; xgrammar's masks are faster per step on JSON schemas, which matters at wide batches. JSON is generated
 compact (no free whitespace between tokens): a model that may put any whitespace anywhere can loop on it,
 which a random or small model does.
 """
@@ -25,13 +26,15 @@ import torch
 if TYPE_CHECKING:
     from faasmoe.model.tokenizer import Tokenizer
 
-KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 GRAMMAR_CACHE_SIZE = 512  # compiled grammars kept per tokenizer
 JSON_OPTIONS = {"whitespace_flexible": False}  # llguidance's JsonCompileOptions
+MAX_SCHEMA_DEPTH = 128  # nesting levels of a schema (a deeper one is a 400, not a stack overflow)
+_BYTE_BITS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 
 
 class StructuredOutputError(ValueError):
-    """A constraint the grammar engine cannot compile; `param` names the request field that holds it."""
+    """A request field that constrains the output (a schema, a grammar, tools) and cannot be served as sent;
+    `param` names it. The HTTP layer answers it as a 400 naming that field."""
 
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
@@ -40,8 +43,8 @@ class StructuredOutputError(ValueError):
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """A request's output constraint: `kind` is one of KINDS; `spec` its text (a JSON schema, a regex, a JSON
-    list of choices, a grammar); `param` the request field it came from."""
+    """A request's output constraint: `kind` is json_schema, json_object, regex, choice or grammar; `spec` its
+    text (a JSON schema, a regex, a JSON list of choices, a grammar); `param` the request field it came from."""
 
     kind: str
     spec: str
@@ -57,7 +60,7 @@ class StructuredOutput:
         if not isinstance(schema, dict):
             raise StructuredOutputError(f"{param} must be a JSON schema (an object), got {type(schema).__name__}.",
                                         param)
-        return cls("json_schema", json.dumps(strict_objects(schema)), param)  # key order kept: fields come in it
+        return cls("json_schema", json.dumps(strict_objects(schema, param)), param)  # key order kept: fields come in it
 
     @classmethod
     def choice(cls, options: Any, param: str) -> StructuredOutput:
@@ -69,39 +72,41 @@ class StructuredOutput:
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
-def strict_objects(schema: Any) -> Any:
+def strict_objects(schema: Any, param: str = "schema", depth: int = 0) -> Any:
     """The schema with every object that lists its properties closed to others unless it says otherwise
     (`additionalProperties` false where not given), as xgrammar's strict mode reads schemas in vLLM: a model
     should write the fields asked for, and an open object lets a small one write unbounded extra fields.
-    allOf and its members are left open (closing them would make the conjunction unsatisfiable)."""
+    allOf and its members are left open (closing them would make the conjunction unsatisfiable). A schema
+    nested deeper than MAX_SCHEMA_DEPTH is refused (StructuredOutputError naming `param`)."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise StructuredOutputError(f"{param} is nested deeper than {MAX_SCHEMA_DEPTH} levels.", param)
     if isinstance(schema, list):
-        return [strict_objects(item) for item in schema]
+        return [strict_objects(item, param, depth + 1) for item in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
     for key, value in schema.items():
         if key in _SCHEMA_MAPS and isinstance(value, dict):  # name -> schema: the names are not keywords
-            out[key] = {name: strict_objects(sub) for name, sub in value.items()}
+            out[key] = {name: strict_objects(sub, param, depth + 1) for name, sub in value.items()}
+        elif key in ("allOf", "const", "enum", "default", "examples"):
+            out[key] = value
         else:
-            out[key] = value if key in ("allOf", "const", "enum", "default", "examples") else strict_objects(value)
+            out[key] = strict_objects(value, param, depth + 1)
     if "properties" in out and not {"additionalProperties", "patternProperties", "allOf"} & out.keys():
         out["additionalProperties"] = False
     return out
 
 
 class Grammar:
-    """One compiled constraint for one tokenizer: makes a matcher per sequence."""
+    """One compiled constraint for one tokenizer: a matcher at its start, built once (off the event loop, when
+    the request is prepared; a complex grammar takes 100 ms or more), copied for each sequence."""
 
-    def __init__(self, compiler: GrammarCompiler, text: str, constraint: StructuredOutput) -> None:
-        self._compiler = compiler
-        self.text = text
-        self.constraint = constraint
+    def __init__(self, start, vocab_size: int) -> None:
+        self._start = start
+        self.vocab_size = vocab_size
 
     def matcher(self) -> GrammarMatcher:
-        import llguidance
-
-        return GrammarMatcher(llguidance.LLMatcher(self._compiler.ll_tokenizer, self.text, log_level=0),
-                              self._compiler.vocab_size)
+        return GrammarMatcher(self._start.deep_copy(), self.vocab_size)
 
 
 class GrammarMatcher:
@@ -110,12 +115,11 @@ class GrammarMatcher:
     def __init__(self, matcher, vocab_size: int) -> None:
         self._matcher = matcher
         self.vocab_size = vocab_size
-        self._bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 
     def allowed(self) -> torch.Tensor:
         """Bool [vocab_size]: the tokens the grammar allows next (EOS only where it accepts)."""
         packed = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.uint8)
-        bits = (packed[:, None] & self._bits).ne(0).reshape(-1)  # little-endian within each byte
+        bits = (packed[:, None] & _BYTE_BITS).ne(0).reshape(-1)  # little-endian within each byte
         return bits[: self.vocab_size]
 
     def consume(self, token: int) -> bool:
@@ -127,9 +131,6 @@ class GrammarMatcher:
         """Nothing can follow: the output is complete."""
         return bool(self._matcher.is_stopped())
 
-    @property
-    def error(self) -> str:
-        return self._matcher.get_error() if self._matcher.is_error() else ""
 
 
 class GrammarCompiler:
@@ -155,26 +156,27 @@ class GrammarCompiler:
             return self._ll_tokenizer
 
     def compile(self, constraint: StructuredOutput) -> Grammar:
-        """The grammar for `constraint` (cached); StructuredOutputError naming its field if it cannot be."""
-        return self._compile(constraint.kind, constraint.spec, constraint.param)
+        """The grammar for `constraint` (cached by kind and text); StructuredOutputError naming its field if the
+        engine cannot compile it."""
+        try:
+            return self._compile(constraint.kind, constraint.spec)
+        except ValueError as exc:
+            raise StructuredOutputError(f"{constraint.param}: the grammar engine cannot compile it: {exc}",
+                                        constraint.param) from None
 
-    def _compile_uncached(self, kind: str, spec: str, param: str) -> Grammar:
+    def _compile_uncached(self, kind: str, spec: str) -> Grammar:
         import llguidance
 
-        constraint = StructuredOutput(kind, spec, param)
-        try:
-            if kind == "json_schema":
-                text = llguidance.LLMatcher.grammar_from_json_schema(spec, overrides=JSON_OPTIONS)
-            elif kind == "json_object":
-                text = llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', overrides=JSON_OPTIONS)
-            else:
-                text = llguidance.grammar_from({"regex": "regex", "choice": "choice", "grammar": "grammar"}[kind], spec)
-        except (ValueError, TypeError) as exc:
-            raise StructuredOutputError(f"{param}: the grammar engine cannot compile it: {exc}", param) from None
+        if kind == "json_schema":
+            text = llguidance.LLMatcher.grammar_from_json_schema(spec, overrides=JSON_OPTIONS)
+        elif kind == "json_object":
+            text = llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', overrides=JSON_OPTIONS)
+        else:
+            text = llguidance.grammar_from({"regex": "regex", "choice": "choice", "grammar": "grammar"}[kind], spec)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, self.ll_tokenizer)
         if is_error:
-            raise StructuredOutputError(f"{param}: the grammar engine cannot compile it: {messages[0]}", param)
-        return Grammar(self, text, constraint)
+            raise ValueError(messages[0])
+        return Grammar(llguidance.LLMatcher(self.ll_tokenizer, text, log_level=0), self.vocab_size)
 
 
 _compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

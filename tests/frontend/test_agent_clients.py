@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Annotated
 
 import pydantic
 import pytest
-import pytest_asyncio
 
-from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
-
+from .test_api_compat import open_server_fixtures
 from .test_server import Server
-from .test_structured_outputs import start
 from .test_tool_calls import ADD_USER, CHECKS, WEATHER
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -32,16 +28,7 @@ class Ticket(pydantic.BaseModel):
     urgent: bool
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return init_checkpoint(tmp_path_factory.mktemp("agents") / "tiny", "qwen2_moe", seed=6, progress=False)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(checkpoint: Path):
-    server, stop = await start(checkpoint)
-    yield server
-    await stop()
+checkpoint, server = open_server_fixtures("agents", seed=6)
 
 
 async def in_waves(make, count: int) -> list:

@@ -25,13 +25,8 @@ from .test_server import Server, assert_error, make_deployments, raw, serve
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return init_checkpoint(tmp_path_factory.mktemp("compat") / "tiny", "qwen2_moe", seed=1, progress=False)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(checkpoint: Path):
+async def start(checkpoint: Path, **options):
+    """An in-process server in open mode (no keys) on `checkpoint`, on a loopback port; (server, stop)."""
     compute = ComputeThread("trunk")
     deployments = make_deployments(checkpoint, compute)
 
@@ -41,12 +36,34 @@ async def server(checkpoint: Path):
     async def runtime_metrics() -> str:
         return ""
 
-    ctx = FrontendContext(deployments, None, None, None, Admission(), None, cluster_state, runtime_metrics)
+    ctx = FrontendContext(deployments, None, None, None, Admission(), None, cluster_state, runtime_metrics, **options)
     runner, port = await serve(ctx)
-    yield Server(port, deployments, None, {"acme": "any-key"})
-    await runner.cleanup()
-    await deployments.stop()
-    compute.shutdown()
+
+    async def stop() -> None:
+        await runner.cleanup()
+        await deployments.stop()
+        compute.shutdown()
+
+    return Server(port, deployments, None, {"acme": "any-key"}), stop
+
+
+def open_server_fixtures(name: str, seed: int):
+    """Module fixtures `checkpoint` (a tiny qwen2_moe of this seed) and `server` (started on it)."""
+
+    @pytest.fixture(scope="module")
+    def checkpoint(tmp_path_factory) -> Path:
+        return init_checkpoint(tmp_path_factory.mktemp(name) / "tiny", "qwen2_moe", seed=seed, progress=False)
+
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def server(checkpoint: Path):
+        server, stop = await start(checkpoint)
+        yield server
+        await stop()
+
+    return checkpoint, server
+
+
+checkpoint, server = open_server_fixtures("compat", seed=1)
 
 
 async def sse(server: Server, path: str, body: dict) -> tuple[dict, bytes, list[dict]]:

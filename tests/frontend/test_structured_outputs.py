@@ -6,19 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pydantic
 import pytest
-import pytest_asyncio
 
-from faasmoe.api.app import FrontendContext
-from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
-from faasmoe.tenancy.admission import Admission
-from runtime.compute import ComputeThread
-
-from .test_api_compat import sse
-from .test_server import Server, assert_error, make_deployments, raw, serve
+from .test_api_compat import open_server_fixtures, sse
+from .test_server import Server, assert_error, raw
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -42,37 +35,7 @@ def check_person(value: object) -> None:
     assert isinstance(value["active"], bool)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return init_checkpoint(tmp_path_factory.mktemp("structured") / "tiny", "qwen2_moe", seed=3, progress=False)
-
-
-async def start(checkpoint: Path, **options):
-    compute = ComputeThread("trunk")
-    deployments = make_deployments(checkpoint, compute)
-
-    async def nothing() -> dict:
-        return {}
-
-    async def no_metrics() -> str:
-        return ""
-
-    ctx = FrontendContext(deployments, None, None, None, Admission(), None, nothing, no_metrics, **options)
-    runner, port = await serve(ctx)
-
-    async def stop() -> None:
-        await runner.cleanup()
-        await deployments.stop()
-        compute.shutdown()
-
-    return Server(port, deployments, None, {"acme": "any-key"}), stop
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(checkpoint: Path):
-    server, stop = await start(checkpoint)
-    yield server
-    await stop()
+checkpoint, server = open_server_fixtures("structured", seed=3)
 
 
 def chat(**extra) -> dict:
@@ -220,3 +183,19 @@ async def test_a_model_writes_only_the_declared_fields(server: Server) -> None:
                                                                                                    "schema": schema}}))
         assert status == 200, out
         assert list(json.loads(out["choices"][0]["message"]["content"])) == ["ok"]
+
+
+async def test_a_schema_nested_too_deep_is_a_400_not_a_crash(server: Server) -> None:
+    deep: dict = {"type": "string"}
+    for _ in range(200):
+        deep = {"type": "object", "properties": {"a": deep}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": deep}}
+    status, _, out = await raw(server, "POST", "/v1/chat/completions", chat(response_format=fmt))
+    assert status == 400, out
+    assert_error(out, "invalid_request_error", "response_format.json_schema.schema")
+    tool = {"type": "function", "function": {"name": "f", "parameters": deep}}
+    status, _, out = await raw(server, "POST", "/v1/chat/completions", chat(tools=[tool], tool_choice="required"))
+    assert status == 400, out
+    assert_error(out, "invalid_request_error", "tools[0].function.parameters")
+    status, _, out = await raw(server, "POST", "/v1/chat/completions", chat(response_format=SCHEMA_FORMAT))
+    assert status == 200  # the server lives on

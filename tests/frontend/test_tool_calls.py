@@ -10,15 +10,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import pytest_asyncio
 
 from faasmoe.api.tool_requests import MAX_PARALLEL_CALLS
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 from faasmoe.model.tokenizer import Tokenizer
 
-from .test_api_compat import sse
+from .test_api_compat import open_server_fixtures, sse, start
 from .test_server import Server, assert_error, raw
-from .test_structured_outputs import PERSON, check_person, start
+from .test_structured_outputs import PERSON, check_person
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -37,16 +36,7 @@ def check_weather(arguments: dict) -> None:
 CHECKS = {"get_weather": check_weather, "add_user": check_person}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return init_checkpoint(tmp_path_factory.mktemp("tools") / "tiny", "qwen2_moe", seed=4, progress=False)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(checkpoint: Path):
-    server, stop = await start(checkpoint)
-    yield server
-    await stop()
+checkpoint, server = open_server_fixtures("tools", seed=4)
 
 
 def ask(**extra) -> dict:

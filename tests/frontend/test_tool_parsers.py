@@ -45,3 +45,21 @@ def test_a_text_cut_inside_its_second_call_keeps_the_first(parser: str, text: st
     content, calls = parse_tool_calls(parser, cut)
     assert [c.name for c in calls] == ["get_weather"] and json.loads(calls[0].arguments)["city"] in ("Paris", "Oslo")
     assert content == ("Let me check." if parser == "hermes" else None)
+
+
+@pytest.mark.parametrize("cut", [1, 5, 1000])
+def test_objects_that_are_no_call_or_name_their_keys_otherwise_keep_the_calls_apart(cut: int) -> None:
+    # auto mode is not held by a grammar: a model may write arguments before the name, or junk in the tags
+    text = ('<tool_call>\n{"note": {"x": 1}}\n</tool_call>\n<tool_call>\n{"arguments": {"city": "Rome"}, '
+            '"name": "get_weather"}\n</tool_call>\n<tool_call>\n{"name": "add_user", "arguments": {"a": [1]}}\n'
+            '</tool_call>')
+    stream, calls = ToolCallStream("hermes"), {}
+    pieces = [text[i:i + cut] for i in range(0, len(text), cut)]
+    for i, piece in enumerate(pieces):
+        for call in stream.feed(piece, final=i == len(pieces) - 1).get("tool_calls", []):
+            entry = calls.setdefault(call["index"], {"name": None, "arguments": ""})
+            entry["name"] = call["function"].get("name", entry["name"])
+            entry["arguments"] += call["function"]["arguments"]
+    want = [("get_weather", {"city": "Rome"}), ("add_user", {"a": [1]})]
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == want
+    assert [(c.name, json.loads(c.arguments)) for c in parse_tool_calls("hermes", text)[1]] == want  # whole: the same
