@@ -10,6 +10,7 @@ no memory to spare for cached checkpoints.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from bench.payofflib.meter import WeightMeter, WeightSample, gib_seconds
 from bench.payofflib.tenants import Deployment
 
 TAIL_S = 2.0
+logger = logging.getLogger("bench.payoff.measure")
 
 
 def checkpoint_files(deployment: Deployment) -> list[Path]:
@@ -41,7 +43,11 @@ class PageCacheDropper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             for file in self.files:
-                fd = os.open(file, os.O_RDONLY)
+                try:
+                    fd = os.open(file, os.O_RDONLY)
+                except OSError as exc:  # a file gone for a moment: the next round tries again
+                    logger.warning("cannot drop the page cache of %s: %s", file, exc)
+                    continue
                 try:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 finally:

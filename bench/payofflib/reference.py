@@ -3,6 +3,7 @@ checkpoint; and every run's tokens against always-on's, request by request."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -11,11 +12,17 @@ from bench.paperlib.workload import Request
 from bench.payofflib.tenants import Deployment
 
 
-def transformers_greedy(model_dir: Path, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy continuation by transformers, EOS not special (the benchmark's requests ignore it)."""
+@functools.lru_cache(maxsize=4)
+def _reference_model(model_dir: Path):
+    """transformers' model of a checkpoint, loaded once (the shared base serves several tenants)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def transformers_greedy(model_dir: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation by transformers, EOS not special (the benchmark's requests ignore it)."""
+    model = _reference_model(model_dir)
     ids, past, out = torch.tensor([prompt]), None, []
     with torch.no_grad():
         for _ in range(new_tokens):
