@@ -221,7 +221,8 @@ def model_json(d: Deployment, device_ids: set[str], host_ids: set[str], window_s
         "shared_with": d.executor.sharing(),  # other model -> this model's blocks it holds the same bytes of
         "resident": {tier: tiers.count(tier) for tier in ("device", "host", "cold")},
         "expert_bytes": d.executor.nbytes, "resident_bytes": d.resident_expert_bytes(), "trunk_bytes": d.trunk_bytes,
-        "running": len(d.engine.running), "waiting": len(d.engine.waiting),
+        "running": d.engine.running_of(d.name), "waiting": d.engine.waiting_of(d.name),
+        "steps_with": [m for m in d.engine.members if m != d.name],  # models whose sequences batch with its own
         "calls": d.executor.hits.calls, "cold_starts": d.executor.hits.cold_starts + d.model_reloads,
     }
 

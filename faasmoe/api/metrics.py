@@ -84,14 +84,15 @@ class FrontendMetrics:
         """Queue depths and KV caches are read when scraped (on the event loop: the engines own them)."""
         for d in deployments.by_name.values():
             engine = d.engine
-            self.running.labels(model_name=d.name).set(len(engine.running))
-            self.waiting.labels(model_name=d.name).set(len(engine.waiting))
+            self.running.labels(model_name=d.name).set(engine.running_of(d.name))  # co-batched models share an engine
+            self.waiting.labels(model_name=d.name).set(engine.waiting_of(d.name))
             if engine.kv_budget_bytes:  # an unbounded cache has no usage fraction
                 self.kv_usage.labels(model_name=d.name).set(engine.kv_reserved_bytes() / engine.kv_budget_bytes)
             self.kv_allocated.labels(model_name=d.name).set(engine.kv_allocated_bytes())
-            if engine.lanes > self._lanes_seen.get(d.name, 0):
-                self.lanes.labels(model_name=d.name).inc(engine.lanes - self._lanes_seen.get(d.name, 0))
-                self._lanes_seen[d.name] = engine.lanes
+            lanes = engine.lanes_by_model.get(d.name, 0)
+            if lanes > self._lanes_seen.get(d.name, 0):
+                self.lanes.labels(model_name=d.name).inc(lanes - self._lanes_seen.get(d.name, 0))
+                self._lanes_seen[d.name] = lanes
             shown = self._tenants_shown.setdefault(d.name, set())
             for tenant in shown - set(engine.fair.counters):  # idle since: its counter is gone
                 self.virtual_tokens.labels(model_name=d.name, tenant=tenant).set(0)

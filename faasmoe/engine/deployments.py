@@ -7,6 +7,10 @@ own keep-alive and is reloaded by the next request (a model with no traffic cost
 With in-process experts, a whole-model keep-alive unloads the trunk and every expert together and
 the next request reloads both, as Knative or Ray Serve (min_replicas=0) scale a model replica to
 zero: one cold start, metered like a worker's.
+
+Models served by remote experts whose trunks are the same tensors (a base and its ESFT fine-tunes,
+shared or private) step in one engine (faasmoe.engine.cobatch), unless a model opts out of sharing
+with `dedupe = false`: one trunk pass per step for all of them, one call per shared block.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from faasmoe.engine.executors import AsyncExpertExecutor
+from faasmoe.engine.cobatch import CoBatchedExecutor, trunk_identity
+from faasmoe.engine.executors import AsyncExpertExecutor, RemoteExpertExecutor
 from faasmoe.engine.model_engine import ModelEngine
 from faasmoe.model.checkpoint import CheckpointReader
 from faasmoe.model.config import MoEConfig, parse_dtype
@@ -118,6 +123,14 @@ class Deployment:
                 log.info("loaded trunk of %s in %.2fs (%d bytes)", self.name, took, self._trunk.nbytes)
         return self._trunk
 
+    def cobatch_key(self) -> tuple | None:
+        """Models with equal keys can step as one batch; None: this one steps alone."""
+        spec = self.spec
+        if not spec.dedupe or not isinstance(self.executor, RemoteExpertExecutor):
+            return None
+        return (self.dtype, self.device, self.block_size, spec.micro_batches,
+                trunk_identity(spec.path, self.config, self.digests))
+
     def resident_expert_bytes(self) -> int:
         """Expert bytes this model holds now (on workers, as the routing table tells; or in process)."""
         return self.executor.resident_bytes()
@@ -156,14 +169,33 @@ class Deployments:
     def __init__(self) -> None:
         self.by_name: dict[str, Deployment] = {}
         self.aliases: dict[str, str] = {}  # alias -> the deployment's name
+        self._cobatch_keys: dict[tuple, Deployment] = {}  # trunk key -> the first model whose engine steps it
         self._reaper: asyncio.Task[None] | None = None
 
     def add(self, deployment: Deployment) -> None:
         for name in (deployment.name, *deployment.spec.aliases):
             if name in self.by_name or name in self.aliases or deployment.spec.aliases.count(name) > 1:
                 raise ValueError(f"model {name!r} is deployed twice")
+        self._cobatch(deployment)
         self.by_name[deployment.name] = deployment
         self.aliases.update((alias, deployment.name) for alias in deployment.spec.aliases if alias != deployment.name)
+
+    def _cobatch(self, deployment: Deployment) -> None:
+        """Step the new model in the engine of a model with the same trunk, if one is served."""
+        key = deployment.cobatch_key()
+        if key is None:
+            return
+        peer = self._cobatch_keys.get(key)
+        if peer is None:
+            self._cobatch_keys[key] = deployment
+            return
+        engine = peer.engine
+        if not isinstance(engine.executor, CoBatchedExecutor):
+            engine.executor = CoBatchedExecutor(engine.executor)
+        engine.executor.add(deployment.executor)
+        engine.join(deployment.name, deployment.trunk, deployment.tokenizer, deployment.spec.kv_cache_bytes)
+        deployment.engine = engine
+        log.info("model %s steps with %s (the same trunk)", deployment.name, peer.name)
 
     def visible(self, tenant: str, allowed: list[str]) -> list[Deployment]:
         return [d for d in self.by_name.values() if d.visible_to(tenant, allowed)]
@@ -198,5 +230,5 @@ class Deployments:
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        for deployment in self.by_name.values():
-            await deployment.engine.stop()
+        for engine in {id(d.engine): d.engine for d in self.by_name.values()}.values():
+            await engine.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,12 +79,16 @@ class AsyncExpertExecutor(Protocol):
         """Resident bytes per function of the blocks of this model that only `owner` uses (its memory
         quota counts them; a block shared with another model or tenant is nobody's alone)."""
 
-    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor: ...
+    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing,
+                        rows: Sequence[tuple[str, int]] | None = None) -> torch.Tensor:
+        """`rows`: the model of each run of x's rows, for an executor that steps several models
+        (faasmoe.engine.cobatch); one that serves a single model ignores it."""
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Warm these experts of `layer` ahead of its call, without waiting (a hint; may do nothing)."""
+    def prefetch(self, layer: int, experts: list[int], models: Sequence[str] | None = None) -> None:
+        """Warm these experts of `layer` ahead of its call, without waiting (a hint; may do nothing);
+        `models`: whose blocks, where the executor steps several."""
 
-    def cold_layers(self, layers: list[int]) -> list[int]:
+    def cold_layers(self, layers: list[int], models: Sequence[str] | None = None) -> list[int]:
         """Those of `layers` with a block nobody holds or loads: the ones prefetching could help."""
 
     @property
@@ -147,13 +151,13 @@ class RemoteExpertExecutor:
     def reload(self) -> float:
         return 0.0  # cold functions load on their first call
 
-    def cold_layers(self, layers: list[int]) -> list[int]:
+    def cold_layers(self, layers: list[int], models=None) -> list[int]:
         routes = self.client.routes
         blocks = range(len(block_ranges(self.num_experts, self.block_size)))
         return [layer for layer in layers
                 if any(not routes.get(self.specs[(layer, b)].function_id) for b in blocks if (layer, b) in self.specs)]
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
+    def prefetch(self, layer: int, experts: list[int], models=None) -> None:
         routes = self.client.routes
         blocks = {e // self.block_size for e in experts} - self._prefetched.get(layer, set())
         cold = [b for b in sorted(blocks) if (layer, b) in self.specs and not routes.get(self.specs[(layer, b)].function_id)]
@@ -163,14 +167,19 @@ class RemoteExpertExecutor:
             self._prefetched.setdefault(layer, set()).update(cold)
             self.prefetch_stats.issued += len(cold)
 
-    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        plan = DispatchPlan(routing, self.block_size)
-        calls = [FunctionCall(self.specs[(layer, c.block)], xs, c.local_experts) for c, xs in zip(plan.calls, plan.inputs(x))]
+    def settle_prefetch(self, layer: int, used: set[str]) -> None:
+        """The blocks warmed for `layer` meet its call (which used the functions `used`): count them used or wasted."""
         warmed = self._prefetched.pop(layer, None)
         if warmed:
-            used = len(warmed & {c.block for c in plan.calls})
-            self.prefetch_stats.used += used
-            self.prefetch_stats.wasted += len(warmed) - used
+            hit = sum(1 for b in warmed if self.specs[(layer, b)].function_id in used)
+            self.prefetch_stats.used += hit
+            self.prefetch_stats.wasted += len(warmed) - hit
+
+    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing, rows=None) -> torch.Tensor:
+        plan = DispatchPlan(routing, self.block_size)
+        calls = [FunctionCall(self.specs[(layer, c.block)], xs, c.local_experts) for c, xs in zip(plan.calls, plan.inputs(x))]
+        if self._prefetched:
+            self.settle_prefetch(layer, {c.function.function_id for c in calls})
         meter = InvokeMeter()
         outputs = await self.client.invoke(calls, meter)
         self.hits.record((c.function.function_id for c in calls), meter.cold_starts)
@@ -278,17 +287,17 @@ class InProcessExpertExecutor:
         self._cost.load_wait_s += took
         return took
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
+    def prefetch(self, layer: int, experts: list[int], models=None) -> None:
         pass  # every expert is resident already
 
-    def cold_layers(self, layers: list[int]) -> list[int]:
+    def cold_layers(self, layers: list[int], models=None) -> list[int]:
         return []  # all or nothing: a whole-model reload loads every layer before the step
 
     @property
     def prefetch_stats(self) -> PrefetchStats:
         return PrefetchStats()
 
-    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing, rows=None) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         if self.local is None:  # unloaded between the trunk's reload and this call: load here
             await self.compute.run(self.reload)

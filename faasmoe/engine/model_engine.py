@@ -12,6 +12,10 @@ running and has had the least service does not wait for the running batch's step
 prefill runs at once in a *lane* of its own, and the batch's step yields to it between ops. So one
 tenant's flood costs another's first token about one op of the flood's step, not a whole step
 plus a step grown by the flood; with one tenant busy, nothing changes.
+
+Models that share their trunk (a base and its expert-specialised fine-tunes) can be *members* of one
+engine (faasmoe.engine.cobatch): their sequences step together, one trunk pass for all, each row's
+experts through its own model's functions.
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class EngineMember:
+    """A model whose sequences an engine steps: how to get its (loaded) trunk, and its tokenizer."""
+
+    trunk: Callable[[], Trunk]
+    tokenizer: Tokenizer
+
+
+@dataclass
 class _Running:
     request: GenerationRequest
     seq: Sequence
@@ -71,7 +83,7 @@ class ModelEngine:
         prefetch_depth: int | None = None,
     ) -> None:
         self.name = name
-        self._trunk = trunk
+        self.members = {name: EngineMember(trunk, tokenizer)}
         self.executor = executor
         self.tokenizer = tokenizer
         self.compute = compute
@@ -93,6 +105,7 @@ class ModelEngine:
         self.fair = FairShares()
         self.lane: list[GenerationRequest] = []  # a prefill stepped beside the batch (empty: none)
         self.lanes = 0  # lanes run so far
+        self.lanes_by_model: dict[str, int] = {}
         self._lane_task: asyncio.Task[None] | None = None
         self._lane_idle = asyncio.Event()  # clear while a lane runs: the batch's step waits between ops
         self._lane_idle.set()
@@ -118,6 +131,21 @@ class ModelEngine:
         self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop(), name=f"engine-{self.name}")
+
+    def join(self, name: str, trunk: Callable[[], Trunk], tokenizer: Tokenizer, kv_budget_bytes: int | None) -> None:
+        """Step model `name`'s sequences here too: its trunk must be this engine's models' (the same
+        tensors) and the executor must know its functions (faasmoe.engine.cobatch); its KV budget adds."""
+        if name in self.members:
+            raise ValueError(f"model {name!r} already steps in the engine of {self.name}")
+        self.members[name] = EngineMember(trunk, tokenizer)
+        if self.kv_budget_bytes is not None:
+            self.kv_budget_bytes = None if kv_budget_bytes is None else self.kv_budget_bytes + kv_budget_bytes
+
+    def running_of(self, model: str) -> int:
+        return sum(1 for r in self.running if r.request.model == model)
+
+    def waiting_of(self, model: str) -> int:
+        return sum(1 for w in self.waiting if w.model == model)
 
     @property
     def busy(self) -> bool:
@@ -206,6 +234,7 @@ class ModelEngine:
                     return
                 r = _Running(request, seq, Usage(prompt_tokens=len(request.prompt_token_ids)))
                 self.lanes += 1
+                self.lanes_by_model[request.model] = self.lanes_by_model.get(request.model, 0) + 1
                 await self._step([r], cost)
         except Exception as exc:
             if r is not None:
@@ -255,7 +284,10 @@ class ModelEngine:
 
     async def _start(self, request: GenerationRequest) -> Sequence:
         """The request's sequence with its KV cache; loads the trunk (off the loop) if it is not loaded."""
-        trunk = await self._run(self._trunk)
+        member = self.members.get(request.model)
+        if member is None:
+            raise RuntimeError(f"model {request.model!r} does not step in the engine of {self.name}")
+        trunk = await self._run(member.trunk)
         cfg = trunk.config
         check_tokens(cfg, request.prompt_token_ids, request.params.max_tokens)
         worst = len(request.prompt_token_ids) + request.params.max_tokens
@@ -265,7 +297,7 @@ class ModelEngine:
                                    f"{self.kv_budget_bytes} bytes; reduce the prompt or max_tokens")
         cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, trunk.dtype, trunk.device,
                         min(_round_up(len(request.prompt_token_ids) + 1, 16), worst), max_capacity=worst)
-        return Sequence(request.prompt_token_ids, request.params, cache, self.tokenizer, self.tokenizer.eos_token_ids)
+        return Sequence(request.prompt_token_ids, request.params, cache, member.tokenizer, member.tokenizer.eos_token_ids)
 
     def _kv_worst_case(self, request: GenerationRequest) -> int | None:
         per_token = self.kv_bytes_per_token
@@ -302,7 +334,7 @@ class ModelEngine:
 
     async def _step(self, batch: list[_Running], lane_cost: StepCost | None = None) -> None:
         """One step of `batch`: the running batch's, or with `lane_cost` a lane's (which never yields)."""
-        trunk = self._trunk()
+        trunk = self.members[batch[0].request.model].trunk()  # members' trunks are the same tensors
         self._chunk_prefills(batch)
         groups = micro_batches(batch, self.micro_batches)
         steps = [PackedStep.build(trunk.config, [r.seq.pending for r in g], [r.seq.cache for r in g], trunk.device)
@@ -359,20 +391,24 @@ class ModelEngine:
         `yields`: wait between ops while a lane runs."""
         layers = decoder_layers(trunk, step.ids, step.batch)
         done, value = await self._run(_advance, layers, None)
+        rows = models = None
+        if len(self.members) > 1:  # co-batched models: each row's experts are its own model's
+            rows = [(r.request.model, n) for r, n in zip(group, step.lengths)]
+            models = list(dict.fromkeys(model for model, _ in rows))
         starting = any(not r.seq.output for r in group)
         depth = (self.prefetch_depth or trunk.config.num_layers) if starting else 1
         while not done:
             layer, state = value
             if yields:
                 await self._yield_to_lane()
-            ahead = self._cold_ahead(trunk, layer, depth) if self.prefetch else []
+            ahead = self._cold_ahead(trunk, layer, depth, models) if self.prefetch else []
             depth = 1
             if not ahead:  # awaited here, not as a task: the call leaves now, not on the loop's next turn
-                expert_out = await self.executor.run_layer(layer, state.moe_input, state.routing)
+                expert_out = await self.executor.run_layer(layer, state.moe_input, state.routing, rows)
             else:  # later layers' likely blocks load while this layer's experts run
-                call = asyncio.ensure_future(self.executor.run_layer(layer, state.moe_input, state.routing))
+                call = asyncio.ensure_future(self.executor.run_layer(layer, state.moe_input, state.routing, rows))
                 try:
-                    await self._prefetch(trunk, layer, state.moe_input, ahead)
+                    await self._prefetch(trunk, layer, state.moe_input, ahead, models)
                 except BaseException:  # cancelled: the call must not outlive the step
                     call.cancel()
                     raise
@@ -387,15 +423,16 @@ class ModelEngine:
         if not self._lane_idle.is_set():
             await self._lane_idle.wait()
 
-    def _cold_ahead(self, trunk: Trunk, layer: int, depth: int) -> list[int]:
+    def _cold_ahead(self, trunk: Trunk, layer: int, depth: int, models: list[str] | None) -> list[int]:
         """Of the next `depth` MoE layers after `layer`, those prefetching could help (a no-op for in-process experts)."""
         try:
-            return self.executor.cold_layers(trunk.next_moe_layers(layer, depth))
+            return self.executor.cold_layers(trunk.next_moe_layers(layer, depth), models)
         except Exception:  # a hint that failed must not fail the step
             log.exception("looking ahead of layer %d of %s failed", layer, self.name)
             return []
 
-    async def _prefetch(self, trunk: Trunk, layer: int, x: torch.Tensor, ahead: list[int]) -> None:
+    async def _prefetch(self, trunk: Trunk, layer: int, x: torch.Tensor, ahead: list[int],
+                        models: list[str] | None) -> None:
         """Pre-gate the cold MoE layers `ahead`: their loads are asked now, behind this layer's call (the
         worker loads a call's blocks first, the earlier layer's first)."""
         try:
@@ -404,7 +441,7 @@ class ModelEngine:
             else:  # the compute thread is idle while this layer's experts run on the workers
                 predicted = await self._run(trunk.pregate, x, ahead)
             for j, experts in predicted:
-                self.executor.prefetch(j, experts)
+                self.executor.prefetch(j, experts, models)
         except Exception:  # a hint that failed must not fail the step
             log.exception("prefetching ahead of layer %d of %s failed", layer, self.name)
 

@@ -165,9 +165,9 @@ async def test_chat_stream_sends_the_role_with_the_first_token(server: Server, m
     executor = server.deployments.by_name["tiny"].executor
     original, gate = executor.run_layer, asyncio.Event()
 
-    async def held(layer, x, routing):
+    async def held(layer, x, routing, rows=None):
         await gate.wait()
-        return await original(layer, x, routing)
+        return await original(layer, x, routing, rows)
 
     monkeypatch.setattr(executor, "run_layer", held)
     async with aiohttp.ClientSession() as session:

@@ -60,9 +60,9 @@ async def test_a_cold_request_asks_for_later_layers_before_the_earlier_ones_comp
             events.append(("prefetch", spec.layer, client.stats.cold_starts))
             prefetch(spec)
 
-        async def recording_run_layer(layer, x, routing):
+        async def recording_run_layer(layer, x, routing, rows=None):
             events.append(("call", layer, client.stats.cold_starts))
-            out = await run_layer(layer, x, routing)
+            out = await run_layer(layer, x, routing, rows)
             events.append(("done", layer, client.stats.cold_starts))
             return out
 

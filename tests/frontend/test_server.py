@@ -254,7 +254,7 @@ async def test_seeded_sampling_is_reproducible(server: Server) -> None:
 async def test_engine_failure_is_a_500_and_an_error_row(server: Server, monkeypatch) -> None:
     executor = server.deployments.by_name["secret"].executor
 
-    async def broken(layer, x, routing):
+    async def broken(layer, x, routing, rows=None):
         raise RuntimeError("worker died")
 
     monkeypatch.setattr(executor, "run_layer", broken)

@@ -10,6 +10,7 @@ solo: a copy of the base served with `dedupe = false`, whose expert bytes change
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import urllib.error
 import urllib.request
@@ -151,6 +152,42 @@ def test_fine_tunes_share_their_base_blocks_and_answer_as_transformers(server, c
     assert rows["tunea"]["expert_invocations"] > 0 and "tuneb" not in rows  # each pays for its own calls
     status, usage = call(server, "/v1/usage?tenant=globex", "acme")
     assert "tunea" not in {row["model"] for row in usage["data"]}
+
+
+def invoke_messages(server) -> float:
+    """Invoke messages the workers have answered (one per worker per layer call)."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=60) as response:
+        text = response.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("faasmoe_worker_invoke_seconds_count"))
+
+
+def test_a_base_and_its_fine_tunes_step_as_one_batch(server):
+    """Requests to the base and both fine-tunes at once batch together: the same tokens as each alone, and
+    one message per layer for all three (three models stepped apart would send three)."""
+    status, dash = call(server, "/admin/dashboard.json", "acme")
+    steps_with = {m["name"]: sorted(m["steps_with"]) for m in dash["models"]}
+    assert steps_with["base"] == ["tunea", "tuneb"] and steps_with["tunea"] == ["base", "tuneb"], steps_with
+    assert steps_with["solo"] == []  # dedupe = false: it steps alone
+    jobs = (("base", "globex"), ("tunea", "acme"), ("tuneb", "globex"))
+    body = {"prompt": PROMPT[:8], "max_tokens": 24, "temperature": 0, "ignore_eos": True, "logprobs": 1,
+            "return_tokens_as_token_ids": True}
+
+    def tokens(model: str, tenant: str) -> list[str]:
+        status, out = call(server, "/v1/completions", tenant, {"model": model, **body})
+        assert status == 200, out
+        return out["choices"][0]["logprobs"]["tokens"]
+
+    before = invoke_messages(server)
+    alone = {model: tokens(model, tenant) for model, tenant in jobs}
+    apart = invoke_messages(server) - before
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {model: pool.submit(tokens, model, tenant) for model, tenant in jobs}
+        together = {model: f.result() for model, f in futures.items()}
+    batched = invoke_messages(server) - before - apart
+    assert together == alone
+    assert alone["base"] != alone["tunea"] or alone["base"] != alone["tuneb"]  # the tunes' own experts answered
+    assert batched < 0.7 * apart, (batched, apart)
 
 
 def test_a_load_whose_bytes_are_not_its_id_is_refused_with_the_reason(server, checkpoints):
