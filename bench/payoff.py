@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from bench.payofflib import frontier, tenants  # noqa: E402
-from bench.payofflib.deploy import SetupRun  # noqa: E402
+from bench.payofflib.deploy import SETUPS, SetupRun  # noqa: E402
 from bench.payofflib.measure import run  # noqa: E402
 from bench.payofflib.reference import check_outputs  # noqa: E402
 from bench.payofflib.trace import build_trace, describe  # noqa: E402
@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(0: none)")
     parser.add_argument("--tune-seconds", type=float, default=45.0, help="each ESFT fine-tune's training budget")
     parser.add_argument("--seed", type=int, default=0, help="trace seed")
+    parser.add_argument("--setups", default="always-on,whole-model,faasmoe",
+                        help="comma list of the setups to run (default: all three)")
+    parser.add_argument("--micro-batches", default="1",
+                        help="faasmoe frontend's --micro-batches; a comma list runs faasmoe once per value (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where payoff.md/json/png go")
     return parser.parse_args(argv)
 
@@ -67,15 +71,19 @@ def machine() -> dict:
             "torch": __import__("torch").__version__, "load_before": os.getloadavg()}
 
 
-def plan_runs(keep_alives: list[float], drop_at: float) -> list[tuple[SetupRun, bool]]:
+def plan_runs(keep_alives: list[float], drop_at: float, setups: tuple[str, ...] = SETUPS,
+              micro_batches: tuple[int, ...] = (1,)) -> list[tuple[SetupRun, bool]]:
     """Always-on, then whole-model and faasmoe alternating at each keep-alive (A B A B), then the
-    page-cache-dropped pair."""
+    page-cache-dropped pair; only the setups asked for, faasmoe once per micro-batch count."""
+    def at(k: float) -> list[SetupRun]:
+        return [SetupRun("whole-model", k)] + [SetupRun("faasmoe", k, m) for m in micro_batches]
+
     runs = [(SetupRun("always-on", float("inf")), False)]
     for k in keep_alives:
-        runs += [(SetupRun("whole-model", k), False), (SetupRun("faasmoe", k), False)]
+        runs += [(r, False) for r in at(k)]
     if drop_at:
-        runs += [(SetupRun("whole-model", drop_at), True), (SetupRun("faasmoe", drop_at), True)]
-    return runs
+        runs += [(r, True) for r in at(drop_at)]
+    return [(r, dropped) for r, dropped in runs if r.setup in setups]
 
 
 def sweep(model: str, args: argparse.Namespace, keep_alives: list[float]) -> dict:
@@ -87,7 +95,8 @@ def sweep(model: str, args: argparse.Namespace, keep_alives: list[float]) -> dic
           f"{len(trace)} requests", flush=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="faasmoe-payoff-") as tmp:
-        for spec, dropped in plan_runs(keep_alives, args.drop_page_cache_at if model == "trained" else 0.0):
+        for spec, dropped in plan_runs(keep_alives, args.drop_page_cache_at if model == "trained" else 0.0,
+                                       args.setups, args.micro_batches):
             runs.append(run(spec, deployment, trace, warm, Path(tmp), os.cpu_count() or 1, dropped))
     checks = check_outputs(deployment, trace, runs)
     for r in runs:
@@ -142,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     keep_alives = [float(k) for k in args.keep_alives.split(",") if k]
     models = [m for m in args.models.split(",") if m]
+    args.setups = tuple(s for s in args.setups.split(",") if s)
+    args.micro_batches = tuple(int(m) for m in args.micro_batches.split(",") if m)
+    if set(args.setups) - set(SETUPS) or not args.setups:
+        raise SystemExit(f"--setups: choose from {', '.join(SETUPS)}")
     unknown = set(models) - {"trained", "random"}
     if unknown:
         raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))} (choose trained, random)")

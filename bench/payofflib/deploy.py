@@ -34,10 +34,12 @@ class SetupRun:
 
     setup: str
     keep_alive_s: float
+    micro_batches: int = 1  # faasmoe: the frontend's --micro-batches
 
     @property
     def label(self) -> str:
-        return self.setup if self.setup == "always-on" else f"{self.setup} K={self.keep_alive_s:g}s"
+        label = self.setup if self.setup == "always-on" else f"{self.setup} K={self.keep_alive_s:g}s"
+        return label if self.micro_batches == 1 else f"{label} M={self.micro_batches}"
 
 
 def options(deployment: Deployment, keep_alive_s: float, threads: int) -> SetupOptions:
@@ -68,7 +70,8 @@ def start(run: SetupRun, deployment: Deployment, workdir: Path, cores: int) -> R
         models = [_model_entry(deployment, name, run.keep_alive_s) for name in deployment.models]
         cfg = _config(root / "frontend.toml", port, root / "frontend.db", opts, models, tenants)
         setup.processes["frontend"] = faasmoe("frontend", "--config", str(cfg), "--scheduler", address,
-                                              "--token", TOKEN, env=opts.env)
+                                              "--token", TOKEN, "--micro-batches", str(run.micro_batches),
+                                              env=opts.env)
         setup.frontends["frontend"] = f"http://127.0.0.1:{port}"
         for t in deployment.tenants:
             setup.endpoints[t.name] = Endpoint(t.name, setup.frontends["frontend"], tenant_key(t.name), t.model)
