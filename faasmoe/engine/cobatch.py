@@ -48,6 +48,8 @@ class CoBatchedExecutor:
         self.block_size = first.block_size
         self.hits = first.hits  # the engine's own model's; each member's counts are kept in its executor
         self._cost = StepCost()
+        self._owners_key: object = None
+        self._owners = torch.zeros(0, dtype=torch.int64)
         self.add(first)
 
     def add(self, member: RemoteExpertExecutor) -> None:
@@ -56,6 +58,7 @@ class CoBatchedExecutor:
             raise ValueError(f"model {member.model} cannot step with {list(self.members)}: other block size or runtime")
         self.members[member.model] = member
         self._index = {model: i for i, model in enumerate(self.members)}
+        self._owners_key = None
         # Per layer: one slot per distinct function of the members, and [member, block] -> its slot.
         self._slots: dict[int, list[p.FunctionSpec]] = {}
         self._tables: dict[int, torch.Tensor] = {}
@@ -159,10 +162,17 @@ class CoBatchedExecutor:
         return 0.0
 
     def _row_members(self, rows: Rows | None, n: int) -> torch.Tensor:
-        if not rows:
-            return torch.zeros(n, dtype=torch.int64)
-        index = torch.tensor([self._index[model] for model, _ in rows], dtype=torch.int64)
-        return index.repeat_interleave(torch.tensor([count for _, count in rows], dtype=torch.int64))
+        """Each row's member index; kept for the step's next layers (the same rows), as a small op costs
+        tens of microseconds with the caches as cold as an expert call leaves them."""
+        key = tuple(rows) if rows else n
+        if key != self._owners_key:
+            if not rows:
+                owners = torch.zeros(n, dtype=torch.int64)
+            else:
+                owners = torch.tensor([self._index[model] for model, count in rows for _ in range(count)],
+                                      dtype=torch.int64)
+            self._owners_key, self._owners = key, owners
+        return self._owners
 
     def _used_by(self, rows: Rows | None, slot: torch.Tensor, specs: list[p.FunctionSpec]) -> dict[str, set[str]]:
         """Model -> the functions its rows called in this layer."""
