@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--setups", default="always-on,whole-model,faasmoe",
                         help="comma list of the setups to run (default: all three)")
     parser.add_argument("--micro-batches", default="1",
-                        help="faasmoe frontend's --micro-batches; a comma list runs faasmoe once per value (default 1)")
+                        help="faasmoe frontend's --micro-batches; a comma list runs faasmoe once per value, M@N "
+                        "with --micro-batch-min-tokens N (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where payoff.md/json/png go")
     return parser.parse_args(argv)
 
@@ -72,11 +73,11 @@ def machine() -> dict:
 
 
 def plan_runs(keep_alives: list[float], drop_at: float, setups: tuple[str, ...] = SETUPS,
-              micro_batches: tuple[int, ...] = (1,)) -> list[tuple[SetupRun, bool]]:
+              micro_batches: tuple[tuple[int, int], ...] = ((1, 0),)) -> list[tuple[SetupRun, bool]]:
     """Always-on, then whole-model and faasmoe alternating at each keep-alive (A B A B), then the
     page-cache-dropped pair; only the setups asked for, faasmoe once per micro-batch count."""
     def at(k: float) -> list[SetupRun]:
-        return [SetupRun("whole-model", k)] + [SetupRun("faasmoe", k, m) for m in micro_batches]
+        return [SetupRun("whole-model", k)] + [SetupRun("faasmoe", k, m, n) for m, n in micro_batches]
 
     runs = [(SetupRun("always-on", float("inf")), False)]
     for k in keep_alives:
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     keep_alives = [float(k) for k in args.keep_alives.split(",") if k]
     models = [m for m in args.models.split(",") if m]
     args.setups = tuple(s for s in args.setups.split(",") if s)
-    args.micro_batches = tuple(int(m) for m in args.micro_batches.split(",") if m)
+    args.micro_batches = tuple((int(m.partition("@")[0]), int(m.partition("@")[2] or 0))
+                               for m in args.micro_batches.split(",") if m)
     if set(args.setups) - set(SETUPS) or not args.setups:
         raise SystemExit(f"--setups: choose from {', '.join(SETUPS)}")
     unknown = set(models) - {"trained", "random"}

@@ -35,11 +35,14 @@ class SetupRun:
     setup: str
     keep_alive_s: float
     micro_batches: int = 1  # faasmoe: the frontend's --micro-batches
+    micro_batch_min_tokens: int = 0  # and its --micro-batch-min-tokens
 
     @property
     def label(self) -> str:
         label = self.setup if self.setup == "always-on" else f"{self.setup} K={self.keep_alive_s:g}s"
-        return label if self.micro_batches == 1 else f"{label} M={self.micro_batches}"
+        if self.micro_batches != 1:
+            label += f" M={self.micro_batches}" + (f">={self.micro_batch_min_tokens}" if self.micro_batch_min_tokens else "")
+        return label
 
 
 def options(deployment: Deployment, keep_alive_s: float, threads: int) -> SetupOptions:
@@ -71,6 +74,7 @@ def start(run: SetupRun, deployment: Deployment, workdir: Path, cores: int) -> R
         cfg = _config(root / "frontend.toml", port, root / "frontend.db", opts, models, tenants)
         setup.processes["frontend"] = faasmoe("frontend", "--config", str(cfg), "--scheduler", address,
                                               "--token", TOKEN, "--micro-batches", str(run.micro_batches),
+                                              "--micro-batch-min-tokens", str(run.micro_batch_min_tokens),
                                               env=opts.env)
         setup.frontends["frontend"] = f"http://127.0.0.1:{port}"
         for t in deployment.tenants:

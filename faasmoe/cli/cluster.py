@@ -160,6 +160,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batches", type=int, default=None, metavar="M",
                         help="split each step into M groups whose trunk and expert work overlap (remote experts); "
                         "each group calls the experts on its own, so fewer tokens batch per call; default: 1")
+    parser.add_argument("--micro-batch-min-tokens", type=int, default=0, metavar="N",
+                        help="split a step into --micro-batches groups only when it has at least N tokens (a "
+                        "decode step of a few sequences has too little work to hide a second hop); default: 0")
     parser.add_argument("--state", type=Path, default=None,
                         help=f"SQLite file for tenants and the usage ledger; {STATE_HELP}")
     add_secret_arguments(parser, "token", "FAASMOE_TOKEN", "cluster token", "; default: $FAASMOE_TOKEN or a random one")
@@ -247,7 +250,8 @@ def _serve(args: argparse.Namespace) -> int:
         whole_model_keep_alive=getattr(args, "whole_model_keep_alive", 0.0),
         scheduler_timeout=getattr(args, "scheduler_timeout", 30.0), kv_cache_memory=args.kv_cache_memory,
         invoke_timeout=args.invoke_timeout, invoke_timeout_factor=args.invoke_timeout_factor,
-        micro_batches=args.micro_batches, tool_call_parser=args.tool_call_parser,
+        micro_batches=args.micro_batches, micro_batch_min_tokens=args.micro_batch_min_tokens,
+        tool_call_parser=args.tool_call_parser,
         auto_tool_choice=args.auto_tool_choice,
     )
     import uvloop

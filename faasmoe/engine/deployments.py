@@ -55,6 +55,7 @@ class DeploymentSpec:
     device: str = "cpu"
     kv_cache_bytes: int | None = None  # the engine's KV cache budget; None: unbounded
     micro_batches: int = 1  # groups of a step that overlap trunk and expert work (remote experts: 2)
+    micro_batch_min_tokens: int = 0  # ... in steps with at least this many tokens (fewer: one group)
     aliases: tuple[str, ...] = ()  # more names clients may call it by (vLLM's extra --served-model-name)
     dedupe: bool = True  # share expert functions and trunk tensors with other models holding the same bytes
 
@@ -87,7 +88,7 @@ class Deployment:
         cfg = self.config
         self.engine = ModelEngine(
             spec.name, self.trunk, self.executor, self.tokenizer, compute, kv_budget_bytes=spec.kv_cache_bytes,
-            micro_batches=spec.micro_batches,
+            micro_batches=spec.micro_batches, micro_batch_min_tokens=spec.micro_batch_min_tokens,
             kv_bytes_per_token=KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype))
 
     @property
@@ -128,7 +129,7 @@ class Deployment:
         spec = self.spec
         if not spec.dedupe or not isinstance(self.executor, RemoteExpertExecutor):
             return None
-        return (self.dtype, self.device, self.block_size, spec.micro_batches,
+        return (self.dtype, self.device, self.block_size, spec.micro_batches, spec.micro_batch_min_tokens,
                 trunk_identity(spec.path, self.config, self.digests))
 
     def resident_expert_bytes(self) -> int:

@@ -78,6 +78,7 @@ class ModelEngine:
         kv_budget_bytes: int | None = None,
         kv_bytes_per_token: int | None = None,
         micro_batches: int = 1,
+        micro_batch_min_tokens: int = 0,
         prefetch: bool = True,
         prefill_chunk_tokens: int = 2048,
         prefetch_depth: int | None = None,
@@ -94,6 +95,7 @@ class ModelEngine:
         self.kv_budget_bytes = kv_budget_bytes
         self.kv_bytes_per_token = kv_bytes_per_token
         self.micro_batches = micro_batches  # a step's sequences in this many groups that overlap trunk and experts
+        self.micro_batch_min_tokens = micro_batch_min_tokens  # ... when the step has at least this many tokens
         self.prefetch = prefetch  # pre-gate the next layer's blocks (a no-op for in-process experts)
         # A step that starts sequences pre-gates this many MoE layers ahead (None: all of them), so a
         # cold model's blocks load while its first layers compute; later steps pre-gate the next one.
@@ -336,7 +338,10 @@ class ModelEngine:
         """One step of `batch`: the running batch's, or with `lane_cost` a lane's (which never yields)."""
         trunk = self.members[batch[0].request.model].trunk()  # members' trunks are the same tensors
         self._chunk_prefills(batch)
-        groups = micro_batches(batch, self.micro_batches)
+        tokens = sum(len(r.seq.pending) for r in batch)
+        # Ping-pong only where each half has work enough to hide the other's hop (prefills): a decode step
+        # split in two pays a second message per layer and twice the per-op overhead for nothing.
+        groups = micro_batches(batch, self.micro_batches if tokens >= self.micro_batch_min_tokens else 1)
         steps = [PackedStep.build(trunk.config, [r.seq.pending for r in g], [r.seq.cache for r in g], trunk.device)
                  for g in groups]
         started = time.perf_counter()

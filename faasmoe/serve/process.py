@@ -91,6 +91,7 @@ class ServeOptions:
     invoke_timeout: float = DEADLINE_MIN_S  # the least an invoke may take before it is retried elsewhere
     invoke_timeout_factor: float = DEADLINE_FACTOR  # x the worker's measured compute for the call's rows
     micro_batches: int | None = None  # None: 1 (a step's sequences batch together)
+    micro_batch_min_tokens: int = 0  # a step splits into micro-batches only with at least this many tokens
 
 
 def merged_config(opts: ServeOptions) -> ServeConfig:
@@ -314,7 +315,8 @@ class FrontendProcess:
             dtype=model.dtype or "float32", device=self.trunk_device,
             kv_cache_bytes=self.opts.kv_cache_memory or kv_cache_budget(torch.device(self.trunk_device),
                                                                          len(self.config.models)),
-            micro_batches=self.opts.micro_batches or 1, dedupe=model.dedupe,
+            micro_batches=self.opts.micro_batches or 1, micro_batch_min_tokens=self.opts.micro_batch_min_tokens,
+            dedupe=model.dedupe,
         )
 
         def executor(dep: Deployment):

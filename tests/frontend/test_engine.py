@@ -183,6 +183,29 @@ async def test_micro_batches_give_the_same_tokens(model_dir):
     await dep.engine.stop()
 
 
+async def test_a_step_splits_into_micro_batches_only_with_tokens_enough(model_dir):
+    """--micro-batch-min-tokens: the prefill step (11 tokens) ping-pongs, the decode steps (4 tokens) do not."""
+    dep = deployment(model_dir, micro_batches=2, micro_batch_min_tokens=8)
+    calls: list[int] = []  # rows of each layer call
+    original = dep.executor.run_layer
+
+    async def counted(layer, x, routing, rows=None):
+        calls.append(x.shape[0])
+        return await original(layer, x, routing, rows)
+
+    dep.executor.run_layer = counted
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5], [42], [7, 7]]
+    results = await asyncio.gather(*(run(dep, p, 3) for p in prompts))
+    moe_layers = len(dep.config.moe_layers)
+    # One step with all four prefills (11 tokens), in two groups; then two decode steps of 4 rows, whole.
+    prefill = calls[:2 * moe_layers]
+    assert sum(prefill) == 11 * moe_layers and max(prefill) < 11, calls
+    assert calls[2 * moe_layers:] == [4] * (2 * moe_layers), calls
+    expected = generate(MoEModel.from_pretrained(model_dir, expert_block_size=4), prompts, max_tokens=3, ignore_eos=True)
+    assert [tokens for tokens, _ in results] == [r.token_ids for r in expected]
+    await dep.engine.stop()
+
+
 def test_micro_batches_split_by_tokens() -> None:
     from types import SimpleNamespace
 
