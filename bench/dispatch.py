@@ -2,14 +2,16 @@
 
     python bench/dispatch.py            # 16 tokens x top-4 over 4 functions, hidden 2048, bf16
     python bench/dispatch.py --quick    # fewer iterations
-    python bench/dispatch.py --no-shm   # only the socket paths (--shm: only shared memory)
+    python bench/dispatch.py --paths ring,shm   # only these: socket (tensors in the frames), shm (tensors in
+                                                # shared memory, the socket the doorbell), ring (runtime.ring)
 
 A real `faasmoe scheduler` and real `faasmoe worker join` processes (on a Unix socket, with
 and without the per-frame HMAC that TCP links always carry, and on TCP loopback) serve
 Qwen1.5-MoE-shaped expert blocks; this process is the frontend. Each iteration sends one
 layer's calls (one message to one worker) and waits for the outputs. Each link runs with the
-tensors in the frames (the socket path) and through shared memory (`runtime.shm`, the socket
-only as doorbell), alternating A B A B for `--rounds` rounds, each in a fresh pair of processes.
+tensors in the frames (the socket path), through shared memory (`runtime.shm`, the socket only as
+doorbell) and through the call ring (`runtime.ring`: shared memory, a pipe as doorbell, served on the
+worker's ring thread), alternating A B C A B C for `--rounds` rounds, each in a fresh pair of processes.
 The in-process baseline runs the same blocks on the same rows here. Overhead = round trip minus
 the worker-side compute time, p50 and p99. Prints a table (with the load average seen at the
 start and end of each run), writes JSON to bench/results/.
@@ -41,11 +43,13 @@ from faasmoe.model.config import MoEConfig  # noqa: E402
 from faasmoe.model.experts import ExpertBlock  # noqa: E402
 from runtime import protocol as p  # noqa: E402
 from runtime.client import FunctionCall, InvokeMeter, RuntimeClient  # noqa: E402
+from runtime.ring import SPIN_ENV  # noqa: E402
 from runtime.transport import MAC_UNIX_SOCKETS_ENV  # noqa: E402
 from tests.processes import faasmoe, free_port  # noqa: E402
 
 TOKEN = "bench-dispatch"
 DOORBELL_BYTES = 200  # an invoke or result whose tensors are in shared memory, with its framing
+SPIN_US = 200  # ring-spin: the worker polls this long after a call (longer than this loop's turnaround)
 FLUSH_MIB = 64  # more than the caches: what 4 expert blocks of Qwen1.5-MoE stream per call
 
 
@@ -94,9 +98,11 @@ def in_process(path: Path, calls: list[FunctionCall], iterations: int) -> list[f
 
 
 async def remote(scheduler: str, calls: list[FunctionCall], iterations: int,
-                 use_shm: bool) -> tuple[list[float], list[float]]:
+                 path: str) -> tuple[list[float], list[float]]:
     """Round-trip times, and the same minus the worker's own compute time (the dispatch overhead)."""
-    client = await RuntimeClient(scheduler, TOKEN, shm_slots=None if use_shm else 0).start()
+    use_shm = path != "socket"
+    ringed = path.startswith("ring")
+    client = await RuntimeClient(scheduler, TOKEN, shm_slots=None if use_shm else 0, call_ring=ringed).start()
     while not client.workers:
         await asyncio.sleep(0.05)
     times, overheads = [], []
@@ -110,19 +116,23 @@ async def remote(scheduler: str, calls: list[FunctionCall], iterations: int,
             overheads.append(elapsed - meter.compute_s)
     assert client.stats.messages == iterations + 20, "one message per layer per worker"
     assert client.stats.shm_messages == (iterations + 20 if use_shm else 0), "shared memory used as asked"
+    assert client.stats.ring_messages == (iterations + 19 if ringed else 0), "the ring used as asked"
     await client.close()
     return times, overheads
 
 
 def measure_transport(listen: str, calls: list[FunctionCall], iterations: int,
-                      mac_unix: bool = False, use_shm: bool = False) -> tuple[list[float], list[float]]:
+                      mac_unix: bool = False, path: str = "socket") -> tuple[list[float], list[float]]:
     """A scheduler and one worker serving on `listen`; this process is the frontend.
 
     `mac_unix`: Unix-socket frames carry the HMAC too (both ends), to measure what it costs.
-    `use_shm`: the tensors go through shared memory, the socket carries the message.
+    `path`: socket (tensors in the frames), shm (tensors in shared memory, the socket carries the
+    message), ring (shared memory, a pipe as doorbell, no message) or ring-spin (the worker's ring
+    thread polls for SPIN_US after each call before it blocks).
     """
     port = free_port()
-    env = {"OMP_NUM_THREADS": "1", MAC_UNIX_SOCKETS_ENV: "1" if mac_unix else "0"}
+    env = {"OMP_NUM_THREADS": "1", MAC_UNIX_SOCKETS_ENV: "1" if mac_unix else "0",
+           SPIN_ENV: str(SPIN_US if path == "ring-spin" else 0)}
     os.environ[MAC_UNIX_SOCKETS_ENV] = env[MAC_UNIX_SOCKETS_ENV]  # this process's end of the link
     sched = faasmoe("scheduler", "--listen", f"127.0.0.1:{port}", "--token", TOKEN, "--workers", "0", env=env)
     worker = None
@@ -131,7 +141,7 @@ def measure_transport(listen: str, calls: list[FunctionCall], iterations: int,
         worker = faasmoe("worker", "join", f"127.0.0.1:{port}", "--token", TOKEN, "--id", "bench", "--device",
                          "cpu", "--memory", "8GiB", "--listen", listen, env=env)
         worker.wait_for("listening at")
-        return uvloop.run(remote(f"127.0.0.1:{port}", calls, iterations, use_shm))
+        return uvloop.run(remote(f"127.0.0.1:{port}", calls, iterations, path))
     finally:
         if worker is not None:
             worker.stop()
@@ -211,9 +221,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--shm", action=argparse.BooleanOptionalAction, default=None,
-                        help="--shm: only the shared-memory runs; --no-shm: only the socket runs; default: both, alternating")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of socket / shared memory (A B A B)")
+    parser.add_argument("--paths", default="socket,shm,ring",
+                        help="comma list of: socket, shm (the socket as doorbell), ring (runtime.ring), ring-spin "
+                        "(the ring with the worker polling after each call); default: socket,shm,ring")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the paths (A B C A B C)")
     parser.add_argument("--links", default="unix,unix+mac,tcp", help="which links: unix, unix+mac, tcp (comma-separated)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "dispatch.json"))
     args = parser.parse_args()
@@ -230,7 +241,9 @@ def main() -> None:
     unknown = [name for name in chosen if name not in links]
     if unknown:
         parser.error(f"--links: unknown {', '.join(unknown)} (choose from {', '.join(links)})")
-    modes = [False, True] if args.shm is None else [args.shm]
+    modes = [m.strip() for m in args.paths.split(",") if m.strip()]
+    if any(m not in ("socket", "shm", "ring", "ring-spin") for m in modes):
+        parser.error(f"--paths: choose from socket, shm, ring, ring-spin (got {args.paths})")
     rows = []
     local = in_process(path, calls, args.iterations)
     rows.append(dict(path="in-process", p50_us=statistics.median(local) * 1e6, p99_us=pct(local, 99) * 1e6,
@@ -238,10 +251,14 @@ def main() -> None:
     for round_ in range(args.rounds):
         for link in chosen:
             listen, mac = links[link]
-            for use_shm in modes:  # A B A B: a drift in the machine's load hits both alike
+            for mode in modes:  # A B C A B C: a drift in the machine's load hits all alike
+                if mode.startswith("ring") and link != "unix":
+                    continue  # the ring never touches the socket: one link tells it all
                 load_before = os.getloadavg()[0]
-                times, overheads = measure_transport(listen, calls, args.iterations, mac_unix=mac, use_shm=use_shm)
-                rows.append(dict(path=names[link] + (" + shm" if use_shm else ""), round=round_ + 1,
+                times, overheads = measure_transport(listen, calls, args.iterations, mac_unix=mac, path=mode)
+                suffix = {"socket": "", "shm": " + shm", "ring": " + shm, call ring",
+                          "ring-spin": f" + shm, call ring polled {SPIN_US} µs"}[mode]
+                rows.append(dict(path=names[link] + suffix, round=round_ + 1,
                                  p50_us=statistics.median(times) * 1e6, p99_us=pct(times, 99) * 1e6,
                                  overhead_p50_us=statistics.median(overheads) * 1e6,
                                  overhead_p99_us=pct(overheads, 99) * 1e6,

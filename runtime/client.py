@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime import protocol as p
-from runtime import shm
+from runtime import ring, shm
 from runtime.transport import RpcChannel, dial, stay_connected
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class ClientStats:
     invocations: int = 0  # function calls sent
     messages: int = 0  # invoke messages sent (one per worker per layer)
     shm_messages: int = 0  # of those, the ones whose tensors went through shared memory
+    ring_messages: int = 0  # of those, the ones the worker served from the call ring (no socket message)
     cold_starts: int = 0
     retries: int = 0
     load_s: float = 0.0
@@ -75,10 +76,14 @@ class RuntimeClient:
 
     def __init__(self, scheduler: str, token: str, client_id: str | None = None,
                  deadline_min_s: float = DEADLINE_MIN_S, deadline_factor: float = DEADLINE_FACTOR,
-                 shm_slots: int | None = None, shm_slot_bytes: int = shm.DEFAULT_SLOT_BYTES) -> None:
+                 shm_slots: int | None = None, shm_slot_bytes: int = shm.DEFAULT_SLOT_BYTES,
+                 call_ring: bool | None = None) -> None:
         """`shm_slots`: invokes in flight per worker connection through shared memory, each up to
-        `shm_slot_bytes` of activations and of outputs (default: shm.DEFAULT_SLOTS, 0 when FAASMOE_SHM=0)."""
+        `shm_slot_bytes` of activations and of outputs (default: shm.DEFAULT_SLOTS, 0 when FAASMOE_SHM=0).
+        `call_ring`: post warm invokes into those slots with a pipe as doorbell (`runtime.ring`) instead
+        of a socket message (default: unless FAASMOE_RING=0)."""
         self.scheduler_address = scheduler
+        self.call_ring = ring.enabled() if call_ring is None else call_ring
         self.shm_slots = (shm.DEFAULT_SLOTS if shm.enabled() else 0) if shm_slots is None else shm_slots
         self.shm_slot_bytes = shm_slot_bytes
         self.deadline_min_s = deadline_min_s
@@ -211,14 +216,27 @@ class RuntimeClient:
         except OSError as exc:
             log.warning("worker %s: invokes over the socket (no shared memory here: %s)", wid, exc)
             return
+        caller = None
+        if self.call_ring:
+            try:
+                caller = ring.RingCaller.create(region)
+            except OSError as exc:
+                log.warning("worker %s: no call ring (%s)", wid, exc)
         try:
-            reply = await channel.request(region.offer(), timeout=10)
+            reply = await channel.request(region.offer(ring=caller is not None), timeout=10)
         finally:
             region.unlink()  # mapped on both sides (or refused): nothing to leak from here on
+            ring.RingCaller.unlink_paths(region.path)
+        if caller is not None and not (isinstance(reply, p.Ok) and caller.accepted()):
+            caller.close()
+            caller = None
         if isinstance(reply, p.Ok):
             channel.conn.region = region
-            log.info("worker %s at %s: invokes through shared memory (%d slots of %d KiB)", wid, info.address,
-                     region.slots, region.slot_bytes >> 10)
+            if caller is not None:
+                caller.start()
+                channel.conn.ring = caller
+            log.info("worker %s at %s: invokes through shared memory (%d slots of %d KiB), %s", wid, info.address,
+                     region.slots, region.slot_bytes >> 10, "a call ring" if caller else "the socket as doorbell")
         else:
             log.info("worker %s at %s: invokes over the socket (%s)", wid, info.address,
                      getattr(reply, "message", type(reply).__name__))
@@ -392,12 +410,37 @@ class RuntimeClient:
             placed = region.place(xs, experts, out_nbytes)
             if placed is not None:
                 x, e, out_offset = placed
-                self.stats.shm_messages += 1
+                caller = channel.conn.ring
+                if caller is not None and not specs:  # the worker knows every function: it may serve it warm
+                    reply = await self._ring_invoke(caller, region, region.slot_of(out_offset), ids, rows, x, e,
+                                                    out_nbytes, deadline)
+                    if reply is not None:
+                        return reply
+                self.stats.shm_messages += 1  # from here to the send nothing awaits: the slot is never lost
                 return await channel.request(p.Invoke(0, ids, rows, x, e, specs, out_offset, region.slot_bytes),
                                              timeout=deadline)
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         e = experts[0] if len(experts) == 1 else torch.cat(experts)
         return await channel.request(p.Invoke(0, ids, rows, x, e, specs), timeout=deadline)
+
+    async def _ring_invoke(self, caller: ring.RingCaller, region: shm.OfferedRegion, slot: int, ids: list[str],
+                           rows: list[int], x: torch.Tensor, e: torch.Tensor, out_nbytes: int,
+                           deadline: float) -> p.Message | None:
+        """One invoke through the call ring: its Result (the output a view of the slot), an Error, or None
+        when a block is cold (the caller sends the same slot through the socket, which loads it)."""
+        answer = await caller.call(slot, ids, rows, x, e, out_nbytes, deadline)
+        if answer is None or answer[0] == ring.COLD:
+            return None
+        state, compute_s, dtype, nbytes = answer
+        if state == ring.DONE and dtype is not None:
+            output = region.view(region.output_at(slot), nbytes)
+            region.release(slot)  # the output view keeps the slot taken while it lives
+            self.stats.shm_messages += 1
+            self.stats.ring_messages += 1
+            return p.Result(0, output.view(dtype).view(sum(rows), -1), 0, 0.0, compute_s)
+        reason = caller.failure(slot, nbytes) if state == ring.FAILED else f"ring state {state}"
+        region.release(slot)
+        return p.Error(0, "bad_request", reason)
 
     async def close(self) -> None:
         if self._keeper is not None:

@@ -247,6 +247,8 @@ class ShmOffer(Message):
     boot_id: str
     host: str
     cookie: bytes
+    ring_slots: int = 0  # > 0: the frontend asks for the call ring (`runtime.ring`) over this many slots
+    ring_slot_bytes: int = 0  # ... each of two areas of this many bytes
 
 
 @dataclass

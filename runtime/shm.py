@@ -43,6 +43,7 @@ MAX_REGION_BYTES = 1 << 30  # a worker maps no bigger offer
 _HEADER_BYTES = 4096  # the cookie; slots start on a page
 _COOKIE_BYTES = 16
 _NAME = re.compile(r"faasmoe-(\d+)-[0-9a-f]{16}\Z")
+_ORPHAN = re.compile(r"faasmoe-(\d+)-[0-9a-f]{16}(?:-calls|-done)?\Z")  # a region or its ring's doorbells
 _swept = False
 
 
@@ -76,6 +77,12 @@ class SharedRegion:
         self._mm = mm
         self._bytes = torch.frombuffer(mm, dtype=torch.uint8)
         self._base = self._bytes.data_ptr()
+        self.header_bytes = _HEADER_BYTES
+        self.slots = self.slot_bytes = 0  # the worker learns them from an offer with a call ring
+
+    @property
+    def path(self) -> str:
+        return os.path.join(SHM_DIR, self.name)
 
     def offset_of(self, t: torch.Tensor) -> int | None:
         start = t.data_ptr() - self._base
@@ -116,7 +123,10 @@ class SharedRegion:
         if mm[:_COOKIE_BYTES] != offer.cookie:
             raise ShmRefused(f"{path} holds another process's memory")  # a namesake in another mount namespace
         _unlink(path)
-        return cls(mm, offer.name)
+        region = cls(mm, offer.name)
+        if offer.ring_slots and _HEADER_BYTES + 2 * offer.ring_slots * offer.ring_slot_bytes == offer.nbytes:
+            region.slots, region.slot_bytes = offer.ring_slots, offer.ring_slot_bytes
+        return region
 
 
 class OfferedRegion(SharedRegion):
@@ -157,9 +167,11 @@ class OfferedRegion(SharedRegion):
         mm[:_COOKIE_BYTES] = cookie
         return cls(mm, name, slots, slot_bytes, cookie)
 
-    def offer(self) -> p.ShmOffer:
+    def offer(self, ring: bool = False) -> p.ShmOffer:
+        """`ring`: ask the worker to serve calls posted in the slots too (`runtime.ring`)."""
         boot_id, host = host_identity()
-        return p.ShmOffer(0, self.name, self.nbytes, boot_id, host, self.cookie)
+        return p.ShmOffer(0, self.name, self.nbytes, boot_id, host, self.cookie,
+                          self.slots if ring else 0, self.slot_bytes if ring else 0)
 
     def unlink(self) -> None:
         """Remove the name (the mappings stay); done once the peer answered the offer, whatever it said."""
@@ -169,6 +181,17 @@ class OfferedRegion(SharedRegion):
 
     def _input_at(self, slot: int) -> int:
         return _HEADER_BYTES + 2 * slot * self.slot_bytes
+
+    def slot_of(self, out_offset: int) -> int:
+        """The slot whose output area starts at `out_offset` (as `place` returned it)."""
+        return (out_offset - _HEADER_BYTES) // (2 * self.slot_bytes)
+
+    def output_at(self, slot: int) -> int:
+        return self._input_at(slot) + self.slot_bytes
+
+    def release(self, slot: int) -> None:
+        """The worker is done with the slot (a call through the ring came back)."""
+        self._in_flight[slot] = False
 
     def _take(self) -> int | None:
         for slot, in_flight in enumerate(self._in_flight):
@@ -239,7 +262,7 @@ def _remove_orphans() -> None:
     except OSError:
         return
     for name in names:
-        match = _NAME.match(name)
+        match = _ORPHAN.match(name)
         if match is None:
             continue
         try:

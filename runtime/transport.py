@@ -95,6 +95,7 @@ class Connection:
         self.peer_id = ""  # set by the handshake
         # Memory both ends mapped (runtime.shm): tensors in it are sent by reference, and it sees every message.
         self.region: SharedRegion | None = None
+        self.ring = None  # the call ring on that memory (runtime.ring): ends with the connection
 
     @property
     def is_unix(self) -> bool:
@@ -136,6 +137,8 @@ class Connection:
         return self.writer.is_closing()
 
     async def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
         if not self.writer.is_closing():
             self.writer.close()
         try:

@@ -23,6 +23,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -227,6 +228,9 @@ class ExpertStore:
         self.keep_alive = keep_alive
         self.on_change = on_change or (lambda loaded, evicted, reason: None)
         self.resident: dict[str, Resident] = {}
+        # Calls through a ring (runtime.ring) take and give back blocks on their own thread: taking a block,
+        # giving it back and dropping one are each done whole under this lock (the loop never awaits in it).
+        self.lock = threading.RLock()
         self.stats = LoadStats()
         self._loading: dict[str, asyncio.Future[Resident]] = {}
         self._reserved = 0  # bytes of loads in progress
@@ -278,12 +282,13 @@ class ExpertStore:
 
     def try_acquire(self, function_id: str) -> Resident | None:
         """The resident block with one more call in flight, or None if it needs a load."""
-        resident = self.resident.get(function_id)
-        if resident is not None:
-            resident.in_flight += 1
-            resident.hits += 1
-            self.eviction.on_access(resident.key, time.monotonic())
-        return resident
+        with self.lock:
+            resident = self.resident.get(function_id)
+            if resident is not None:
+                resident.in_flight += 1
+                resident.hits += 1
+                self.eviction.on_access(resident.key, time.monotonic())
+            return resident
 
     async def acquire(self, spec: FunctionSpec, ahead: bool = False) -> tuple[Resident, bool]:
         """The resident block for `spec` with one more call in flight; True when this call loaded it.
@@ -302,16 +307,18 @@ class ExpertStore:
             else:
                 resident = await self._load(spec, ahead)
                 cold = True
-        resident.in_flight += 1
-        resident.hits += 1
-        self.eviction.on_access(resident.key, time.monotonic())
+        with self.lock:
+            resident.in_flight += 1
+            resident.hits += 1
+            self.eviction.on_access(resident.key, time.monotonic())
         return resident, cold
 
     def release(self, resident: Resident) -> None:
-        now = time.monotonic()
-        resident.in_flight -= 1
-        resident.last_used = self._last_active = now
-        self.keep_alive(resident.spec).on_invoke(resident.key, now)
+        with self.lock:
+            now = time.monotonic()
+            resident.in_flight -= 1
+            resident.last_used = self._last_active = now
+            self.keep_alive(resident.spec).on_invoke(resident.key, now)
 
     async def _load(self, spec: FunctionSpec, ahead: bool = False) -> Resident:
         fid = spec.function_id
@@ -467,22 +474,23 @@ class ExpertStore:
     # -- eviction ---------------------------------------------------------------------------
 
     def _make_room(self, nbytes: int, for_id: str, evict: bool = True) -> None:
-        if nbytes > self.budget_bytes:
-            raise NoMemory(f"{for_id} needs {nbytes} bytes but the worker budget is {self.budget_bytes}")
-        need = self.used_bytes + self._reserved + nbytes - self.budget_bytes
-        if need <= 0:
-            return
-        if not evict:
-            raise NoMemory(f"no free room for {for_id} ({nbytes} bytes) and a load ahead of its call evicts nothing")
-        idle = [r.key for r in self.resident.values() if r.in_flight == 0]
-        victims = self.eviction.victims(idle, need, time.monotonic())
-        if sum(k.nbytes for k in victims) < need:
-            raise NoMemory(
-                f"no room for {for_id} ({nbytes} bytes): {self.used_bytes} of {self.budget_bytes} bytes "
-                f"resident, {len(self.resident) - len(idle)} blocks busy"
-            )
-        for key in victims:
-            self._drop(key.function_id, "memory")  # the load that follows reuses the memory: no trim
+        with self.lock:
+            if nbytes > self.budget_bytes:
+                raise NoMemory(f"{for_id} needs {nbytes} bytes but the worker budget is {self.budget_bytes}")
+            need = self.used_bytes + self._reserved + nbytes - self.budget_bytes
+            if need <= 0:
+                return
+            if not evict:
+                raise NoMemory(f"no free room for {for_id} ({nbytes} bytes) and a load ahead of its call evicts nothing")
+            idle = [r.key for r in self.resident.values() if r.in_flight == 0]
+            victims = self.eviction.victims(idle, need, time.monotonic())
+            if sum(k.nbytes for k in victims) < need:
+                raise NoMemory(
+                    f"no room for {for_id} ({nbytes} bytes): {self.used_bytes} of {self.budget_bytes} bytes "
+                    f"resident, {len(self.resident) - len(idle)} blocks busy"
+                )
+            for key in victims:
+                self._drop(key.function_id, "memory")  # the load that follows reuses the memory: no trim
 
     def evict(self, function_id: str, reason: str) -> bool:
         """Drop an idle block to the host tier (or out, with none); False if it is absent or busy."""
@@ -496,11 +504,12 @@ class ExpertStore:
             return_free_memory()
 
     def _drop(self, function_id: str, reason: str) -> bool:
-        resident = self.resident.get(function_id)
-        if resident is None or resident.in_flight > 0:
-            return False
-        del self.resident[function_id]
-        self.eviction.on_evict(resident.key)
+        with self.lock:
+            resident = self.resident.get(function_id)
+            if resident is None or resident.in_flight > 0:
+                return False
+            del self.resident[function_id]
+            self.eviction.on_evict(resident.key)
         weights = resident.block.weights
         if weights.nbytes <= self.host.budget_bytes:  # else the block leaves every tier
             if isinstance(weights, ExpertWeights) and self.device.type != "cpu":
@@ -515,7 +524,8 @@ class ExpertStore:
 
     def expire(self, now: float, host_ttl_s: float) -> list[str]:
         """Scale idle blocks to zero by their keep-alive; drop host copies older than host_ttl_s."""
-        expired = [fid for fid in list(self.resident) if self._expire_one(fid, now)]
+        with self.lock:
+            expired = [fid for fid in list(self.resident) if self._expire_one(fid, now)]
         if self.host.expire(now - host_ttl_s) or expired:
             self._return_memory()
         return expired

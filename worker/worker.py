@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import torch
 from faasmoe.model.content import ContentMismatch
 from faasmoe.model.experts import ExpertBlock, run_blocks
 from runtime import protocol as p
+from runtime import ring
 from runtime.compute import ComputeThread
 from runtime.metrics import Registry
 from runtime.periodic import every
@@ -80,6 +82,8 @@ class Worker:
         # One compute thread: a device runs one call at a time; the loop stays free for I/O.
         self._compute = ComputeThread(f"{config.worker_id}-compute")
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Calls through a ring (runtime.ring) run on their connection's thread: one call on the device at a time.
+        self._device_lock = threading.Lock()
         self._scheduler: RpcChannel | None = None
         self._queue_depth = 0
         self._queued: dict[str, int] = {}  # function -> calls waiting for the compute thread
@@ -260,8 +264,37 @@ class Worker:
         except (ShmRefused, OSError) as exc:
             log.info("connection from %s: invokes over the socket (%s)", conn.peer_id, exc)
             return p.Error(offer.req_id, "shm_unavailable", str(exc))
-        log.info("connection from %s: invokes through shared memory (%d KiB)", conn.peer_id, conn.region.nbytes >> 10)
+        how = "the socket as doorbell"
+        if conn.region.slots and ring.enabled():
+            try:
+                conn.ring = ring.RingServer(conn.region, self._ring_invoke, f"{self.config.worker_id}-ring")
+                how = "a call ring"
+            except OSError as exc:
+                how = f"the socket as doorbell (no call ring: {exc})"
+        log.info("connection from %s: invokes through shared memory (%d KiB), %s", conn.peer_id,
+                 conn.region.nbytes >> 10, how)
         return p.Ok(offer.req_id)
+
+    def _ring_invoke(self, call: ring.RingCall) -> tuple[torch.Tensor, float] | None:
+        """Runs on a connection's ring thread: a call whose blocks are all resident, computed in place; None
+        when one needs a load or its spec (the frontend then sends it through the socket, which loads)."""
+        start = time.perf_counter()
+        acquired: list[Resident] = []
+        try:
+            for fid in dict.fromkeys(call.function_ids):
+                resident = self.store.try_acquire(fid) if fid in self._specs else None
+                if resident is None:
+                    return None
+                acquired.append(resident)
+            message = p.Invoke(0, call.function_ids, call.rows, call.x, call.experts)
+            output, compute_s = self._run_calls(message, {r.spec.function_id: r for r in acquired}, call.dest)
+            self._learn_cost(message, compute_s)
+        finally:
+            for resident in acquired:
+                self.store.release(resident)
+        self._invoked.inc(len(call.function_ids))
+        self._invoke_time.observe(time.perf_counter() - start)
+        return output, compute_s
 
     async def _reply(self, conn: Connection, message: p.Message) -> None:
         req_id = getattr(message, "req_id", 0)
@@ -376,11 +409,11 @@ class Worker:
 
     def _run_calls(self, message: p.Invoke, by_id: dict[str, Resident],
                    dest: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """Runs in the compute thread: every call of the message together (their experts share the
+        """Runs in the compute thread (or a ring's): every call of the message together (their experts share the
         cores); and the seconds it took. The output lands in `dest` (shared memory, bytes) when it fits."""
-        start = time.perf_counter()
         xs, experts = message.x.split(message.rows), message.experts.split(message.rows)
-        with torch.inference_mode():
+        with self._device_lock, torch.inference_mode():  # a ring's thread and the compute thread: one at a time
+            start = time.perf_counter()
             if self._stream is None:
                 output = self._run_blocks(message.function_ids, xs, experts, by_id, dest)
             else:
@@ -389,7 +422,7 @@ class Worker:
                     out = _output_area(dest, output.shape, output.dtype)
                     output = out.copy_(output) if out is not None else output.to("cpu", non_blocking=True)
                 self._stream.synchronize()
-        return output, time.perf_counter() - start
+            return output, time.perf_counter() - start
 
     def _run_blocks(self, fids: list[str], xs: tuple[torch.Tensor, ...], experts: tuple[torch.Tensor, ...],
                     by_id: dict[str, Resident], dest: torch.Tensor | None) -> torch.Tensor:

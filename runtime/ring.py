@@ -1,0 +1,363 @@
+"""The call ring: a per-layer invoke to a worker on this host with no event-loop turn on the worker and
+no msgpack on either side.
+
+It rides on a connection's shared region (`runtime.shm`). The region's header page holds one fixed-layout
+control record per slot; the slot's areas hold the activations, expert indices and a small call list
+(rows and function id per call) on the way in, the output on the way out. Two FIFOs next to the region
+are the doorbells: the frontend writes a byte into "calls" after posting a slot, the worker's ring thread,
+blocked in read() on it (the GIL released), wakes, computes every posted slot in place with its blocks
+taken synchronously, sets the record's state and writes a byte into "done", which the frontend's event
+loop watches. Each direction is one pipe write and one wakeup, the way vLLM's shared-memory MessageQueue
+carries its per-step broadcast, without its spinning: on 2 cores a spinning reader takes the core the
+writer needs (measured in bench/dispatch.py).
+
+A call whose blocks are not all resident (or whose spec the worker lacks) comes back `COLD` and the
+frontend sends the same slot through the socket, which loads. Bad records come back `FAILED` with the
+reason and are logged; the worker goes on. A connection's ring ends with the connection: the worker's
+thread is woken and exits, the frontend's pending calls fail with ConnectionError. FAASMOE_RING=0 (either
+end) keeps the socket as every invoke's doorbell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from runtime import protocol as p
+
+log = logging.getLogger(__name__)
+
+RING_ENV = "FAASMOE_RING"  # "0": never offer or accept the call ring
+# The worker's thread polls the slots this long after a call before it blocks on the doorbell. 0 by default:
+# on a CPU the next layer's call comes a trunk half later (milliseconds), so polling only takes the GIL
+# and a core from the frontend beside it; bench/dispatch.py --paths ring,ring-spin measures both.
+SPIN_ENV = "FAASMOE_RING_SPIN_US"
+IDLE, POSTED, DONE, COLD, FAILED = 0, 1, 2, 3, 4
+READY_AT = 32  # header byte the worker sets to 1 once its ring thread runs (before it answers the offer)
+_CONTROL_AT = 64  # after the cookie: one record per slot
+_CONTROL_STRIDE = 64
+# state, calls, rows, hidden, x dtype, experts dtype, output dtype, calls-list offset in the input area,
+# output bytes (the frontend: room; the worker: written), compute seconds
+_CONTROL = struct.Struct("<IIIIBBBxIId")
+_CALL = struct.Struct("<IH")  # rows, length of the function id that follows
+MAX_CALLS = 4096
+_DTYPES = p._DTYPES
+_CODES = p._DTYPE_CODE
+
+
+def enabled() -> bool:
+    return os.environ.get(RING_ENV, "1") != "0"
+
+
+def fifo_paths(region_path: str) -> tuple[str, str]:
+    return region_path + "-calls", region_path + "-done"
+
+
+def max_slots(header_bytes: int) -> int:
+    return (header_bytes - _CONTROL_AT) // _CONTROL_STRIDE
+
+
+@dataclass
+class RingCall:
+    """One posted slot as the worker reads it: views of the region, no copies."""
+
+    slot: int
+    function_ids: list[str]
+    rows: list[int]
+    x: torch.Tensor
+    experts: torch.Tensor
+    dest: torch.Tensor  # the slot's output area (uint8)
+
+
+class _Slots:
+    """The control records and areas of a region (`runtime.shm` lays them out)."""
+
+    def __init__(self, mm, region_bytes: torch.Tensor, slots: int, slot_bytes: int, header_bytes: int) -> None:
+        self.mm, self.bytes, self.slots, self.slot_bytes, self.header = mm, region_bytes, slots, slot_bytes, header_bytes
+
+    def record_at(self, slot: int) -> int:
+        return _CONTROL_AT + slot * _CONTROL_STRIDE
+
+    def state(self, slot: int) -> int:
+        return int.from_bytes(self.mm[self.record_at(slot):self.record_at(slot) + 4], "little")
+
+    def set_state(self, slot: int, state: int) -> None:
+        at = self.record_at(slot)
+        self.mm[at:at + 4] = state.to_bytes(4, "little")
+
+    def input_at(self, slot: int) -> int:
+        return self.header + 2 * slot * self.slot_bytes
+
+
+# -- the frontend's side ------------------------------------------------------------------------------
+
+
+class RingCaller:
+    """Posts invokes into a region's slots and wakes on the worker's "done" doorbell (in the event loop)."""
+
+    def __init__(self, slots: _Slots, calls_fd: int, done_fd: int, release: Callable[[int], None]) -> None:
+        self._slots = slots
+        self._calls_fd, self._done_fd = calls_fd, done_fd
+        self._release = release  # hands a slot back to the region once nobody needs it
+        self._pending: dict[int, asyncio.Future[int]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+
+    @classmethod
+    def create(cls, region) -> RingCaller:
+        """FIFOs beside `region` (an shm.OfferedRegion not yet offered); raises OSError where they cannot be made."""
+        calls, done = fifo_paths(region.path)
+        os.mkfifo(calls, 0o600)
+        try:
+            os.mkfifo(done, 0o600)
+            # O_RDWR: never blocks on open, never EOF nor EPIPE when the peer goes (the socket says so)
+            flags = os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC
+            calls_fd = os.open(calls, flags)
+            done_fd = os.open(done, flags)
+        except BaseException:
+            cls.unlink_paths(region.path)
+            raise
+        slots = _Slots(region._mm, region._bytes, region.slots, region.slot_bytes, region.header_bytes)
+        return cls(slots, calls_fd, done_fd, region.release)
+
+    @staticmethod
+    def unlink_paths(region_path: str) -> None:
+        for path in fifo_paths(region_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def accepted(self) -> bool:
+        """Whether the worker runs the ring for this region (it says so in the header before answering)."""
+        return self._slots.mm[READY_AT] == 1
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._done_fd, self._on_done)
+
+    async def call(self, slot: int, function_ids: list[str], rows: list[int], x: torch.Tensor,
+                   experts: torch.Tensor, out_nbytes: int,
+                   timeout: float) -> tuple[int, float, torch.dtype | None, int] | None:
+        """Post the invoke already placed in `slot` (x and experts are its views) and wait for the worker:
+        (state, compute seconds, output dtype, output bytes); None, posting nothing, when the call list
+        does not fit the slot. The slot stays lent: on COLD the socket path reuses it, on DONE the caller
+        takes the output view and gives the slot back."""
+        if self.closed:
+            raise ConnectionError("the call ring is closed")
+        s = self._slots
+        base = s.input_at(slot)
+        at = x.nbytes + experts.nbytes
+        at = -(-at // 8) * 8
+        calls_at = at
+        mm = s.mm
+        for fid, n in zip(function_ids, rows):
+            name = fid.encode()
+            end = at + _CALL.size + len(name)
+            if end > s.slot_bytes:
+                return None
+            _CALL.pack_into(mm, base + at, n, len(name))
+            mm[base + at + _CALL.size:base + end] = name
+            at = end
+        async with asyncio.timeout(timeout):
+            state = await self.post(slot, len(function_ids), x.shape[0], x.shape[1], _CODES[x.dtype],
+                                    _CODES[experts.dtype], calls_at, out_nbytes)
+        _, _, _, _, _, _, out_code, _, out_nbytes, compute_s = _CONTROL.unpack_from(mm, s.record_at(slot))
+        return state, compute_s, _DTYPES[out_code] if out_code < len(_DTYPES) else None, out_nbytes
+
+    def post(self, slot: int, calls: int, rows: int, hidden: int, x_code: int, e_code: int, calls_at: int,
+             out_nbytes: int) -> asyncio.Future[int]:
+        """Write `slot`'s record, ring the doorbell; the future gets the state the worker leaves."""
+        s = self._slots
+        # The record first, its state last: the worker's thread may be scanning the slots right now.
+        _CONTROL.pack_into(s.mm, s.record_at(slot), IDLE, calls, rows, hidden, x_code, e_code, 0, calls_at,
+                           out_nbytes, 0.0)
+        s.set_state(slot, POSTED)
+        future = self._loop.create_future()
+        self._pending[slot] = future
+        try:
+            os.write(self._calls_fd, b"\x01")
+        except BlockingIOError:  # the worker has a pipe full of bytes to read: it will see this slot too
+            pass
+        return future
+
+    def failure(self, slot: int, nbytes: int) -> str:
+        """The worker's reason for a FAILED slot (written where the output would be)."""
+        at = self._slots.input_at(slot) + self._slots.slot_bytes
+        return bytes(self._slots.mm[at:at + min(nbytes, 4096)]).decode(errors="replace")
+
+    def _on_done(self) -> None:
+        try:
+            os.read(self._done_fd, 4096)
+        except BlockingIOError:
+            pass
+        for slot in [slot for slot in self._pending if self._slots.state(slot) != POSTED]:
+            future = self._pending.pop(slot)
+            if future.done():  # its caller gave up (cancelled, timed out): nobody takes the slot
+                if not self.closed:
+                    self._release(slot)
+            else:
+                future.set_result(self._slots.state(slot))
+
+    def close(self) -> None:
+        """The connection is gone: pending calls fail; their slots go with the region."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._done_fd)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("connection lost during a call through the ring"))
+        self._pending.clear()
+        for fd in (self._calls_fd, self._done_fd):
+            os.close(fd)
+
+
+# -- the worker's side --------------------------------------------------------------------------------
+
+
+class RingServer:
+    """A thread that serves a region's posted slots: `serve(call)` returns the output and compute seconds,
+    or None when the call needs the socket path (a block to load)."""
+
+    def __init__(self, region, serve: Callable[[RingCall], tuple[torch.Tensor, float] | None], name: str) -> None:
+        calls, done = fifo_paths(region.path)
+        self._calls_fd = _open_fifo(calls, os.O_RDWR | os.O_CLOEXEC)  # the thread blocks in read()
+        try:
+            self._done_fd = _open_fifo(done, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except BaseException:
+            os.close(self._calls_fd)
+            raise
+        for path in (calls, done):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._slots = _Slots(region._mm, region._bytes, region.slots, region.slot_bytes, region.header_bytes)
+        self._serve = serve
+        # Polling sees a slot without a syscall between, which orders the peer's writes only on x86 (TSO).
+        self._spin_s = float(os.environ.get(SPIN_ENV, "0")) / 1e6 if platform.machine() in ("x86_64", "AMD64") else 0.0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        region._mm[READY_AT] = 1
+
+    def close(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        os.write(self._calls_fd, b"\x00")  # wake the thread: it closes the doorbells and exits
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    os.read(self._calls_fd, 4096)
+                except InterruptedError:
+                    continue
+                if self._stopping:
+                    return
+                served = self._serve_posted()
+                while served and self._spin_s and not self._stopping:
+                    until = time.perf_counter() + self._spin_s
+                    served = False
+                    while not served and time.perf_counter() < until:
+                        served = self._serve_posted()
+        finally:
+            os.close(self._calls_fd)
+            os.close(self._done_fd)
+
+    def _serve_posted(self) -> bool:
+        served = False
+        for slot in range(self._slots.slots):
+            if self._slots.state(slot) == POSTED:
+                self._serve_slot(slot)
+                served = True
+        return served
+
+    def _serve_slot(self, slot: int) -> None:
+        s = self._slots
+        record = s.record_at(slot)
+        try:
+            call = self._read(slot)
+            served = self._serve(call)
+            if served is None:
+                s.set_state(slot, COLD)
+            else:
+                output, compute_s = served
+                nbytes = _place_output(output, call.dest)
+                # Everything else first, the state last: the frontend may be scanning for another slot's reply.
+                _CONTROL.pack_into(s.mm, record, POSTED, len(call.rows), sum(call.rows), output.shape[-1], 0, 0,
+                                   _CODES[output.dtype], 0, nbytes, compute_s)
+                s.set_state(slot, DONE)
+        except Exception as exc:  # the caller gets the reason; this worker goes on serving
+            log.warning("ring call in slot %d failed: %r", slot, exc)
+            reason = f"{type(exc).__name__}: {exc}".encode()[:4096]
+            at = s.input_at(slot) + s.slot_bytes
+            s.mm[at:at + len(reason)] = reason
+            _CONTROL.pack_into(s.mm, record, POSTED, 0, 0, 0, 0, 0, 0, 0, len(reason), 0.0)
+            s.set_state(slot, FAILED)
+        try:
+            os.write(self._done_fd, b"\x01")
+        except BlockingIOError:  # the frontend has bytes to read already: it scans every slot
+            pass
+
+    def _read(self, slot: int) -> RingCall:
+        """The posted call, bounds-checked: a record that points outside its slot is an error, not a read."""
+        s = self._slots
+        _, n_calls, rows, hidden, x_code, e_code, _, calls_at, out_nbytes, _ = _CONTROL.unpack_from(s.mm, s.record_at(slot))
+        if not 0 < n_calls <= MAX_CALLS or x_code >= len(_DTYPES) or e_code >= len(_DTYPES):
+            raise ValueError(f"bad call record: {n_calls} calls, dtype codes {x_code}/{e_code}")
+        x_dtype, e_dtype = _DTYPES[x_code], _DTYPES[e_code]
+        x_nbytes, e_nbytes = rows * hidden * x_dtype.itemsize, rows * e_dtype.itemsize
+        if not rows or x_nbytes + e_nbytes > calls_at or calls_at > s.slot_bytes or out_nbytes > s.slot_bytes:
+            raise ValueError(f"call record of {rows} rows x {hidden} does not fit its slot")
+        base = s.input_at(slot)
+        ids, counts, at = [], [], calls_at
+        for _ in range(n_calls):
+            if at + _CALL.size > s.slot_bytes:
+                raise ValueError("the call list runs past the slot")
+            n, length = _CALL.unpack_from(s.mm, base + at)
+            at += _CALL.size
+            if at + length > s.slot_bytes:
+                raise ValueError("the call list runs past the slot")
+            ids.append(bytes(s.mm[base + at:base + at + length]).decode())
+            counts.append(n)
+            at += length
+        if sum(counts) != rows:
+            raise ValueError(f"calls of {sum(counts)} rows in a record of {rows}")
+        x = s.bytes[base:base + x_nbytes].view(x_dtype).view(rows, hidden)
+        experts = s.bytes[base + x_nbytes:base + x_nbytes + e_nbytes].view(e_dtype)
+        out_at = base + s.slot_bytes
+        return RingCall(slot, ids, counts, x, experts, s.bytes[out_at:out_at + out_nbytes])
+
+
+def _place_output(output: torch.Tensor, dest: torch.Tensor) -> int:
+    """The output's bytes in the slot's output area (computed there already, or copied now)."""
+    nbytes = output.nbytes
+    if nbytes > dest.numel() or output.dtype not in _CODES:
+        raise ValueError(f"an output of {nbytes} bytes ({output.dtype}) does not fit the slot's {dest.numel()}")
+    if output.device.type == "cpu" and output.data_ptr() == dest.data_ptr():
+        return nbytes
+    dest[:nbytes].view(output.dtype).view(output.shape).copy_(output)
+    return nbytes
+
+
+def _open_fifo(path: str, flags: int) -> int:
+    fd = os.open(path, flags | os.O_NOFOLLOW)
+    st = os.fstat(fd)
+    if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.getuid():
+        os.close(fd)
+        raise OSError(f"{path} is not our FIFO")
+    return fd
