@@ -1,6 +1,6 @@
 """The payoff: per-expert scale to zero against whole-model scale to zero and always-on (issue 22).
 
-    python bench/payoff.py                      # trained model + random model, 8 tenants, 120 s trace,
+    python bench/payoff.py                      # trained model + random model, 16 tenants, 120 s trace,
                                                 # keep-alive sweep {1, 5, 15, 60, 300} s (~70 min on 2 cores)
     python bench/payoff.py --models trained --keep-alives 5,60 --duration 60   # a shorter look
 
@@ -47,7 +47,9 @@ RESULTS = ROOT / "bench" / "results"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="trained,random", help="comma list of: trained, random")
-    parser.add_argument("--tenants", type=int, default=8, help="tenants, half shared, half private ESFT (default 8)")
+    parser.add_argument("--tenants", type=int, default=16,
+                        help="tenants, half shared, half private ESFT, one fine-tune per domain (default 16: the 8 "
+                        "domains' fine-tunes; more repeat a domain's fine-tune)")
     parser.add_argument("--duration", type=float, default=120.0, help="trace length in seconds (default 120)")
     parser.add_argument("--keep-alives", default="1,5,15,60,300", help="keep-alive sweep, seconds")
     parser.add_argument("--drop-page-cache-at", type=float, default=15.0,
