@@ -40,6 +40,7 @@ from bench.payofflib.deploy import SETUPS, SetupRun  # noqa: E402
 from bench.payofflib.measure import run  # noqa: E402
 from bench.payofflib.reference import check_outputs  # noqa: E402
 from bench.payofflib.trace import build_trace, describe  # noqa: E402
+from faasmoe.serve.config import MICRO_BATCH_MIN_TOKENS, REMOTE_MICRO_BATCHES  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -59,9 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="trace seed")
     parser.add_argument("--setups", default="always-on,whole-model,faasmoe",
                         help="comma list of the setups to run (default: all three)")
-    parser.add_argument("--micro-batches", default="1",
+    parser.add_argument("--micro-batches", default="2@128",
                         help="faasmoe frontend's --micro-batches; a comma list runs faasmoe once per value, M@N "
-                        "with --micro-batch-min-tokens N (default 1)")
+                        "with --micro-batch-min-tokens N (default 2@128, the frontend's own default)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where payoff.md/json/png go")
     return parser.parse_args(argv)
 
@@ -75,7 +76,8 @@ def machine() -> dict:
 
 
 def plan_runs(keep_alives: list[float], drop_at: float, setups: tuple[str, ...] = SETUPS,
-              micro_batches: tuple[tuple[int, int], ...] = ((1, 0),)) -> list[tuple[SetupRun, bool]]:
+              micro_batches: tuple[tuple[int, int], ...] = ((REMOTE_MICRO_BATCHES, MICRO_BATCH_MIN_TOKENS),),
+              ) -> list[tuple[SetupRun, bool]]:
     """Always-on, then whole-model and faasmoe alternating at each keep-alive (A B A B), then the
     page-cache-dropped pair; only the setups asked for, faasmoe once per micro-batch count."""
     def at(k: float) -> list[SetupRun]:

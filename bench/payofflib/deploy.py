@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench.paperlib.setups import TOKEN, Endpoint, RunningSetup, SetupOptions, _config, _start_pool, _wait_serving, tenant_key
 from bench.payofflib.tenants import Deployment
+from faasmoe.serve.config import MICRO_BATCH_MIN_TOKENS, REMOTE_MICRO_BATCHES
 from tests.processes import faasmoe, free_port
 
 SETUPS = ("always-on", "whole-model", "faasmoe")
@@ -34,13 +35,13 @@ class SetupRun:
 
     setup: str
     keep_alive_s: float
-    micro_batches: int = 1  # faasmoe: the frontend's --micro-batches
-    micro_batch_min_tokens: int = 0  # and its --micro-batch-min-tokens
+    micro_batches: int = REMOTE_MICRO_BATCHES  # faasmoe: the frontend's --micro-batches
+    micro_batch_min_tokens: int = MICRO_BATCH_MIN_TOKENS  # and its --micro-batch-min-tokens
 
     @property
     def label(self) -> str:
         label = self.setup if self.setup == "always-on" else f"{self.setup} K={self.keep_alive_s:g}s"
-        if self.micro_batches != 1:
+        if (self.micro_batches, self.micro_batch_min_tokens) != (REMOTE_MICRO_BATCHES, MICRO_BATCH_MIN_TOKENS):
             label += f" M={self.micro_batches}" + (f">={self.micro_batch_min_tokens}" if self.micro_batch_min_tokens else "")
         return label
 

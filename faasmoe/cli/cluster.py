@@ -7,6 +7,7 @@ from pathlib import Path
 
 from faasmoe.api.tool_parsers import PARSERS
 from faasmoe.cli.credentials import add_secret_arguments, resolve_secret
+from faasmoe.serve.config import MICRO_BATCH_MIN_TOKENS, REMOTE_MICRO_BATCHES
 from faasmoe.tenancy.database import STATE_HELP
 from runtime.sizes import parse_size, parse_size_or_zero
 
@@ -158,11 +159,12 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--invoke-timeout-factor", type=float, default=20.0, metavar="F",
                         help="see --invoke-timeout; default: 20")
     parser.add_argument("--micro-batches", type=int, default=None, metavar="M",
-                        help="split each step into M groups whose trunk and expert work overlap (remote experts); "
-                        "each group calls the experts on its own, so fewer tokens batch per call; default: 1")
-    parser.add_argument("--micro-batch-min-tokens", type=int, default=0, metavar="N",
+                        help="split a step into M groups whose trunk and expert work overlap; each group calls the "
+                        f"experts on its own; default: {REMOTE_MICRO_BATCHES} with remote experts, 1 in process")
+    parser.add_argument("--micro-batch-min-tokens", type=int, default=MICRO_BATCH_MIN_TOKENS, metavar="N",
                         help="split a step into --micro-batches groups only when it has at least N tokens (a "
-                        "decode step of a few sequences has too little work to hide a second hop); default: 0")
+                        "decode step of a few sequences has too little work to hide a second hop); "
+                        f"default: {MICRO_BATCH_MIN_TOKENS}")
     parser.add_argument("--state", type=Path, default=None,
                         help=f"SQLite file for tenants and the usage ledger; {STATE_HELP}")
     add_secret_arguments(parser, "token", "FAASMOE_TOKEN", "cluster token", "; default: $FAASMOE_TOKEN or a random one")

@@ -24,6 +24,11 @@ from runtime.sizes import parse_size
 MODEL_NAME = re.compile(r"(?=.{1,128}$)[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)*")
 DTYPES = ("float32", "bfloat16", "float16")
 SHARING = ("shared", "private")
+# Remote experts: a step of MICRO_BATCH_MIN_TOKENS or more (prefills) runs as two groups whose trunk and expert
+# work overlap; decode steps go whole. On the payoff's 16-tenant trace (2-core AVX2 VM, A B A B) it took p99 TTFT
+# from 0.96 / 1.46 s to 0.83 / 0.76 s at the same ITL; every step split cost ITL (30 vs 21-23 ms, 8 tenants).
+REMOTE_MICRO_BATCHES = 2
+MICRO_BATCH_MIN_TOKENS = 128
 
 
 class ConfigError(ValueError):

@@ -33,7 +33,7 @@ from faasmoe.model.content import DigestCache
 from faasmoe.model.experts import LocalExpertExecutor
 from faasmoe.model.moe_model import load_expert_blocks
 from faasmoe.model.shared_tensors import SharedTensors
-from faasmoe.serve.config import MODEL_NAME, ModelSpec, ServeConfig
+from faasmoe.serve.config import MICRO_BATCH_MIN_TOKENS, MODEL_NAME, REMOTE_MICRO_BATCHES, ModelSpec, ServeConfig
 from faasmoe.serve.devices import resolve_devices, trunk_device
 from faasmoe.tenancy.admission import Admission
 from faasmoe.tenancy.database import default_state_path
@@ -90,8 +90,8 @@ class ServeOptions:
     kv_cache_memory: int | None = None  # per model; None: budgets.kv_cache_budget()
     invoke_timeout: float = DEADLINE_MIN_S  # the least an invoke may take before it is retried elsewhere
     invoke_timeout_factor: float = DEADLINE_FACTOR  # x the worker's measured compute for the call's rows
-    micro_batches: int | None = None  # None: 1 (a step's sequences batch together)
-    micro_batch_min_tokens: int = 0  # a step splits into micro-batches only with at least this many tokens
+    micro_batches: int | None = None  # None: REMOTE_MICRO_BATCHES with remote experts, 1 in process
+    micro_batch_min_tokens: int = MICRO_BATCH_MIN_TOKENS  # a step splits only with at least this many tokens
 
 
 def merged_config(opts: ServeOptions) -> ServeConfig:
@@ -315,7 +315,8 @@ class FrontendProcess:
             dtype=model.dtype or "float32", device=self.trunk_device,
             kv_cache_bytes=self.opts.kv_cache_memory or kv_cache_budget(torch.device(self.trunk_device),
                                                                          len(self.config.models)),
-            micro_batches=self.opts.micro_batches or 1, micro_batch_min_tokens=self.opts.micro_batch_min_tokens,
+            micro_batches=self.opts.micro_batches or (1 if self.opts.experts == "in-process" else REMOTE_MICRO_BATCHES),
+            micro_batch_min_tokens=self.opts.micro_batch_min_tokens,
             dedupe=model.dedupe,
         )
 
