@@ -83,3 +83,11 @@ def test_the_headline_compares_the_least_memory_each_setup_needs_at_the_tightest
     table = {row["slo_s"]: row for row in frontier.slo_table(runs)}
     assert table[3.0]["whole-model"]["gib_s"] == 2.0 and table[3.0]["faasmoe"]["gib_s"] == 0.5
     assert table[0.4]["faasmoe"] is None
+
+
+def test_every_run_meets_the_slo_row_of_its_own_p99():
+    """A p99 of 0.6244 s is its own SLO row (shown as 0.624), not one it misses by the rounding."""
+    runs = [run("whole-model", 300, 0.6244, 9.0), run("faasmoe", 15, 0.6091, 1.5)]
+    rows = frontier.slo_table(runs)
+    assert [row["whole-model"] is not None for row in rows] == [False, True]
+    assert rows[1]["whole-model"]["gib_s"] == 9.0 and rows[1]["faasmoe"]["gib_s"] == 1.5
