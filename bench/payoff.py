@@ -3,6 +3,7 @@
     python bench/payoff.py                      # trained model + random model, 16 tenants, 120 s trace,
                                                 # keep-alive sweep {1, 5, 15, 60, 300} s (~70 min on 2 cores)
     python bench/payoff.py --models trained --keep-alives 5,60 --duration 60   # a shorter look
+    python bench/payoff.py --models trained --repeats 3   # each setup 3 times, percentiles over all their requests
 
 Tenants (bench/payofflib/tenants.py): half use the trained base shared, half each their own ESFT fine-tune
 of it (only the experts with the highest affinity to their domain trained) as a private model. Arrivals are
@@ -39,6 +40,7 @@ from bench.payofflib import frontier, tenants  # noqa: E402
 from bench.payofflib.deploy import SETUPS, SetupRun  # noqa: E402
 from bench.payofflib.measure import run  # noqa: E402
 from bench.payofflib.reference import check_outputs  # noqa: E402
+from bench.payofflib.repeats import pool  # noqa: E402
 from bench.payofflib.trace import build_trace, describe  # noqa: E402
 from faasmoe.serve.config import MICRO_BATCH_MIN_TOKENS, REMOTE_MICRO_BATCHES  # noqa: E402
 
@@ -63,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--micro-batches", default="2@128",
                         help="faasmoe frontend's --micro-batches; a comma list runs faasmoe once per value, M@N "
                         "with --micro-batch-min-tokens N (default 2@128, the frontend's own default)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the whole plan this many times (A B A B each time) and pool each setup's requests "
+                        "for its percentiles (one run's p99 is its 5 slowest requests; default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where payoff.md/json/png go")
     return parser.parse_args(argv)
 
@@ -100,12 +105,19 @@ def sweep(model: str, args: argparse.Namespace, keep_alives: list[float]) -> dic
           f"{len(trace)} requests", flush=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="faasmoe-payoff-") as tmp:
-        for spec, dropped in plan_runs(keep_alives, args.drop_page_cache_at if model == "trained" else 0.0,
-                                       args.setups, args.micro_batches):
-            runs.append(run(spec, deployment, trace, warm, Path(tmp), os.cpu_count() or 1, dropped))
+        plan = plan_runs(keep_alives, args.drop_page_cache_at if model == "trained" else 0.0, args.setups,
+                         args.micro_batches)
+        for repeat in range(args.repeats):
+            for spec, dropped in plan:
+                runs.append(run(spec, deployment, trace, warm, Path(tmp), os.cpu_count() or 1, dropped))
+                runs[-1]["repeat"] = repeat
     checks = check_outputs(deployment, trace, runs)
     for r in runs:
         r.pop("token_ids")
+    runs = pool(runs)
+    for r in runs:
+        r.pop("ttft_samples_s")
+        r.pop("itl_samples_s")
     return {"base": str(deployment.models["base"]), "models": {k: str(v) for k, v in deployment.models.items()},
             "tenants": [t.__dict__ for t in deployment.tenants], "trace": describe(deployment.tenants, args.duration),
             "requests": len(trace), "runs": runs, "frontier": {s: [r["label"] for r in frontier.frontier(
@@ -130,7 +142,10 @@ def markdown(doc: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["runs"]:
             g = r["gib_s"]
-            lines.append(f"| {r['label']} | {r['page_cache']} | {_f(g['weights_device'], 3)} | "
+            label = r["label"]
+            if r.get("repeats"):  # pooled: each run's own p99 shows the spread
+                label += f" (x{r['repeats']}, p99s " + "/".join(_f(v, 3) for v in r["ttft_p99_per_repeat_s"]) + ")"
+            lines.append(f"| {label} | {r['page_cache']} | {_f(g['weights_device'], 3)} | "
                          f"{_f(g['experts_device'], 3)} | {_f(g['trunk'], 3)} | {_f(g['page_cache'], 3)} | "
                          f"{_f(g['kv_and_process'], 1)} | {_f(r['ttft_p50_s'], 3)} | {_f(r['ttft_p99_s'], 3)} | "
                          f"{_f(r['itl_p50_s'], 1, 1000)} | {r['cold_percent']:.0f} | {r['completed']}/{r['requests']} |")

@@ -112,6 +112,9 @@ def summarise(spec: SetupRun, deployment: Deployment, results: list[RequestResul
            "page_cache": "dropped" if dropped else "kept", "startup_s": round(startup_s, 2),
            "window_s": round(duration, 2)}
     out.update(summary.latency_stats(results, duration))
+    ok_results = [r for r in results if r.ok]  # the samples, for pooling repeats (bench/payofflib/repeats.py)
+    out["ttft_samples_s"] = [r.ttft_s for r in ok_results if r.ttft_s is not None]
+    out["itl_samples_s"] = [g for r in ok_results for g in r.itl_s]
 
     def integral(value) -> float | None:
         return gib_seconds(weights, window.start, window.end, value)

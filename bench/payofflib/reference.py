@@ -34,6 +34,11 @@ def transformers_greedy(model_dir: Path, prompt: list[int], new_tokens: int) -> 
     return out
 
 
+def _name(run: dict) -> str:
+    return (run["label"] + ("" if run["page_cache"] == "kept" else " (dropped)")
+            + (f" #{run['repeat']}" if run.get("repeat") else ""))
+
+
 def check_outputs(deployment: Deployment, trace: list[Request], runs: list[dict]) -> dict:
     firsts = {}
     for r in trace:
@@ -43,14 +48,14 @@ def check_outputs(deployment: Deployment, trace: list[Request], runs: list[dict]
     vs_transformers = {}
     for run in runs:
         tokens = run["token_ids"]
-        vs_transformers[run["label"] + ("" if run["page_cache"] == "kept" else " (dropped)")] = sum(
+        vs_transformers[_name(run)] = sum(
             tokens.get(r.key) == reference[t] for t, r in firsts.items())
     always = next((r["token_ids"] for r in runs if r["setup"] == "always-on"), None)
     vs_always = {}
     if always is not None:
         for run in runs:
             same = sum(run["token_ids"].get(k) == v for k, v in always.items() if v)
-            vs_always[run["label"] + ("" if run["page_cache"] == "kept" else " (dropped)")] = same
+            vs_always[_name(run)] = same
     worst = min(vs_transformers.values(), default=0)
     summary = (f"each tenant's first request equals transformers' greedy tokens on the tenant's own checkpoint in "
                f"{worst}/{len(firsts)} tenants in the worst run (all runs: {sorted(set(vs_transformers.values()))}); "

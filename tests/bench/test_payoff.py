@@ -91,3 +91,25 @@ def test_every_run_meets_the_slo_row_of_its_own_p99():
     rows = frontier.slo_table(runs)
     assert [row["whole-model"] is not None for row in rows] == [False, True]
     assert rows[1]["whole-model"]["gib_s"] == 9.0 and rows[1]["faasmoe"]["gib_s"] == 1.5
+
+
+def test_repeats_pool_every_request_and_average_the_memory():
+    from bench.payofflib.repeats import pool
+
+    def measured(label: str, ttfts: list[float], gib: float, cache: str = "kept") -> dict:
+        return {"label": label, "page_cache": cache, "ttft_samples_s": ttfts, "itl_samples_s": [0.02] * len(ttfts),
+                "ttft_p99_s": max(ttfts), "requests": len(ttfts), "completed": len(ttfts), "failed": 0,
+                "cold_percent": 10.0, "gib_s": {"weights_device": gib, "trunk": gib / 2}}
+
+    slow = [0.1] * 99 + [2.0]  # one slow request: its own run's p99 is 2.0
+    fast = [0.1] * 100
+    runs = [measured("whole-model K=1s", slow, 4.0), measured("faasmoe K=1s", fast, 1.0),
+            measured("whole-model K=1s", fast, 6.0), measured("whole-model K=1s", fast, 5.0, cache="dropped")]
+    pooled = pool(runs)
+    assert [(r["label"], r["page_cache"]) for r in pooled] == [
+        ("whole-model K=1s", "kept"), ("faasmoe K=1s", "kept"), ("whole-model K=1s", "dropped")]
+    whole = pooled[0]
+    assert whole["repeats"] == 2 and whole["ttft_p99_per_repeat_s"] == [2.0, 0.1]
+    assert whole["ttft_p99_s"] < 2.0 and whole["requests"] == 200  # one slow request of 200 is past the p99
+    assert whole["gib_s"] == {"weights_device": 5.0, "trunk": 2.5}
+    assert pooled[1] is runs[1]  # a single run stays as it was
