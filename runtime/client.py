@@ -220,7 +220,7 @@ class RuntimeClient:
         if self.call_ring:
             try:
                 caller = ring.RingCaller.create(region)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 log.warning("worker %s: no call ring (%s)", wid, exc)
         try:
             reply = await channel.request(region.offer(ring=caller is not None), timeout=10)

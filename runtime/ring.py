@@ -46,9 +46,9 @@ IDLE, POSTED, DONE, COLD, FAILED = 0, 1, 2, 3, 4
 READY_AT = 32  # header byte the worker sets to 1 once its ring thread runs (before it answers the offer)
 _CONTROL_AT = 64  # after the cookie: one record per slot
 _CONTROL_STRIDE = 64
-# state, calls, rows, hidden, x dtype, experts dtype, output dtype, calls-list offset in the input area,
-# output bytes (the frontend: room; the worker: written), compute seconds
-_CONTROL = struct.Struct("<IIIIBBBxIId")
+# state, calls, rows, hidden, x dtype, experts dtype, output dtype, offsets in the input area of the expert
+# indices and of the call list, output bytes (the frontend: room; the worker: written), compute seconds
+_CONTROL = struct.Struct("<IIIIBBBxIIId")
 _CALL = struct.Struct("<IH")  # rows, length of the function id that follows
 MAX_CALLS = 4096
 _DTYPES = p._DTYPES
@@ -82,8 +82,11 @@ class RingCall:
 class _Slots:
     """The control records and areas of a region (`runtime.shm` lays them out)."""
 
-    def __init__(self, mm, region_bytes: torch.Tensor, slots: int, slot_bytes: int, header_bytes: int) -> None:
-        self.mm, self.bytes, self.slots, self.slot_bytes, self.header = mm, region_bytes, slots, slot_bytes, header_bytes
+    def __init__(self, region) -> None:
+        if not 0 < region.slots <= max_slots(region.header_bytes):
+            raise ValueError(f"a call ring has 1 to {max_slots(region.header_bytes)} slots, not {region.slots}")
+        self.mm, self.bytes = region._mm, region._bytes
+        self.slots, self.slot_bytes, self.header = region.slots, region.slot_bytes, region.header_bytes
 
     def record_at(self, slot: int) -> int:
         return _CONTROL_AT + slot * _CONTROL_STRIDE
@@ -116,6 +119,7 @@ class RingCaller:
     @classmethod
     def create(cls, region) -> RingCaller:
         """FIFOs beside `region` (an shm.OfferedRegion not yet offered); raises OSError where they cannot be made."""
+        slots = _Slots(region)
         calls, done = fifo_paths(region.path)
         os.mkfifo(calls, 0o600)
         try:
@@ -127,7 +131,6 @@ class RingCaller:
         except BaseException:
             cls.unlink_paths(region.path)
             raise
-        slots = _Slots(region._mm, region._bytes, region.slots, region.slot_bytes, region.header_bytes)
         return cls(slots, calls_fd, done_fd, region.release)
 
     @staticmethod
@@ -157,9 +160,8 @@ class RingCaller:
             raise ConnectionError("the call ring is closed")
         s = self._slots
         base = s.input_at(slot)
-        at = x.nbytes + experts.nbytes
-        at = -(-at // 8) * 8
-        calls_at = at
+        experts_at = experts.data_ptr() - s.bytes.data_ptr() - base  # where `place` put them (aligned after x)
+        at = calls_at = -(-(experts_at + experts.nbytes) // 8) * 8
         mm = s.mm
         for fid, n in zip(function_ids, rows):
             name = fid.encode()
@@ -171,17 +173,17 @@ class RingCaller:
             at = end
         async with asyncio.timeout(timeout):
             state = await self.post(slot, len(function_ids), x.shape[0], x.shape[1], _CODES[x.dtype],
-                                    _CODES[experts.dtype], calls_at, out_nbytes)
-        _, _, _, _, _, _, out_code, _, out_nbytes, compute_s = _CONTROL.unpack_from(mm, s.record_at(slot))
+                                    _CODES[experts.dtype], experts_at, calls_at, out_nbytes)
+        _, _, _, _, _, _, out_code, _, _, out_nbytes, compute_s = _CONTROL.unpack_from(mm, s.record_at(slot))
         return state, compute_s, _DTYPES[out_code] if out_code < len(_DTYPES) else None, out_nbytes
 
-    def post(self, slot: int, calls: int, rows: int, hidden: int, x_code: int, e_code: int, calls_at: int,
-             out_nbytes: int) -> asyncio.Future[int]:
+    def post(self, slot: int, calls: int, rows: int, hidden: int, x_code: int, e_code: int, experts_at: int,
+             calls_at: int, out_nbytes: int) -> asyncio.Future[int]:
         """Write `slot`'s record, ring the doorbell; the future gets the state the worker leaves."""
         s = self._slots
         # The record first, its state last: the worker's thread may be scanning the slots right now.
-        _CONTROL.pack_into(s.mm, s.record_at(slot), IDLE, calls, rows, hidden, x_code, e_code, 0, calls_at,
-                           out_nbytes, 0.0)
+        _CONTROL.pack_into(s.mm, s.record_at(slot), IDLE, calls, rows, hidden, x_code, e_code, 0, experts_at,
+                           calls_at, out_nbytes, 0.0)
         s.set_state(slot, POSTED)
         future = self._loop.create_future()
         self._pending[slot] = future
@@ -232,6 +234,7 @@ class RingServer:
     or None when the call needs the socket path (a block to load)."""
 
     def __init__(self, region, serve: Callable[[RingCall], tuple[torch.Tensor, float] | None], name: str) -> None:
+        self._slots = _Slots(region)
         calls, done = fifo_paths(region.path)
         self._calls_fd = _open_fifo(calls, os.O_RDWR | os.O_CLOEXEC)  # the thread blocks in read()
         try:
@@ -244,7 +247,6 @@ class RingServer:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        self._slots = _Slots(region._mm, region._bytes, region.slots, region.slot_bytes, region.header_bytes)
         self._serve = serve
         # Polling sees a slot without a syscall between, which orders the peer's writes only on x86 (TSO).
         self._spin_s = float(os.environ.get(SPIN_ENV, "0")) / 1e6 if platform.machine() in ("x86_64", "AMD64") else 0.0
@@ -254,26 +256,25 @@ class RingServer:
         region._mm[READY_AT] = 1
 
     def close(self) -> None:
-        if self._stopping:
+        """Wake the thread to exit; it closes the doorbells (only it reads them: no fd is closed under it)."""
+        if self._stopping or not self._thread.is_alive():
             return
         self._stopping = True
-        os.write(self._calls_fd, b"\x00")  # wake the thread: it closes the doorbells and exits
+        os.write(self._calls_fd, b"\x00")
 
     def _run(self) -> None:
         try:
-            while True:
+            while not self._stopping:
+                os.read(self._calls_fd, 4096)  # EINTR is retried by Python; no other error is expected
                 try:
-                    os.read(self._calls_fd, 4096)
-                except InterruptedError:
-                    continue
-                if self._stopping:
-                    return
-                served = self._serve_posted()
-                while served and self._spin_s and not self._stopping:
-                    until = time.perf_counter() + self._spin_s
-                    served = False
-                    while not served and time.perf_counter() < until:
-                        served = self._serve_posted()
+                    served = self._serve_posted()
+                    while served and self._spin_s and not self._stopping:
+                        until = time.perf_counter() + self._spin_s
+                        served = False
+                        while not served and time.perf_counter() < until:
+                            served = self._serve_posted()
+                except Exception:  # _serve_slot answers each call's own failure; this is anything else
+                    log.exception("the call ring's thread failed a round; it goes on")
         finally:
             os.close(self._calls_fd)
             os.close(self._done_fd)
@@ -299,14 +300,14 @@ class RingServer:
                 nbytes = _place_output(output, call.dest)
                 # Everything else first, the state last: the frontend may be scanning for another slot's reply.
                 _CONTROL.pack_into(s.mm, record, POSTED, len(call.rows), sum(call.rows), output.shape[-1], 0, 0,
-                                   _CODES[output.dtype], 0, nbytes, compute_s)
+                                   _CODES[output.dtype], 0, 0, nbytes, compute_s)
                 s.set_state(slot, DONE)
         except Exception as exc:  # the caller gets the reason; this worker goes on serving
             log.warning("ring call in slot %d failed: %r", slot, exc)
             reason = f"{type(exc).__name__}: {exc}".encode()[:4096]
             at = s.input_at(slot) + s.slot_bytes
             s.mm[at:at + len(reason)] = reason
-            _CONTROL.pack_into(s.mm, record, POSTED, 0, 0, 0, 0, 0, 0, 0, len(reason), 0.0)
+            _CONTROL.pack_into(s.mm, record, POSTED, 0, 0, 0, 0, 0, 0, 0, 0, len(reason), 0.0)
             s.set_state(slot, FAILED)
         try:
             os.write(self._done_fd, b"\x01")
@@ -316,12 +317,14 @@ class RingServer:
     def _read(self, slot: int) -> RingCall:
         """The posted call, bounds-checked: a record that points outside its slot is an error, not a read."""
         s = self._slots
-        _, n_calls, rows, hidden, x_code, e_code, _, calls_at, out_nbytes, _ = _CONTROL.unpack_from(s.mm, s.record_at(slot))
+        _, n_calls, rows, hidden, x_code, e_code, _, experts_at, calls_at, out_nbytes, _ = _CONTROL.unpack_from(
+            s.mm, s.record_at(slot))
         if not 0 < n_calls <= MAX_CALLS or x_code >= len(_DTYPES) or e_code >= len(_DTYPES):
             raise ValueError(f"bad call record: {n_calls} calls, dtype codes {x_code}/{e_code}")
         x_dtype, e_dtype = _DTYPES[x_code], _DTYPES[e_code]
         x_nbytes, e_nbytes = rows * hidden * x_dtype.itemsize, rows * e_dtype.itemsize
-        if not rows or x_nbytes + e_nbytes > calls_at or calls_at > s.slot_bytes or out_nbytes > s.slot_bytes:
+        if not rows or experts_at < x_nbytes or experts_at % e_dtype.itemsize or experts_at + e_nbytes > calls_at \
+                or calls_at > s.slot_bytes or out_nbytes > s.slot_bytes:
             raise ValueError(f"call record of {rows} rows x {hidden} does not fit its slot")
         base = s.input_at(slot)
         ids, counts, at = [], [], calls_at
@@ -338,7 +341,7 @@ class RingServer:
         if sum(counts) != rows:
             raise ValueError(f"calls of {sum(counts)} rows in a record of {rows}")
         x = s.bytes[base:base + x_nbytes].view(x_dtype).view(rows, hidden)
-        experts = s.bytes[base + x_nbytes:base + x_nbytes + e_nbytes].view(e_dtype)
+        experts = s.bytes[base + experts_at:base + experts_at + e_nbytes].view(e_dtype)
         out_at = base + s.slot_bytes
         return RingCall(slot, ids, counts, x, experts, s.bytes[out_at:out_at + out_nbytes])
 

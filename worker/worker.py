@@ -269,7 +269,7 @@ class Worker:
             try:
                 conn.ring = ring.RingServer(conn.region, self._ring_invoke, f"{self.config.worker_id}-ring")
                 how = "a call ring"
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 how = f"the socket as doorbell (no call ring: {exc})"
         log.info("connection from %s: invokes through shared memory (%d KiB), %s", conn.peer_id,
                  conn.region.nbytes >> 10, how)

@@ -112,9 +112,9 @@ def summarise(spec: SetupRun, deployment: Deployment, results: list[RequestResul
            "page_cache": "dropped" if dropped else "kept", "startup_s": round(startup_s, 2),
            "window_s": round(duration, 2)}
     out.update(summary.latency_stats(results, duration))
-    ok_results = [r for r in results if r.ok]  # the samples, for pooling repeats (bench/payofflib/repeats.py)
-    out["ttft_samples_s"] = [r.ttft_s for r in ok_results if r.ttft_s is not None]
-    out["itl_samples_s"] = [g for r in ok_results for g in r.itl_s]
+    ok = [r for r in results if r.ok]
+    out["ttft_samples_s"] = [r.ttft_s for r in ok if r.ttft_s is not None]  # for pooling repeats (repeats.py)
+    out["itl_samples_s"] = [g for r in ok for g in r.itl_s]
 
     def integral(value) -> float | None:
         return gib_seconds(weights, window.start, window.end, value)
@@ -132,7 +132,6 @@ def summarise(spec: SetupRun, deployment: Deployment, results: list[RequestResul
     inside = [s for s in weights if window.start <= s.t <= window.end]
     out["weights_device_peak_bytes"] = max((s.weights_device for s in inside), default=None)
     cold = cold_requests(results, model_of, spec.keep_alive_s) if spec.setup != "always-on" else set()
-    ok = [r for r in results if r.ok]
     cold_ttft = [r.ttft_s for r in ok if r.key in cold and r.ttft_s is not None]
     out.update(cold_requests=len(cold), cold_percent=100.0 * len(cold) / max(1, len(results)),
                cold_ttft_p50_s=summary.percentile(cold_ttft, 50), cold_ttft_p99_s=summary.percentile(cold_ttft, 99))

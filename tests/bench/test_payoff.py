@@ -99,7 +99,7 @@ def test_repeats_pool_every_request_and_average_the_memory():
     def measured(label: str, ttfts: list[float], gib: float, cache: str = "kept") -> dict:
         return {"label": label, "page_cache": cache, "ttft_samples_s": ttfts, "itl_samples_s": [0.02] * len(ttfts),
                 "ttft_p99_s": max(ttfts), "requests": len(ttfts), "completed": len(ttfts), "failed": 0,
-                "cold_percent": 10.0, "gib_s": {"weights_device": gib, "trunk": gib / 2}}
+                "cold_percent": 10.0, "gib_s": {"weights_device": gib, "trunk": gib / 2}, "per_tenant": {"t": gib}}
 
     slow = [0.1] * 99 + [2.0]  # one slow request: its own run's p99 is 2.0
     fast = [0.1] * 100
@@ -112,4 +112,5 @@ def test_repeats_pool_every_request_and_average_the_memory():
     assert whole["repeats"] == 2 and whole["ttft_p99_per_repeat_s"] == [2.0, 0.1]
     assert whole["ttft_p99_s"] < 2.0 and whole["requests"] == 200  # one slow request of 200 is past the p99
     assert whole["gib_s"] == {"weights_device": 5.0, "trunk": 2.5}
+    assert "per_tenant" not in whole  # one run's detail is not shown as the pool's
     assert pooled[1] is runs[1]  # a single run stays as it was

@@ -10,6 +10,7 @@ refused with the reason while the worker serves on; FAASMOE_RING=0 keeps the soc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -20,9 +21,8 @@ import torch
 from runtime import ring
 from runtime.client import InvokeError, RuntimeClient
 
-from ..processes import faasmoe
 from .test_cluster import TOKEN, call, connect, expected, spec, start_scheduler
-from .test_shm_hop import our_shm_files
+from .test_shm_hop import join, our_shm_files
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +32,24 @@ def model_dir(tmp_path_factory):
     return init_checkpoint(tmp_path_factory.mktemp("models") / "tiny", "qwen2_moe", seed=7, progress=False)
 
 
-def join(scheduler: str, worker_id: str, memory: str = "64MiB", env: dict[str, str] | None = None):
-    proc = faasmoe("-v", "worker", "join", scheduler, "--token", TOKEN, "--id", worker_id, "--device", "cpu",
-                   "--memory", memory, "--host-cache", "0", "--listen", "127.0.0.1:0", env=env)
-    proc.wait_for("listening at")
-    return proc
+@contextlib.contextmanager
+def pool(worker_id: str, memory: str = "64MiB"):
+    """A scheduler and one worker on loopback: (scheduler address, worker process); both gone afterwards."""
+    sched, address = start_scheduler()
+    worker = None
+    try:
+        worker = join(address, worker_id, memory=memory)
+        yield address, worker
+    finally:
+        if worker is not None:
+            worker.kill()
+        sched.stop()
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    sched, address = start_scheduler()
-    worker = None
-    try:
-        worker = join(address, "w-ring")
-        yield address, worker
-    finally:
-        if worker is not None:
-            worker.stop()
-        sched.stop()
+    with pool("w-ring") as running:
+        yield running
 
 
 async def test_warm_calls_go_through_the_ring_and_equal_the_socket(cluster, model_dir):
@@ -75,11 +75,8 @@ async def test_warm_calls_go_through_the_ring_and_equal_the_socket(cluster, mode
 
 
 async def test_a_cold_block_goes_through_the_socket_which_loads_it(model_dir):
-    sched, address = start_scheduler()
-    config_bytes = spec(model_dir, 0, 0).nbytes
-    worker = None
-    try:  # room for one block: every other call evicts the one before
-        worker = join(address, "w-small", memory=str(config_bytes + config_bytes // 2))
+    block_bytes = spec(model_dir, 0, 0).nbytes
+    with pool("w-small", memory=str(block_bytes + block_bytes // 2)) as (address, _):  # one block: each evicts the last
         client = await connect(address, 1)
         try:
             a, b = call(spec(model_dir, 0, 0), seed=1), call(spec(model_dir, 0, 1), seed=2)
@@ -89,17 +86,10 @@ async def test_a_cold_block_goes_through_the_socket_which_loads_it(model_dir):
             assert client.stats.ring_messages == 1 and client.stats.cold_starts == 3
         finally:
             await client.close()
-    finally:
-        if worker is not None:
-            worker.stop()
-        sched.stop()
 
 
 async def test_a_worker_killed_with_a_call_in_the_ring_fails_it_at_once(model_dir):
-    sched, address = start_scheduler()
-    worker = None
-    try:
-        worker = join(address, "w-doomed")
+    with pool("w-doomed") as (address, worker):
         client = await connect(address, 1)
         try:
             c = call(spec(model_dir, 0, 0), seed=3)
@@ -118,10 +108,6 @@ async def test_a_worker_killed_with_a_call_in_the_ring_fails_it_at_once(model_di
             assert our_shm_files() == []
         finally:
             await client.close()
-    finally:
-        if worker is not None:
-            worker.kill()
-        sched.stop()
 
 
 async def test_a_record_pointing_outside_its_slot_is_refused_and_the_worker_serves_on(cluster, model_dir):
@@ -143,7 +129,7 @@ async def test_a_record_pointing_outside_its_slot_is_refused_and_the_worker_serv
 
         # A call list that does not add up to the record's rows, and a record bigger than its slot.
         assert "calls of 1048576 rows in a record of 6" in await refused([c.function.function_id], [1 << 20], x, e, 64)
-        state = await caller.post(slot, 1, 1 << 20, 64, 0, 0, 64, 64)
+        state = await caller.post(slot, 1, 1 << 20, 64, 0, 0, 0, 64, 64)
         assert state == ring.FAILED and "does not fit its slot" in caller.failure(slot, 4096)
         region.release(slot)
         worker.wait_for("ring call in slot .* failed")
@@ -167,3 +153,40 @@ async def test_with_the_ring_off_the_socket_is_the_doorbell(cluster, model_dir, 
         assert client._channels["w-ring"].conn.ring is None
     finally:
         await client.close()
+
+
+async def test_rows_of_any_width_reach_the_ring_thread_with_their_expert_indices():
+    """In process, both ends: 3 rows of hidden 5 (60 bytes, so the expert indices start at the next 64-byte
+    boundary, not right after the rows) are read back by the worker's side exactly as placed."""
+    from runtime import shm
+
+    seen = []
+
+    def serve(call: ring.RingCall):
+        seen.append((call.function_ids, call.rows, call.x.clone(), call.experts.clone()))
+        return call.x + call.experts.to(call.x.dtype)[:, None], 0.001
+
+    ours = shm.OfferedRegion.create(slots=2, slot_bytes=4096)
+    caller = ring.RingCaller.create(ours)
+    try:
+        theirs = shm.SharedRegion.accept(ours.offer(ring=True))
+        server = ring.RingServer(theirs, serve, "test-ring")
+    finally:
+        ours.unlink()
+        ring.RingCaller.unlink_paths(ours.path)
+    assert caller.accepted() and our_shm_files() == []
+    caller.start()
+    try:
+        xs, es = [torch.randn(2, 5), torch.randn(1, 5)], [torch.tensor([3, 1]), torch.tensor([2])]
+        x, e, out_at = ours.place(xs, es, 3 * 5 * 4)
+        slot = ours.slot_of(out_at)
+        state, compute_s, dtype, nbytes = await caller.call(slot, ["fn-a", "fn-b"], [2, 1], x, e, 3 * 5 * 4, 5.0)
+        assert state == ring.DONE and dtype == torch.float32 and nbytes == 60 and compute_s == 0.001
+        (ids, rows, got_x, got_e), = seen
+        assert ids == ["fn-a", "fn-b"] and rows == [2, 1]
+        assert torch.equal(got_x, torch.cat(xs)) and torch.equal(got_e, torch.tensor([3, 1, 2]))
+        out = ours.view(ours.output_at(slot), nbytes).view(torch.float32).view(3, 5)
+        assert torch.equal(out, torch.cat(xs) + torch.tensor([3.0, 1.0, 2.0])[:, None])
+    finally:
+        caller.close()
+        server.close()

@@ -32,10 +32,10 @@ def model_dir(tmp_path_factory):
     return init_checkpoint(tmp_path_factory.mktemp("models") / "tiny", "qwen2_moe", seed=5, progress=False)
 
 
-def join(scheduler: str, worker_id: str, env: dict[str, str] | None = None):
+def join(scheduler: str, worker_id: str, env: dict[str, str] | None = None, memory: str = "64MiB"):
     """A worker that logs at INFO (which path each connection uses), on loopback TCP."""
     proc = faasmoe("-v", "worker", "join", scheduler, "--token", TOKEN, "--id", worker_id, "--device", "cpu",
-                   "--memory", "64MiB", "--host-cache", "0", "--listen", "127.0.0.1:0", env=env)
+                   "--memory", memory, "--host-cache", "0", "--listen", "127.0.0.1:0", env=env)
     proc.wait_for("listening at")
     return proc
 
