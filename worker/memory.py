@@ -32,18 +32,15 @@ from pathlib import Path
 
 import torch
 
-from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout, ExpertWeights
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout, ExpertWeights, QuantizedExpertWeights
 from faasmoe.model.config import MoEConfig, parse_dtype
 from faasmoe.model.content import ContentMismatch, ProvenBlocks
-from faasmoe.model.experts import ExpertBlock, PackedExpertWeights, pack_experts
+from faasmoe.model.experts import BlockWeights, ExpertBlock, needs_packing, pack_experts
 from faasmoe.model.host_memory import return_free_memory
 from runtime.policies import EvictionPolicy, FunctionKey, KeepAlivePolicy
 from runtime.protocol import FunctionSpec
 
 log = logging.getLogger(__name__)
-
-BlockWeights = ExpertWeights | PackedExpertWeights  # a block's weights as a tier holds them
-
 
 class NoMemory(RuntimeError):
     """A block that cannot be made resident within the budget."""
@@ -383,7 +380,7 @@ class ExpertStore:
                  seconds * 1e3, nbytes)
         return Resident(spec, ExpertBlock(spec.layer, spec.first, weights), key, now, now, source, seconds)
 
-    def _read(self, spec: FunctionSpec) -> ExpertWeights:
+    def _read(self, spec: FunctionSpec) -> ExpertWeights | QuantizedExpertWeights:
         """Runs in a thread: the block's bytes from the checkpoint (into pinned memory on CUDA), hashed as
         they come in and refused unless they are what the function's content digest names. A block this
         worker proved before, read again from files with the same identities (not written to since: their
@@ -414,6 +411,10 @@ class ExpertStore:
         """Runs in a thread: the block on the device (on CPU it is there, packed later)."""
         if self.device.type == "cpu":
             return cached
+        if isinstance(cached, QuantizedExpertWeights):  # a few tensors a matrix; they stay quantized there too
+            moved = cached.to(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
+            return moved
         assert isinstance(cached, ExpertWeights), "only CPU blocks are packed"
         moved = ExpertWeights(cached.gate_up.to(self.device, non_blocking=True),
                               cached.down.to(self.device, non_blocking=True))
@@ -421,7 +422,7 @@ class ExpertStore:
         return moved
 
     def _pack_later(self, resident: Resident) -> None:
-        if self.device.type != "cpu" or not isinstance(resident.block.weights, ExpertWeights):
+        if self.device.type != "cpu" or not needs_packing(resident.block.weights):
             return
         self._unpacked.append(resident.spec.function_id)
         if self._packer is None or self._packer.done():
@@ -464,7 +465,7 @@ class ExpertStore:
     def _next_to_pack(self, now: float) -> Resident | None:
         for fid in list(self._unpacked):
             resident = self.resident.get(fid)
-            if resident is None or not isinstance(resident.block.weights, ExpertWeights):
+            if resident is None or not needs_packing(resident.block.weights):
                 self._unpacked.remove(fid)  # gone, or packed already
         if self._loading or any(r.in_flight for r in self.resident.values()):
             return None
@@ -512,7 +513,9 @@ class ExpertStore:
             self.eviction.on_evict(resident.key)
         weights = resident.block.weights
         if weights.nbytes <= self.host.budget_bytes:  # else the block leaves every tier
-            if isinstance(weights, ExpertWeights) and self.device.type != "cpu":
+            if isinstance(weights, QuantizedExpertWeights) and self.device.type != "cpu":
+                weights = weights.to("cpu")
+            elif isinstance(weights, ExpertWeights) and self.device.type != "cpu":
                 pin = self.host.pin
                 weights = ExpertWeights(weights.gate_up.to("cpu").pin_memory() if pin else weights.gate_up.cpu(),
                                         weights.down.to("cpu").pin_memory() if pin else weights.down.cpu())

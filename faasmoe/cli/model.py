@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -51,19 +52,39 @@ def add_model_parser(subparsers: argparse._SubParsersAction) -> None:
                       help="per_expert: mlp.experts.E.gate_proj.weight ... as the published checkpoints; "
                       "fused: mlp.experts.gate_up_proj [E,2I,H] and down_proj [E,H,I] as transformers 5 "
                       "saves them. Default: per_expert")
+    init.add_argument("--quantize", choices=("fp8", "gptq-int4", "awq-int4"), default=None,
+                      help="write it quantized as the published checkpoints are: fp8 (e4m3 in 128x128 blocks with "
+                      "weight_scale_inv, quant_method fp8), gptq-int4 (qweight/qzeros/scales/g_idx, 4-bit) or awq-int4 "
+                      "(GEMM layout); every decoder linear is quantized, embeddings, norms, routers and the LM head "
+                      "are not. Per-expert layout only. Default: not quantized")
+    init.add_argument("--group-size", type=int, default=None, metavar="G",
+                      help="4-bit: input columns per scale (32, 64 or 128); default: the largest that divides every "
+                      "quantized matrix's input size, at most 128")
+    init.add_argument("--desc-act", action="store_true",
+                      help="gptq-int4: group columns in activation order (g_idx), as desc_act checkpoints do")
     init.add_argument("--quiet", action="store_true", help="no progress bar")
     init.set_defaults(handler=_model_init)
 
 
 def _model_init(args: argparse.Namespace) -> int:
+    from faasmoe.model.quantize import quantize_checkpoint
     from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
+    if args.quantize and args.expert_format != "per_expert":
+        raise SystemExit("--quantize needs --expert-format per_expert (quantized checkpoints store experts apart)")
     start = time.perf_counter()
+    dense = args.out.parent / f".{args.out.name}.plain" if args.quantize else args.out
     out = init_checkpoint(
-        args.out, args.family, preset=args.preset, layers=args.layers, seed=args.seed, dtype=args.dtype,
+        dense, args.family, preset=args.preset, layers=args.layers, seed=args.seed, dtype=args.dtype,
         router_skew=args.router_skew, max_shard_bytes=args.max_shard_size, progress=not args.quiet,
         expert_format=args.expert_format, routing_locality=args.routing_locality,
     )
+    if args.quantize:
+        try:
+            out = quantize_checkpoint(dense, args.out, args.quantize, group_size=args.group_size,
+                                      desc_act=args.desc_act)
+        finally:
+            shutil.rmtree(dense, ignore_errors=True)
     weights = sorted(out.glob("model*.safetensors"))
     size = sum(f.stat().st_size for f in weights)
     print(f"wrote {args.family} ({args.preset}) checkpoint to {out}: {format_bytes(size)} in "

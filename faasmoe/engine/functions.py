@@ -16,7 +16,7 @@ import torch
 
 from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout
 from faasmoe.model.config import MoEConfig, parse_dtype
-from faasmoe.model.content import CheckpointDigests, DigestCache, PartDigest, block_digest, scoped_function_id
+from faasmoe.model.content import CheckpointDigests, DigestCache, PartDigest, scoped_function_id
 from faasmoe.model.moe_model import block_ranges
 from runtime import protocol as p
 
@@ -31,7 +31,7 @@ def block_content(layout: ExpertLayout, digests: CheckpointDigests, layer: int, 
     """The content digest of experts first..first+count of `layer`, from the checkpoint's cached digests."""
     parts = (PartDigest(dt, shape, digests.piece(name, index)) for name, index, dt, shape
              in layout.block_parts(layer, first, count))
-    return block_digest(dtype, count, parts)
+    return layout.block_digest(dtype, count, parts)
 
 
 def block_content_at(path: str | Path, layer: int, first: int, count: int, dtype: torch.dtype | str,

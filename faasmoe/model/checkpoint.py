@@ -18,6 +18,7 @@ import torch
 
 from faasmoe.model.config import MoEConfig
 from faasmoe.model.content import ContentMismatch, FileIdentity, PartHasher, block_digest, file_identity
+from faasmoe.model.quantized import QuantizedMatrix, from_stored, fuse_rows, pack_int4, packable, stored_names
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -42,10 +43,37 @@ class ExpertWeights:
         return self.gate_up.nbytes + self.down.nbytes
 
 
+@dataclass(frozen=True)
+class QuantizedExpertWeights:
+    """Experts of a quantized checkpoint, kept quantized (faasmoe.model.quantized): per expert its gate and up
+    projections fused in one [2I, H] matrix and its down [H, I]."""
+
+    gate_up: tuple[QuantizedMatrix, ...]
+    down: tuple[QuantizedMatrix, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.gate_up) + sum(m.nbytes for m in self.down)
+
+    def to(self, device: torch.device | str) -> QuantizedExpertWeights:
+        return QuantizedExpertWeights(tuple(m.to(device) for m in self.gate_up), tuple(m.to(device) for m in self.down))
+
+    def packed(self) -> QuantizedExpertWeights:
+        """Its 4-bit matrices in the CPU int4 kernel's layout where it takes them (itself if none changes)."""
+        gate_up, down = tuple(map(pack_int4, self.gate_up)), tuple(map(pack_int4, self.down))
+        same = all(a is b for a, b in zip(gate_up + down, self.gate_up + self.down))
+        return self if same else QuantizedExpertWeights(gate_up, down)
+
+    @property
+    def unpacked(self) -> bool:
+        """Whether packing would change a matrix (an Int4Matrix the kernel takes)."""
+        return any(map(packable, self.gate_up + self.down))
+
+
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -245,20 +273,37 @@ class ExpertLayout:
     def load_block(
         self, layer: int, first: int, count: int, dtype: torch.dtype, pin_memory: bool = False,
         expect: str | None = None,
-    ) -> ExpertWeights:
+    ) -> ExpertWeights | QuantizedExpertWeights:
         """Experts first..first+count of `layer`, reading only their bytes (into pinned memory
         when asked, so the host-to-device copy that follows can run at full speed). With `expect`,
         the bytes read are hashed as they come in and a block whose digest is not `expect` is refused
-        (ContentMismatch): what is served is what the function id names."""
+        (ContentMismatch): what is served is what the function id names. A quantized checkpoint's
+        experts stay quantized (`QuantizedExpertWeights`)."""
         cfg = self.config
         if not (0 <= first and first + count <= cfg.num_experts and count > 0):
             raise CheckpointError(f"experts {first}..{first + count - 1} out of range 0..{cfg.num_experts - 1}")
-        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
         prefix = self.moe_prefix(layer)
+        hasher = PartHasher() if expect is not None else None  # in block_parts' order
+        if self.quantized_experts(layer):
+            weights = self._load_quantized(prefix, first, count, dtype, hasher)
+        else:
+            weights = self._load_plain(prefix, first, count, dtype, pin_memory, hasher)
+        if hasher is not None:
+            got = self.block_digest(dtype, count, hasher.parts())
+            if got != expect:
+                raise ContentMismatch(
+                    f"experts {first}..{first + count - 1} of layer {layer} in {self.reader.path} hash to {got[:16]}, "
+                    f"not {expect[:16]} as their function id says: the checkpoint changed since it was deployed; "
+                    "refusing to serve them")
+        return weights
+
+    def _load_plain(self, prefix: str, first: int, count: int, dtype: torch.dtype, pin_memory: bool,
+                    hasher: PartHasher | None) -> ExpertWeights:
+        cfg = self.config
+        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
         gate_up = torch.empty(count, 2 * inter, hidden, dtype=dtype, pin_memory=pin_memory)
         down = torch.empty(count, hidden, inter, dtype=dtype, pin_memory=pin_memory)
-        hasher = PartHasher() if expect is not None else None  # part i of expert s: index 3 * s + i
-        fused = f"{prefix}.experts.gate_up_proj"
+        fused = f"{prefix}.experts.gate_up_proj"  # part i of expert s: index 3 * s + i
         if self.reader.has(fused):
             raw_gate_up = self._fill_rows(fused, first, (cfg.num_experts, 2 * inter, hidden), gate_up)
             if hasher is not None:  # hashed while the down rows are read
@@ -269,32 +314,71 @@ class ExpertLayout:
             if hasher is not None:
                 for slot in range(count):
                     hasher.add(3 * slot + 2, raw_down[slot])
-        else:
-            names = self._expert_names(prefix)
-            for slot, expert in enumerate(range(first, first + count)):
-                base = f"{prefix}.experts.{expert}"
-                for i, (name, dest) in enumerate(zip(names, (gate_up[slot, :inter], gate_up[slot, inter:], down[slot]))):
-                    raw = self._fill(f"{base}.{name}.weight", dest)
-                    if hasher is not None:
-                        hasher.add(3 * slot + i, raw)
-        if hasher is not None:
-            got = block_digest(dtype, count, hasher.parts())
-            if got != expect:
-                raise ContentMismatch(
-                    f"experts {first}..{first + count - 1} of layer {layer} in {self.reader.path} hash to {got[:16]}, "
-                    f"not {expect[:16]} as their function id says: the checkpoint changed since it was deployed; "
-                    "refusing to serve them")
+            return ExpertWeights(gate_up, down)
+        names = self._expert_names(prefix)
+        for slot, expert in enumerate(range(first, first + count)):
+            base = f"{prefix}.experts.{expert}"
+            for i, (name, dest) in enumerate(zip(names, (gate_up[slot, :inter], gate_up[slot, inter:], down[slot]))):
+                raw = self._fill(f"{base}.{name}.weight", dest)
+                if hasher is not None:
+                    hasher.add(3 * slot + i, raw)
         return ExpertWeights(gate_up, down)
+
+    def quantized_experts(self, layer: int) -> bool:
+        """Whether this layer's routed experts are stored quantized (the config's quantization_config)."""
+        scheme = self.config.quantization
+        if scheme is None:
+            return False
+        prefix = self.moe_prefix(layer)
+        gate = f"{prefix}.experts.0.{self._expert_names(prefix)[0]}.weight"
+        return len(stored_names(self.reader.has, scheme, gate)) > 1
+
+    def block_digest(self, dtype: torch.dtype, count: int, parts) -> str:
+        """The content digest of a block of this checkpoint's parts; a quantized one names its scheme too
+        (the same codes mean other weights under another zero offset or group size)."""
+        scheme = self.config.quantization
+        return block_digest(dtype, count, parts, "" if scheme is None else repr(scheme))
+
+    def _load_quantized(self, prefix: str, first: int, count: int, dtype: torch.dtype,
+                        hasher: PartHasher | None) -> QuantizedExpertWeights:
+        """Experts first..first+count as their quantized matrices, each stored tensor hashed in block_parts' order."""
+        cfg, scheme = self.config, self.config.quantization
+        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
+        gate_up, down, index = [], [], 0
+        for expert in range(first, first + count):
+            matrices = []
+            for name, shape in zip(self._expert_names(prefix), shapes):
+                weight = f"{prefix}.experts.{expert}.{name}.weight"
+                stored = {}
+                for full in stored_names(self.reader.has, scheme, weight):
+                    raw = self.reader.tensor(full)
+                    if hasher is not None:
+                        hasher.add(index, raw)
+                    index += 1
+                    stored[full.rsplit(".", 1)[1]] = raw
+                matrices.append(from_stored(scheme, stored, shape, dtype, weight))
+            gate_up.append(fuse_rows(matrices[0], matrices[1]))
+            down.append(matrices[2])
+        return QuantizedExpertWeights(tuple(gate_up), tuple(down))
 
     def block_parts(self, layer: int, first: int, count: int) -> list[tuple[str, int, torch.dtype, tuple[int, ...]]]:
         """(tensor name, piece index, checkpoint dtype, shape) of each part of experts first..first+count,
-        in the order a block digest takes them: each expert's gate, up, down (see faasmoe.model.content)."""
+        in the order a block digest takes them: each expert's gate, up, down (see faasmoe.model.content);
+        a quantized matrix's part is each tensor it is stored as (codes, scales, zeros, ...)."""
         cfg = self.config
         hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
         shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
         prefix = self.moe_prefix(layer)
         fused = f"{prefix}.experts.gate_up_proj"
         parts = []
+        if self.quantized_experts(layer):
+            for e in range(first, first + count):
+                for name in self._expert_names(prefix):
+                    for full in stored_names(self.reader.has, cfg.quantization, f"{prefix}.experts.{e}.{name}.weight"):
+                        entry = self.reader.entry(full)
+                        parts.append((full, 0, entry.dtype, entry.shape))
+            return parts
         if self.reader.has(fused):
             down_name = f"{prefix}.experts.down_proj"
             gu, dn = self.reader.entry(fused).dtype, self.reader.entry(down_name).dtype

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from faasmoe.model.quant_scheme import QuantizationError, QuantScheme
+
 SUPPORTED_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe")
 
 _DTYPES = {
@@ -69,6 +71,7 @@ class MoEConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    quantization: QuantScheme | None = None  # the checkpoint's quantization_config (None: plain weights)
     source: str = field(default="", compare=False)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -92,9 +95,12 @@ class MoEConfig:
         return self.num_kv_heads * self.head_dim
 
     def expert_bytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of one routed expert's three matrices."""
-        itemsize = torch.empty((), dtype=dtype or self.dtype).element_size()
-        return 3 * self.hidden_size * self.moe_intermediate_size * itemsize
+        """Bytes of one routed expert's three matrices as a worker holds them (quantized ones: their codes
+        and scales, `QuantScheme.expert_bytes`)."""
+        dtype = dtype or self.dtype
+        if self.quantization is not None:
+            return self.quantization.expert_bytes(self.hidden_size, self.moe_intermediate_size, dtype)
+        return 3 * self.hidden_size * self.moe_intermediate_size * dtype.itemsize
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MoEConfig:
@@ -168,6 +174,7 @@ class _Reader:
             eos_token_ids=self._eos_ids(),
             pad_token_id=self.raw.get("pad_token_id"),
             top_k=int(self.need("num_experts_per_tok")),
+            quantization=self._quantization(),
             source=self.source,
         )
         family_keys = getattr(self, f"_{family}")()
@@ -253,6 +260,12 @@ class _Reader:
         if "rope_theta" in params:
             return float(params["rope_theta"])
         return float(self.get("rope_theta", 10000.0))
+
+    def _quantization(self) -> QuantScheme | None:
+        try:
+            return QuantScheme.from_config(self.raw.get("quantization_config"))
+        except QuantizationError as exc:
+            raise self.fail(f"{exc} (key 'quantization_config')") from exc
 
     def _dtype(self) -> torch.dtype:
         name = self.raw.get("dtype") or self.raw.get("torch_dtype") or "float32"

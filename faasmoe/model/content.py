@@ -68,10 +68,12 @@ class PartDigest:
     digest: str
 
 
-def block_digest(served_dtype: torch.dtype, count: int, parts: Iterable[PartDigest]) -> str:
-    """The name of an expert block: its parts (each expert's gate, up, down in order) and the dtype
-    it is served in. Neither the model nor the layer enters: identical bytes are one function."""
-    h = blake3.blake3(f"faasmoe.expert-block.v{DIGEST_VERSION}|{served_dtype}|{count}".encode())
+def block_digest(served_dtype: torch.dtype, count: int, parts: Iterable[PartDigest], scheme: str = "") -> str:
+    """The name of an expert block: its parts (each expert's gate, up, down in order), the dtype it is
+    served in and, for quantized parts, the scheme that gives their bytes a meaning. Neither the model
+    nor the layer enters: identical bytes are one function."""
+    head = f"faasmoe.expert-block.v{DIGEST_VERSION}|{served_dtype}|{count}" + (f"|{scheme}" if scheme else "")
+    h = blake3.blake3(head.encode())
     for part in parts:
         h.update(f"|{part.dtype}|{list(part.shape)}|{part.digest}".encode())
     return h.hexdigest()[:BLOCK_DIGEST_HEX]

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from faasmoe.model.checkpoint import ExpertWeights
+from faasmoe.model.checkpoint import ExpertWeights, QuantizedExpertWeights
 from faasmoe.model.kernels import PackedWeight, linear, pack_weight, run_parallel
 
 
@@ -56,10 +56,22 @@ class PackedExpertWeights:
         return sum(w.nbytes for w in self.gate_up) + sum(w.nbytes for w in self.down)
 
 
-def pack_experts(weights: ExpertWeights | PackedExpertWeights) -> ExpertWeights | PackedExpertWeights:
+BlockWeights = ExpertWeights | PackedExpertWeights | QuantizedExpertWeights  # a block's weights, as held
+
+
+def needs_packing(weights: BlockWeights) -> bool:
+    """Whether `pack_experts` may change the block (a plain one on the CPU, or 4-bit matrices the kernel takes)."""
+    if isinstance(weights, QuantizedExpertWeights):
+        return weights.unpacked
+    return isinstance(weights, ExpertWeights) and weights.gate_up.device.type == "cpu"
+
+
+def pack_experts(weights: BlockWeights) -> BlockWeights:
     """The block in its fastest layout on this device (itself where packing does not help)."""
     if isinstance(weights, PackedExpertWeights):
         return weights
+    if isinstance(weights, QuantizedExpertWeights):
+        return weights.packed()
     if weights.gate_up.device.type != "cpu" or not weights.gate_up.shape[0]:
         return weights
     first = pack_weight(weights.gate_up[0])
@@ -72,7 +84,7 @@ def pack_experts(weights: ExpertWeights | PackedExpertWeights) -> ExpertWeights 
 class ExpertBlock:
     """`count` consecutive experts of one layer: the unit that is loaded, evicted and invoked."""
 
-    def __init__(self, layer: int, first: int, weights: ExpertWeights | PackedExpertWeights) -> None:
+    def __init__(self, layer: int, first: int, weights: BlockWeights) -> None:
         self.layer = layer
         self.first = first
         self.weights = weights
@@ -101,12 +113,14 @@ class ExpertBlock:
             if torch.device(device).type != "cpu":
                 raise ValueError("a block packed for the CPU cannot move to another device")
             return self
+        if isinstance(w, QuantizedExpertWeights):
+            return ExpertBlock(self.layer, self.first, w.to(device))
         return ExpertBlock(self.layer, self.first, ExpertWeights(w.gate_up.to(device), w.down.to(device)))
 
     def packed(self) -> ExpertBlock:
         """This block in its fastest layout on its device (see `pack_experts`)."""
-        w = self.weights
-        return self if isinstance(w, PackedExpertWeights) else ExpertBlock(self.layer, self.first, pack_experts(w))
+        packed = pack_experts(self.weights)
+        return self if packed is self.weights else ExpertBlock(self.layer, self.first, packed)
 
     def forward(self, x: torch.Tensor, local_expert: torch.Tensor) -> torch.Tensor:
         """Row i of x goes through expert `local_expert[i]` of this block (unweighted output)."""

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from faasmoe.model.quantized import Fp8Matrix, Int4Matrix, Int4PackedMatrix
+
 CHUNK_ROWS = 512  # 512 x 2048 fp32 = 4 MiB: a chunk (and its packed copy) stays in cache
 MIN_PARALLEL_ELEMENTS = 8_000_000  # below ~32 MiB fp32 a single GEMM call is as fast
 MAX_FP32_CHUNKED_ROWS = 128  # above this (prefill) the fp32 GEMM is compute-bound and BLAS does well
@@ -173,8 +175,15 @@ def _inference(task: Callable[[], None]) -> None:
     task()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x [M, K], weight [N, K], bias), faster on CPU for the two shapes above and for packed weights."""
+_QUANTIZED = (Fp8Matrix, Int4Matrix, Int4PackedMatrix)
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x [M, K], weight [N, K], bias), faster on CPU for the two shapes above and for packed weights;
+    a quantized weight (faasmoe.model.quantized) multiplies from its quantized form."""
+    if isinstance(weight, _QUANTIZED):
+        out = weight.matmul(x)
+        return out if bias is None else out + bias
     if isinstance(weight, PackedWeight):
         flat = x.reshape(-1, x.shape[-1]).to(weight.dtype)
         out = torch.ops.mkldnn._linear_pointwise(flat, weight.packed, bias, "none", [], "")

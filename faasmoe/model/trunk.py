@@ -2,7 +2,8 @@
 
 The trunk stays in the frontend; the routed experts are functions. A layer runs in two
 halves around the expert call: `attend` (norm, attention, the router and the shared expert)
-and `finish` (add the experts' output back into the residual stream).
+and `finish` (add the experts' output back into the residual stream). A quantized checkpoint's
+trunk linears are dequantized once, at load: the trunk is read once, the experts are what stays quantized.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from faasmoe.model.experts import Routing, route
 from faasmoe.model.kernels import linear, pack_weight
 from faasmoe.model.kv_cache import KVCache
 from faasmoe.model.layers import apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from faasmoe.model.quantized import from_stored, stored_names
 from faasmoe.model.shared_tensors import SharedTensors
 
 T = TypeVar("T")
@@ -101,8 +103,20 @@ class Trunk:
     def _load(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return self._content("tensor", [name], lambda: self._read(name, shape))
 
+    def _stored(self, name: str) -> list[str]:
+        """The checkpoint tensors that hold weight `name` (its quantized parts, in a quantized checkpoint)."""
+        return stored_names(self._reader.has, self.config.quantization, name)
+
     def _read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A tensor from the checkpoint, hashed and refused unless it is what the digests name; read from
+        """A weight from the checkpoint, dequantized if stored quantized."""
+        stored = self._stored(name)
+        if stored == [name]:
+            return self._verified(name, shape).to(self.dtype).to(self.device)
+        parts = {part.rsplit(".", 1)[1]: self._verified(part) for part in stored}
+        return from_stored(self.config.quantization, parts, shape, self.dtype, name).dequantize().to(self.device)
+
+    def _verified(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """A tensor as the file holds it, hashed and refused unless it is what the digests name; read from
         the very file the digests were made of (same identity, ctime included), the digests are its proof."""
         raw = self._reader.tensor(name, shape)
         file = self._reader.entry(name).file
@@ -111,7 +125,7 @@ class Trunk:
             if got != expect:
                 raise ContentMismatch(f"{self._reader.path}: tensor {name!r} hashes to {got[:16]}, not {expect[:16]} "
                                       "as when the model was deployed: the checkpoint changed; refusing to load it")
-        return raw.to(self.dtype).to(self.device)
+        return raw
 
     def _linear(self, parts: list[tuple[str, tuple[int, ...]]], pack: bool = True):
         """The weights `parts` stacked along their rows (one matmul for all), packed for `linear` unless
@@ -126,7 +140,8 @@ class Trunk:
         """`make()`, or the object another trunk made from the same bytes (same kind, dtype, device)."""
         if self._digests is None:
             return make()
-        key = (kind, tuple(self._digests.tensor(n) for n in names), self.dtype, str(self.device))
+        key = (kind, tuple(self._digests.tensor(part) for n in names for part in self._stored(n)), self.dtype,
+               str(self.device))
         return self._shared.get(key, make)
 
     def _load_layer(self, i: int) -> LayerWeights:

@@ -1,0 +1,273 @@
+"""Quantized weight matrices: read from a checkpoint's tensors, held quantized, multiplied from that form.
+
+A matrix W [N, K] (y = x @ W.T) of a quantized checkpoint (`faasmoe.model.quant_scheme`) becomes one of:
+
+* `Fp8Matrix`: the e4m3 bytes and the checkpoint's block scales, as they lie in the file (1 byte a weight).
+* `Int4Matrix`: GPTQ and AWQ alike, unpacked from their layouts into one: two 4-bit codes a byte, and per
+  group of input columns a scale and a zero in the float domain, W = (q - 8) * scale + zero (0.5 byte a
+  weight). GPTQ's activation order becomes a permutation of x's columns, so groups are contiguous.
+* `Int4PackedMatrix`: an Int4Matrix in the layout of torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`),
+  the same bytes; made by `pack_int4` where the kernel takes the shape.
+
+Every form multiplies without a dense copy of the whole matrix: the CPU dequantizes one cache-sized chunk of
+rows at a time into fp32 (as `kernels.linear` widens bf16 on CPUs without native bf16), the int4 kernel reads
+the codes directly; other devices dequantize and call F.linear. A dequantized chunk is rounded to the
+compute dtype before the product, so it multiplies exactly the weights a dequantized checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from faasmoe.model.quant_scheme import QuantizationError, QuantScheme
+
+CHUNK_ROWS = 512  # rows dequantized at once: 512 x 2048 fp32 = 4 MiB, stays in cache
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8c + AWQ_ORDER[i]
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel takes
+
+
+@dataclass(frozen=True)
+class Fp8Matrix:
+    weight: torch.Tensor  # float8_e4m3fn [N, K]
+    scale: torch.Tensor  # float32 [ceil(N / block[0]), ceil(K / block[1])]: the checkpoint's weight_scale_inv
+    block: tuple[int, int]
+    dtype: torch.dtype  # the compute dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.scale.nbytes
+
+    def to(self, device: torch.device | str) -> Fp8Matrix:
+        return Fp8Matrix(self.weight.to(device), self.scale.to(device), self.block, self.dtype)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop dequantized, in fp32, rounded to the compute dtype's precision."""
+        scale = self.scale[start // self.block[0]: (stop - 1) // self.block[0] + 1]
+        scale = scale.repeat_interleave(self.block[0], 0)[start % self.block[0]:][: stop - start]
+        scale = scale.repeat_interleave(self.block[1], 1)[:, : self.weight.shape[1]]
+        w = self.weight[start:stop].float() * scale
+        return w if self.dtype == torch.float32 else w.to(self.dtype).float()
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(0, self.weight.shape[0]).to(self.dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return _chunked_matmul(x, self.shape[0], self.rows, self.dequantize)
+
+
+@dataclass(frozen=True)
+class Int4Matrix:
+    codes: torch.Tensor  # uint8 [N, K / 2]: column 2j in the low nibble, 2j + 1 in the high one
+    scales: torch.Tensor  # [K / group, N], compute dtype
+    zeros: torch.Tensor  # [K / group, N], compute dtype: W = (q - 8) * scale + zero
+    group_size: int
+    perm: torch.Tensor | None  # [K] int64: the codes' column j is x's column perm[j] (GPTQ act order)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], 2 * self.codes.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes + (0 if self.perm is None else self.perm.nbytes)
+
+    def to(self, device: torch.device | str) -> Int4Matrix:
+        perm = None if self.perm is None else self.perm.to(device)
+        return Int4Matrix(self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.group_size, perm)
+
+    def unpacked_codes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Codes of rows start..stop as uint8 [rows, K]."""
+        packed = self.codes[start:stop]
+        return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        q = self.unpacked_codes(start, stop).float() - 8
+        scale = self.scales[:, start:stop].t().float().repeat_interleave(self.group_size, 1)
+        zero = self.zeros[:, start:stop].t().float().repeat_interleave(self.group_size, 1)
+        w = q * scale + zero
+        return w if self.dtype == torch.float32 else w.to(self.dtype).float()
+
+    def dequantize(self) -> torch.Tensor:
+        """W [N, K] in the compute dtype, columns in x's order."""
+        w = self.rows(0, self.shape[0]).to(self.dtype)
+        return w if self.perm is None else torch.empty_like(w).index_copy_(1, self.perm, w)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x if self.perm is None else x.index_select(-1, self.perm)
+        return _chunked_matmul(xs, self.shape[0], self.rows, lambda: self.rows(0, self.shape[0]).to(self.dtype))
+
+
+@dataclass(frozen=True)
+class Int4PackedMatrix:
+    packed: torch.Tensor  # torch's CPU int4 layout, uint8 [N, K / 2]
+    scales_zeros: torch.Tensor  # [K / group, N, 2], compute dtype
+    group_size: int
+    perm: torch.Tensor | None
+    shape: tuple[int, int]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales_zeros.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes + (0 if self.perm is None else self.perm.nbytes)
+
+    def to(self, device: torch.device | str) -> Int4PackedMatrix:
+        if torch.device(device).type != "cpu":
+            raise ValueError("a matrix packed for the CPU's int4 kernel cannot move to another device")
+        return self
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x if self.perm is None else x.index_select(-1, self.perm)
+        flat = xs.reshape(-1, xs.shape[-1]).to(self.dtype).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_zeros)
+        return out.reshape(*x.shape[:-1], self.shape[0]).to(x.dtype)
+
+
+QuantizedMatrix = Fp8Matrix | Int4Matrix | Int4PackedMatrix
+
+
+def _chunked_matmul(x: torch.Tensor, n: int, rows, whole) -> torch.Tensor:
+    """x @ W.T with W's rows made `CHUNK_ROWS` at a time by `rows(start, stop)` (fp32) on the CPU; elsewhere
+    the whole matrix once (`whole()`, compute dtype) and F.linear."""
+    if x.device.type != "cpu":
+        return F.linear(x, whole().to(x.dtype))
+    flat = x.reshape(-1, x.shape[-1]).float()
+    out = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    for start in range(0, n, CHUNK_ROWS):
+        stop = min(n, start + CHUNK_ROWS)
+        torch.mm(flat, rows(start, stop).t(), out=out[:, start:stop])
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def packable(m: QuantizedMatrix) -> bool:
+    """Whether `pack_int4` changes m: an Int4Matrix on the CPU of a shape and dtype the int4 kernel takes."""
+    if not isinstance(m, Int4Matrix) or m.codes.device.type != "cpu":
+        return False
+    n, k = m.shape
+    return (n % 16 == 0 and m.group_size in INT4_KERNEL_GROUPS and k % m.group_size == 0
+            and m.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def pack_int4(m: QuantizedMatrix) -> QuantizedMatrix:
+    """An Int4Matrix in the CPU int4 kernel's layout where the kernel takes its shape and dtype (else itself)."""
+    if not packable(m):
+        return m
+    n, k = m.shape
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(m.unpacked_codes().to(torch.int32).contiguous(), 2)
+    return Int4PackedMatrix(packed, torch.stack((m.scales, m.zeros), dim=-1).contiguous(), m.group_size, m.perm,
+                            (n, k))
+
+
+def fuse_rows(first: QuantizedMatrix, second: QuantizedMatrix) -> QuantizedMatrix:
+    """[first; second] stacked along the output rows (a gate and an up projection: one matmul for both)."""
+    if isinstance(first, Fp8Matrix) and isinstance(second, Fp8Matrix):
+        a, b = first, second
+        if a.shape[0] % a.block[0]:  # a partial last block: give every row its own scale row
+            a, b = _per_row_scales(a), _per_row_scales(b)
+        return Fp8Matrix(torch.cat((a.weight, b.weight)), torch.cat((a.scale, b.scale)), a.block, a.dtype)
+    if isinstance(first, Int4Matrix) and isinstance(second, Int4Matrix):
+        if (first.perm is None) != (second.perm is None) or (first.perm is not None and
+                                                             not torch.equal(first.perm, second.perm)):
+            raise QuantizationError("a gate and an up projection quantized in different column orders (g_idx) "
+                                    "cannot be fused")
+        return Int4Matrix(torch.cat((first.codes, second.codes)), torch.cat((first.scales, second.scales), 1),
+                          torch.cat((first.zeros, second.zeros), 1), first.group_size, first.perm)
+    raise TypeError(f"cannot fuse {type(first).__name__} with {type(second).__name__}")
+
+
+def _per_row_scales(m: Fp8Matrix) -> Fp8Matrix:
+    n = m.weight.shape[0]
+    return Fp8Matrix(m.weight, m.scale.repeat_interleave(m.block[0], 0)[:n].contiguous(), (1, m.block[1]), m.dtype)
+
+
+# --- reading a checkpoint's tensors -------------------------------------------------------
+
+def stored_suffixes(scheme: QuantScheme) -> tuple[str, ...]:
+    """The tensors one quantized linear `P` is stored as: `P.<suffix>` each."""
+    return {"fp8": ("weight", "weight_scale_inv"), "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+            "awq": ("qweight", "qzeros", "scales")}[scheme.method]
+
+
+def stored_names(has, scheme: QuantScheme | None, weight_name: str) -> list[str]:
+    """The checkpoint tensors that hold the weight `P.weight`: itself when stored plain, else its quantized
+    parts (a GPTQ checkpoint may lack g_idx). `has(name)` says whether the checkpoint holds a tensor."""
+    if scheme is None or not weight_name.endswith(".weight"):
+        return [weight_name]
+    prefix = weight_name.removesuffix(".weight")
+    if scheme.method == "fp8":
+        return [weight_name, f"{prefix}.weight_scale_inv"] if has(f"{prefix}.weight_scale_inv") else [weight_name]
+    if not has(f"{prefix}.qweight"):
+        return [weight_name]
+    return [f"{prefix}.{s}" for s in stored_suffixes(scheme) if has(f"{prefix}.{s}")]
+
+
+def from_stored(scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
+                dtype: torch.dtype, name: str = "") -> QuantizedMatrix:
+    """The matrix [N, K] = `shape` from its stored tensors (suffix -> tensor as the file holds it), checked."""
+    n, k = shape
+    if scheme.method == "fp8":
+        weight, scale = tensors["weight"], tensors["weight_scale_inv"]
+        rows, cols = scheme.block
+        expect = (math.ceil(n / rows), math.ceil(k / cols))
+        if weight.dtype != torch.float8_e4m3fn or tuple(weight.shape) != shape or tuple(scale.shape) != expect:
+            raise QuantizationError(f"{name}: fp8 weight {weight.dtype} {list(weight.shape)} with scales "
+                                    f"{list(scale.shape)}; expected float8_e4m3fn {list(shape)} and {list(expect)}")
+        return Fp8Matrix(weight, scale.float(), scheme.block, dtype)
+    group = scheme.group_of(k)
+    if k % group or k % 8 or n % 8:
+        raise QuantizationError(f"{name}: a [{n}, {k}] matrix does not split in groups of {group} and words of 8")
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    packed_shape = (k // 8, n) if scheme.method == "gptq" else (k, n // 8)
+    if tuple(qweight.shape) != packed_shape or tuple(qzeros.shape) != (k // group, n // 8) or \
+            tuple(scales.shape) != (k // group, n):
+        raise QuantizationError(f"{name}: {scheme.method} tensors qweight {list(qweight.shape)}, qzeros "
+                                f"{list(qzeros.shape)}, scales {list(scales.shape)} do not fit a [{n}, {k}] matrix "
+                                f"in groups of {group}")
+    if scheme.method == "gptq":
+        codes = _unpack_words(qweight, along_rows=True).t()  # [K, N] -> codes [N, K]
+        zero = _unpack_words(qzeros).float() + scheme.zero_offset
+    else:
+        codes = _unpack_words(qweight, order=AWQ_ORDER).t()
+        zero = _unpack_words(qzeros, order=AWQ_ORDER).float()
+    perm = None
+    g_idx = tensors.get("g_idx")
+    if g_idx is not None:
+        if tuple(g_idx.shape) != (k,):
+            raise QuantizationError(f"{name}: g_idx has shape {list(g_idx.shape)}, expected [{k}]")
+        g_idx = g_idx.long()
+        if not torch.equal(g_idx, torch.arange(k) // group):
+            perm = torch.argsort(g_idx, stable=True)
+            if not torch.equal(g_idx[perm], torch.arange(k) // group):
+                raise QuantizationError(f"{name}: g_idx does not put {group} columns in each group")
+            codes = codes.index_select(1, perm)
+    scale = scales.float()
+    zeros_float = ((8 - zero) * scale).to(dtype)
+    nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    return Int4Matrix(nibbles, scale.to(dtype), zeros_float, group, perm)
+
+
+def _unpack_words(words: torch.Tensor, along_rows: bool = False, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """uint8 4-bit codes from int32 words of eight. Along rows (GPTQ's qweight [K/8, N]): word [r, c] holds rows
+    8r..8r+7 of column c; else along columns ([R, C/8]): word [r, c] holds columns 8c.., nibble i column
+    8c + order[i]."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    nibbles = ((words.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)  # [R, C, 8]
+    if along_rows:
+        return nibbles.permute(0, 2, 1).reshape(-1, words.shape[1])
+    if order is not None:
+        nibbles = torch.empty_like(nibbles).index_copy_(-1, torch.tensor(order), nibbles)
+    return nibbles.reshape(words.shape[0], -1)

@@ -1,0 +1,219 @@
+"""Quantized checkpoints (FP8 blocks, GPTQ and AWQ 4-bit) against transformers on a dequantized copy.
+
+The reference dequantizes each stored matrix by the formats' published formulas, element by element
+(`reference_weight`), independently of faasmoe.model.quantized, writes a plain checkpoint and lets
+transformers compute the logits. The formats' own bytes, not a round trip through our reader, are the spec.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from faasmoe.engine.offline import generate
+from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout, QuantizedExpertWeights
+from faasmoe.model.config import ConfigError, MoEConfig
+from faasmoe.model.moe_model import MoEModel
+from faasmoe.model.quant_scheme import QuantScheme
+from faasmoe.model.quantize import quantize_checkpoint
+from faasmoe.model.quantized import Int4PackedMatrix
+from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
+
+from ..processes import faasmoe
+from .conftest import load_reference, relative_error
+
+TOLERANCE = 1e-4  # fp32 compute: the dequantized weights are the same numbers up to one fp32 rounding
+AWQ_COLUMN_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)  # column 8c + j of an AWQ word sits in nibble AWQ_COLUMN_NIBBLE[j]
+METHODS = ("fp8", "gptq-int4", "awq-int4")
+
+
+def nibble(words: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    return (words.long() >> (4 * position)) & 0xF
+
+
+def reference_weight(method: str, tensors: dict[str, torch.Tensor], prefix: str, config: dict) -> torch.Tensor:
+    """W [N, K] of the linear `prefix`, by the format's formula."""
+    q = config["quantization_config"]
+    if method == "fp8":
+        weight, scale = tensors[f"{prefix}.weight"].float(), tensors[f"{prefix}.weight_scale_inv"]
+        rows, cols = q["weight_block_size"]
+        n, k = weight.shape
+        r, c = torch.arange(n)[:, None] // rows, torch.arange(k)[None, :] // cols
+        return weight * scale[r, c]
+    qweight, qzeros, scales = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"]
+    n = scales.shape[1]
+    group = q["group_size"]
+    if method == "gptq-int4":
+        k = qweight.shape[0] * 8
+        kk, nn = torch.arange(k)[:, None], torch.arange(n)[None, :]
+        g = tensors[f"{prefix}.g_idx"].long()[:, None]
+        codes = nibble(qweight[kk // 8, nn], kk % 8)
+        zeros = nibble(qzeros[g, nn // 8], nn % 8) + 1  # the "gptq" format stores zero - 1
+        return ((codes - zeros) * scales[g, nn].float()).t()
+    k = qweight.shape[0]
+    kk, nn = torch.arange(k)[:, None], torch.arange(n)[None, :]
+    where = torch.tensor(AWQ_COLUMN_NIBBLE)[nn % 8]
+    codes = nibble(qweight[kk, nn // 8], where)
+    zeros = nibble(qzeros[kk // group, nn // 8], where)
+    return ((codes - zeros) * scales[kk // group, nn].float()).t()
+
+
+def dequantized_copy(path: Path, out: Path, method: str) -> Path:
+    """A plain checkpoint holding the weights `path` encodes (the reference transformers runs)."""
+    config = json.loads((path / "config.json").read_text())
+    tensors = load_file(str(path / "model.safetensors"))
+    dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype"))
+    parts = ("weight", "weight_scale_inv") if method == "fp8" else ("qweight", "qzeros", "scales", "g_idx")
+    prefixes = {n.removesuffix(f".{parts[1]}") for n in tensors if n.endswith(f".{parts[1]}")}
+    plain = {n: t for n, t in tensors.items() if n.rsplit(".", 1)[0] not in prefixes or n.rsplit(".", 1)[1] not in parts}
+    for prefix in prefixes:
+        plain[f"{prefix}.weight"] = reference_weight(method, tensors, prefix, config).to(dtype).contiguous()
+    out.mkdir(parents=True)
+    save_file(plain, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+    built = {}
+
+    def get(family: str, method: str, **options) -> tuple[Path, Path]:
+        key = (family, method, tuple(sorted(options.items())))
+        if key not in built:
+            dense = root / family
+            if not dense.exists():
+                init_checkpoint(dense, family, seed=5, progress=False)
+            name = f"{family}-{method}-{len(built)}"
+            path = quantize_checkpoint(dense, root / name, method, **options)
+            built[key] = path, dequantized_copy(path, root / f"{name}-reference", method)
+        return built[key]
+
+    return get
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "qwen3_moe", "olmoe"])
+def test_logits_equal_transformers_on_the_dequantized_weights(checkpoints, family, method):
+    path, reference = checkpoints(family, method)
+    ids = torch.tensor([[5, 17, 42, 8, 61, 300, 9, 77]])
+    with torch.no_grad():
+        expected = load_reference(reference)(ids).logits
+    model = MoEModel.from_pretrained(path)
+    assert isinstance(model.executor.blocks[model.config.moe_layers[0]][0].weights, QuantizedExpertWeights)
+    assert relative_error(model(ids), expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("options", [{"desc_act": True}, {"sym": False}, {"group_size": 64}])
+def test_gptq_act_order_asymmetric_and_group_sizes(checkpoints, options):
+    path, reference = checkpoints("mixtral", "gptq-int4", **options)  # its expert size 128 takes groups of 64
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert all(config[k] == v for k, v in options.items())
+    ids = torch.tensor([[5, 17, 42, 8, 61, 300, 9, 77]])
+    with torch.no_grad():
+        expected = load_reference(reference)(ids).logits
+    assert relative_error(MoEModel.from_pretrained(path)(ids), expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_tokens_equal_transformers(checkpoints, method):
+    path, reference = checkpoints("qwen2_moe", method)
+    prompt = [5, 17, 42, 8, 61]
+    with torch.no_grad():
+        expected = load_reference(reference).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                                       eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert generate(MoEModel.from_pretrained(path), [prompt], max_tokens=12, ignore_eos=True)[0].token_ids == expected
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_logits_are_as_close_to_the_reference_as_bf16_itself(checkpoints, method):
+    # Served in bf16 as real checkpoints are, the 4-bit kernel works from bf16 scales and zeros (W = (q - 8) * s
+    # + z, rounded once more than the reference's (q - z) * s) and every product in bf16: the tolerance is what
+    # bf16 costs the reference itself, against its own fp32 run (x2 for the rounding of scales and zeros).
+    path, reference = checkpoints("qwen2_moe", method)
+    ids = torch.tensor([[5, 17, 42, 8, 61, 300, 9, 77]])
+    ref = load_reference(reference)
+    with torch.no_grad():
+        exact = ref(ids).logits
+        rounded = ref.to(torch.bfloat16)(ids).logits.float()
+    got = MoEModel.from_pretrained(path, dtype="bfloat16")(ids).float()
+    assert relative_error(got, rounded) <= 2 * relative_error(rounded, exact) + 1e-3
+
+
+# At these tiny shapes (groups of 32 columns) scales and zeros weigh more than at real ones: bench/quantized.py
+# measures the ratios on the Qwen1.5-MoE-A2.7B shape.
+@pytest.mark.parametrize("method,ratio", [("fp8", 0.55), ("gptq-int4", 0.35), ("awq-int4", 0.35)])
+def test_experts_stay_quantized_and_are_counted_as_such(checkpoints, method, ratio):
+    path, _ = checkpoints("qwen2_moe", method)
+    config = MoEConfig.from_pretrained(path)
+    reader = CheckpointReader(path)
+    layout = ExpertLayout(reader, config)
+    weights = layout.load_block(0, 0, 4, torch.bfloat16)
+    assert weights.nbytes == 4 * config.expert_bytes(torch.bfloat16)  # what a worker's budget reserves
+    stored = sum(reader.entry(name).dtype.itemsize * torch.Size(shape).numel() for name, _, _, shape
+                 in layout.block_parts(0, 0, 4))
+    plain = 4 * 3 * config.hidden_size * config.moe_intermediate_size * 2
+    assert stored <= ratio * plain and weights.nbytes <= ratio * plain
+    packed = weights.packed()
+    assert packed.nbytes == weights.nbytes
+    if method != "fp8":
+        assert all(isinstance(m, Int4PackedMatrix) for m in packed.gate_up + packed.down)
+
+
+def test_a_quantized_block_is_named_by_its_stored_bytes_and_scheme(checkpoints):
+    gptq, _ = checkpoints("qwen2_moe", "gptq-int4")
+    awq, _ = checkpoints("qwen2_moe", "awq-int4")
+    layouts = [ExpertLayout(CheckpointReader(p), MoEConfig.from_pretrained(p)) for p in (gptq, awq)]
+    names = [{n for n, _, _, _ in layout.block_parts(0, 0, 1)} for layout in layouts]
+    assert names[0] == {f"model.layers.0.mlp.experts.0.{p}.{s}" for p in ("gate_proj", "up_proj", "down_proj")
+                        for s in ("qweight", "qzeros", "scales", "g_idx")}
+    assert len(names[1]) == 9
+
+
+@pytest.mark.parametrize("config,error", [
+    ({"quant_method": "bitsandbytes"}, "quant_method 'bitsandbytes' is not supported"),
+    ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "gptq with bits=8 is not supported"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "awq version 'gemv' is not supported"),
+    ({"quant_method": "fp8", "activation_scheme": "static"}, "fp8 needs weight_block_size"),
+    ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
+])
+def test_an_unsupported_quantization_is_a_clear_error(tmp_path, config, error):
+    path = init_checkpoint(tmp_path / "m", "qwen2_moe", progress=False)
+    raw = json.loads((path / "config.json").read_text())
+    raw["quantization_config"] = config
+    (path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=error):
+        MoEConfig.from_pretrained(path)
+
+
+def test_schemes_read_as_the_published_configs_say():
+    # Qwen3-30B-A3B-FP8 and Qwen1.5-MoE-A2.7B-Chat-GPTQ-Int4 ship these (abridged).
+    fp8 = QuantScheme.from_config({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                   "weight_block_size": [128, 128]})
+    assert (fp8.method, fp8.block) == ("fp8", (128, 128))
+    gptq = QuantScheme.from_config({"bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": False,
+                                    "static_groups": False, "sym": True, "true_sequential": True,
+                                    "model_name_or_path": None, "model_file_base_name": "model",
+                                    "quant_method": "gptq"})
+    assert (gptq.method, gptq.group_size, gptq.zero_offset, gptq.desc_act) == ("gptq", 128, 1, False)
+    awq = QuantScheme.from_config({"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4,
+                                   "version": "gemm"})
+    assert (awq.method, awq.group_size) == ("awq", 128)
+    assert QuantScheme.from_config(None) is None
+
+
+def test_model_init_quantize_writes_each_format(tmp_path):
+    for method in METHODS:
+        out = tmp_path / method
+        proc = faasmoe("model", "init", str(out), "--family", "mixtral", "--quantize", method, "--quiet")
+        assert proc.proc.wait(120) == 0, proc.output
+        assert MoEConfig.from_pretrained(out).quantization is not None
+        assert not list(tmp_path.glob(".*")), "the plain checkpoint it quantized was left behind"
+    shutil.rmtree(tmp_path)
