@@ -56,6 +56,35 @@ def parity(device: str, models_root: Path) -> dict:
     return out
 
 
+def quantized(device: str, models_root: Path) -> dict:
+    """Quantized experts (FP8 blocks, GPTQ act order, AWQ) on the device against the CPU: logits and greedy tokens."""
+    import torch
+
+    from faasmoe.engine.offline import generate
+    from faasmoe.model.moe_model import MoEModel
+    from faasmoe.model.quantize import quantize_checkpoint
+    from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
+
+    plain = models_root / "gpu-check-tiny-mixtral"
+    if not (plain / "config.json").exists():
+        init_checkpoint(plain, "mixtral", preset="tiny", seed=3, progress=False)
+    prompts = torch.randint(0, 1000, (4, 24), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for method in ("fp8", "gptq-int4", "awq-int4"):
+        path = quantize_checkpoint(plain, models_root / f"gpu-check-tiny-mixtral-{method}", method,
+                                   desc_act=method == "gptq-int4")
+        logits, tokens = {}, {}
+        for where in ("cpu", device):
+            model = MoEModel.from_pretrained(path, device=where, dtype=torch.float32, expert_block_size=4)
+            with torch.inference_mode():
+                logits[where] = model(prompts.to(where)).float().cpu()
+            tokens[where] = [r.token_ids for r in generate(model, prompts.tolist(), max_tokens=16, ignore_eos=True)]
+        diff = (logits["cpu"] - logits[device]).abs()
+        out[method] = {"max_abs_diff": float(diff.max()),
+                       "greedy_identical": f"{sum(a == b for a, b in zip(tokens['cpu'], tokens[device]))}/{len(prompts)}"}
+    return out
+
+
 async def _timed_batch(endpoint, prompts: list[list[int]], max_tokens: int) -> float:
     import aiohttp
 
@@ -117,7 +146,7 @@ def merge(parts: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("parity", "decode", "merge"))
+    parser.add_argument("step", choices=("parity", "quantized", "decode", "merge"))
     parser.add_argument("parts", nargs="*", help="merge: NAME=FILE ...")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--model-dir", type=Path)
@@ -130,6 +159,8 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     if args.step == "parity":
         result = parity(args.device, args.models_root)
+    elif args.step == "quantized":
+        result = quantized(args.device, args.models_root)
     elif args.step == "decode":
         result = decode(args.device, args.model_dir, [int(b) for b in args.batches.split(",")], args.max_tokens,
                         args.threads)

@@ -5,6 +5,7 @@
 #      (bench/coldstart.py --device cuda)
 #   3. decode tokens/s: full model (serve --experts in-process) vs FaaSMoE with warm experts, on cuda
 #   4. the paper comparison, bench/paper.py --quick --device cuda
+#   5. quantized experts (FP8, GPTQ act order, AWQ) on the device against the CPU (bench/gpu_check.py quantized)
 #
 # On the device machine (torch preinstalled, no network), from the repo root:
 #     bash bench/gpu_check.sh                 -> $OUT/gpu_check.json (+ paper.md, paper.json, paper_memory.png, log)
@@ -91,6 +92,8 @@ EOF
 
 step parity 120 "$PY" bench/gpu_check.py parity --device "$DEVICE" --out "$WORK/parity.json"
 
+step quantized 60 "$PY" bench/gpu_check.py quantized --device "$DEVICE" --out "$WORK/quantized.json"
+
 step checkpoint 90 "$PY" bench/paper.py $SIZE --build-only
 MODEL=$("$PY" bench/paper.py $SIZE --build-only 2>/dev/null | tail -1)
 
@@ -102,7 +105,7 @@ step decode 150 "$PY" bench/gpu_check.py decode --device "$DEVICE" --model-dir "
 step paper 330 "$PY" bench/paper.py "${PAPER_ARGS[@]}" --out-dir "$WORK/paper"
 
 "$PY" bench/gpu_check.py merge --out "$DEST/gpu_check.json" status="$STATUS" env="$WORK/env.json" \
-  parity="$WORK/parity.json" coldstart="$WORK/coldstart.json" decode="$WORK/decode.json" \
+  parity="$WORK/parity.json" quantized="$WORK/quantized.json" coldstart="$WORK/coldstart.json" decode="$WORK/decode.json" \
   paper="$WORK/paper/paper.json" >/dev/null
 "$PY" - "$DEST/gpu_check.json" <<'EOF'
 import json, sys

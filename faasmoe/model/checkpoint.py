@@ -76,6 +76,7 @@ _DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ class ExpertLayout:
         if self.quantized_experts(layer):
             weights = self._load_quantized(prefix, first, count, dtype, hasher)
         else:
-            weights = self._load_plain(prefix, first, count, dtype, pin_memory, hasher)
+            weights = self._load_plain(layer, prefix, first, count, dtype, pin_memory, hasher)
         if hasher is not None:
             got = self.block_digest(dtype, count, hasher.parts())
             if got != expect:
@@ -297,8 +298,12 @@ class ExpertLayout:
                     "refusing to serve them")
         return weights
 
-    def _load_plain(self, prefix: str, first: int, count: int, dtype: torch.dtype, pin_memory: bool,
+    def _load_plain(self, layer: int, prefix: str, first: int, count: int, dtype: torch.dtype, pin_memory: bool,
                     hasher: PartHasher | None) -> ExpertWeights:
+        for name, _, stored, _ in self.block_parts(layer, first, 1):
+            if stored in FLOAT8:  # its scales would be lost: a cast alone gives other weights
+                raise CheckpointError(f"{self.reader.path}: {name!r} is stored as {stored} without the "
+                                      "quantization_config (fp8, weight_block_size) that gives its scales")
         cfg = self.config
         hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
         gate_up = torch.empty(count, 2 * inter, hidden, dtype=dtype, pin_memory=pin_memory)

@@ -50,6 +50,12 @@ class Fp8Matrix:
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop dequantized, in fp32, rounded to the compute dtype's precision."""
+        rows, cols = self.block
+        k = self.weight.shape[1]
+        if start % rows == 0 and (stop - start) % rows == 0 and k % cols == 0:  # whole blocks: scale in place
+            w = self.weight[start:stop].float()
+            w.view(-1, rows, k // cols, cols).mul_(self.scale[start // rows: stop // rows, None, :, None])
+            return w if self.dtype == torch.float32 else w.to(self.dtype).float()
         scale = self.scale[start // self.block[0]: (stop - 1) // self.block[0] + 1]
         scale = scale.repeat_interleave(self.block[0], 0)[start % self.block[0]:][: stop - start]
         scale = scale.repeat_interleave(self.block[1], 1)[:, : self.weight.shape[1]]

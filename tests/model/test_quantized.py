@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from faasmoe.engine.offline import generate
-from faasmoe.model.checkpoint import CheckpointReader, ExpertLayout, QuantizedExpertWeights
+from faasmoe.model.checkpoint import CheckpointError, CheckpointReader, ExpertLayout, QuantizedExpertWeights
 from faasmoe.model.config import ConfigError, MoEConfig
 from faasmoe.model.moe_model import MoEModel
 from faasmoe.model.quant_scheme import QuantScheme
@@ -217,3 +217,18 @@ def test_model_init_quantize_writes_each_format(tmp_path):
         assert MoEConfig.from_pretrained(out).quantization is not None
         assert not list(tmp_path.glob(".*")), "the plain checkpoint it quantized was left behind"
     shutil.rmtree(tmp_path)
+
+
+def test_fp8_weights_without_their_scales_are_refused(checkpoints, tmp_path):
+    # A checkpoint whose config lost its quantization_config: casting e4m3 codes would serve other weights.
+    path, _ = checkpoints("qwen2_moe", "fp8")
+    copy = tmp_path / "no-config"
+    shutil.copytree(path, copy)
+    raw = json.loads((copy / "config.json").read_text())
+    del raw["quantization_config"]
+    (copy / "config.json").write_text(json.dumps(raw))
+    config = MoEConfig.from_pretrained(copy)
+    with pytest.raises(CheckpointError, match="float8_e4m3fn without the quantization_config"):
+        ExpertLayout(CheckpointReader(copy), config).load_block(0, 0, 1, torch.float32)
+    with pytest.raises(CheckpointError, match="float8_e4m3fn without the quantization_config"):
+        MoEModel.from_pretrained(copy)
