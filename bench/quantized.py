@@ -8,9 +8,9 @@ Per format, as a worker does it (`ExpertLayout.load_block`, hashed against the b
 * cold start: the bytes of a 4-expert block's stored tensors, and the seconds to read and verify all 15
   blocks of the layer with the file's pages dropped from the page cache first (posix_fadvise DONTNEED);
 * resident: the layer's expert bytes as held once packed for the CPU's kernels;
-* decode: one MoE layer's routed experts (top-4 of 60, routed by the checkpoint's router on random hidden
-  states, fresh ones each step so the experts change as in a real decode) at batch 1 and 16, p50 of
-  `--iterations` steps, shown as the tokens/s a 24-layer model's experts would allow.
+* compute: one MoE layer's routed experts (top-4 of 60, routed by the checkpoint's router on random hidden
+  states, fresh ones each step so the experts change as in a real decode) at batch 1 and 16 (decode) and 256
+  (a prefill chunk), p50 of `--iterations` steps, shown as the tokens/s a 24-layer model's experts would allow.
 Formats alternate within each round (A B C D A B C D). Writes bench/results/quantized.md and .json.
 """
 
@@ -124,66 +124,66 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=30, help="decode steps timed per batch size and round")
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--batches", default="1,16,256", help="rows per layer call: decode batches, a prefill chunk")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quantized.json")
     args = parser.parse_args()
     formats = args.formats.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
     paths = checkpoints(args.model_dir)
     executors = {f: layer_executor(paths[f]) for f in formats}
-    results: dict[str, dict] = {f: {"cold": [], "decode": {1: [], 16: []}} for f in formats}
+    results: dict[str, dict] = {f: {"cold": [], "decode": {b: [] for b in batches}} for f in formats}
     for round_ in range(args.rounds):
         for f in formats:
             results[f]["cold"].append(cold_start(paths[f]))
-            for batch in (1, 16):
-                seconds, out = decode_layer_s(*executors[f], batch, args.iterations, seed=round_)
+            for batch in batches:
+                iterations = args.iterations if batch <= 16 else max(5, args.iterations // 4)
+                seconds, out = decode_layer_s(*executors[f], batch, iterations, seed=round_)
                 results[f]["decode"][batch].append(seconds)
-                if batch == 16 and round_ == 0:
+                if batch == batches[-1] and round_ == 0:
                     results[f]["output"] = out
-            print(f"round {round_ + 1} {f}: load {results[f]['cold'][-1]['layer_load_s']:.2f}s, decode layer "
-                  f"b1 {results[f]['decode'][1][-1] * 1e3:.1f} ms, b16 {results[f]['decode'][16][-1] * 1e3:.1f} ms",
-                  flush=True)
-    report(args, formats, executors, results)
+            layer = ", ".join(f"b{b} {results[f]['decode'][b][-1] * 1e3:.1f} ms" for b in batches)
+            print(f"round {round_ + 1} {f}: load {results[f]['cold'][-1]['layer_load_s']:.2f}s, layer {layer}", flush=True)
+    report(args, formats, batches, executors, results)
 
 
-def report(args, formats, executors, results) -> None:
+def report(args, formats, batches, executors, results) -> None:
     base = results.get("bf16")
-    rows, summary = [], {}
+    summary = {}
     for f in formats:
         r = results[f]
-        block_bytes = r["cold"][0]["block_bytes"]
-        load_s = statistics.median(c["layer_load_s"] for c in r["cold"])
-        resident = executors[f][0].nbytes
-        b1, b16 = (statistics.median(r["decode"][b]) for b in (1, 16))
-        tok = {b: b / (MODEL_LAYERS * s) for b, s in ((1, b1), (16, b16))}
+        layer_s = {b: statistics.median(r["decode"][b]) for b in batches}
         error = 0.0
         if base is not None:
-            ref = base["output"]
-            error = float((r["output"] - ref).norm() / ref.norm())
-        summary[f] = {"block_bytes": block_bytes, "layer_load_s": load_s, "resident_bytes": resident,
-                      "decode_layer_ms": {"1": b1 * 1e3, "16": b16 * 1e3}, "expert_tok_s": tok,
+            error = float((r["output"] - base["output"]).norm() / base["output"].norm())
+        summary[f] = {"block_bytes": r["cold"][0]["block_bytes"],
+                      "layer_load_s": statistics.median(c["layer_load_s"] for c in r["cold"]),
+                      "resident_bytes": executors[f][0].nbytes,
+                      "layer_ms": {b: s * 1e3 for b, s in layer_s.items()},
+                      "expert_tok_s": {b: b / (MODEL_LAYERS * s) for b, s in layer_s.items()},
                       "relative_output_error_vs_bf16": error,
                       "rounds": {"layer_load_s": [c["layer_load_s"] for c in r["cold"]],
-                                 "decode_layer_ms_1": [s * 1e3 for s in r["decode"][1]],
-                                 "decode_layer_ms_16": [s * 1e3 for s in r["decode"][16]]}}
+                                 **{f"layer_ms_b{b}": [s * 1e3 for s in r["decode"][b]] for b in batches}}}
     ref = summary.get("bf16")
-    header = ("| format | block bytes (4 experts) | x bf16 | layer cold load | x bf16 | resident | x bf16 | "
-              "decode layer b1 | expert tok/s b1 (24 layers) | x bf16 | decode layer b16 | expert tok/s b16 | x bf16 "
-              "| output vs bf16 |")
-    rows = [header, "|" + "---|" * 14]
+
+    def ratio(value: float, base: float | None) -> str:
+        return "–" if base is None else f"{value / base:.2f}x"
+
+    header = ["format", "block bytes (4 experts)", "x bf16", "layer cold load", "x bf16", "resident (layer)", "x bf16"]
+    for b in batches:
+        header += [f"layer b{b}", f"expert tok/s b{b}", "x bf16"]
+    rows = ["| " + " | ".join(header + ["output vs bf16"]) + " |", "|" + "---|" * (len(header) + 1)]
     for f, s in summary.items():
-        def x(key, sub=None, s=s):
-            if ref is None:
-                return "–"
-            a, b = (s[key], ref[key]) if sub is None else (s[key][sub], ref[key][sub])
-            return f"{a / b:.2f}x"
-        rows.append(f"| {f} | {s['block_bytes'] / 2**20:.1f} MiB | {x('block_bytes')} | {s['layer_load_s']:.2f} s | "
-                    f"{x('layer_load_s')} | {s['resident_bytes'] / 2**20:.0f} MiB | {x('resident_bytes')} | "
-                    f"{s['decode_layer_ms']['1']:.1f} ms | {s['expert_tok_s'][1]:.1f} | {x('expert_tok_s', 1)} | "
-                    f"{s['decode_layer_ms']['16']:.1f} ms | {s['expert_tok_s'][16]:.1f} | {x('expert_tok_s', 16)} | "
-                    f"{s['relative_output_error_vs_bf16']:.3f} |")
+        cells = [f, f"{s['block_bytes'] / 2**20:.1f} MiB", ratio(s["block_bytes"], ref and ref["block_bytes"]),
+                 f"{s['layer_load_s']:.2f} s", ratio(s["layer_load_s"], ref and ref["layer_load_s"]),
+                 f"{s['resident_bytes'] / 2**20:.0f} MiB", ratio(s["resident_bytes"], ref and ref["resident_bytes"])]
+        for b in batches:
+            cells += [f"{s['layer_ms'][b]:.1f} ms", f"{s['expert_tok_s'][b]:.1f}",
+                      ratio(s["expert_tok_s"][b], ref and ref["expert_tok_s"][b])]
+        rows.append("| " + " | ".join(cells + [f"{s['relative_output_error_vs_bf16']:.3f}"]) + " |")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {cpu_isa()}, torch {torch.__version__}"
     text = (f"# Quantized experts, Qwen1.5-MoE-A2.7B shape ({machine})\n\n"
-            f"`python bench/quantized.py --rounds {args.rounds} --iterations {args.iterations}`; medians over rounds.\n\n"
-            + "\n".join(rows) + "\n")
+            f"`python bench/quantized.py --rounds {args.rounds} --iterations {args.iterations}`; medians over rounds; "
+            f"expert tok/s = rows / (24 layers x the layer's time).\n\n" + "\n".join(rows) + "\n")
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "formats": summary}, indent=2, default=str))

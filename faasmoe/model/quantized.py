@@ -244,10 +244,10 @@ def from_stored(scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tu
                                 f"{list(qzeros.shape)}, scales {list(scales.shape)} do not fit a [{n}, {k}] matrix "
                                 f"in groups of {group}")
     if scheme.method == "gptq":
-        codes = _unpack_words(qweight, along_rows=True).t()  # [K, N] -> codes [N, K]
+        nibbles = _gptq_nibbles(qweight)
         zero = _unpack_words(qzeros).float() + scheme.zero_offset
     else:
-        codes = _unpack_words(qweight, order=AWQ_ORDER).t()
+        nibbles = _awq_nibbles(qweight)
         zero = _unpack_words(qzeros, order=AWQ_ORDER).float()
     perm = None
     g_idx = tensors.get("g_idx")
@@ -259,11 +259,28 @@ def from_stored(scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tu
             perm = torch.argsort(g_idx, stable=True)
             if not torch.equal(g_idx[perm], torch.arange(k) // group):
                 raise QuantizationError(f"{name}: g_idx does not put {group} columns in each group")
-            codes = codes.index_select(1, perm)
+            codes = torch.stack((nibbles & 0xF, nibbles >> 4), dim=-1).view(n, k).index_select(1, perm)
+            nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
     scale = scales.float()
     zeros_float = ((8 - zero) * scale).to(dtype)
-    nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
     return Int4Matrix(nibbles, scale.to(dtype), zeros_float, group, perm)
+
+
+def _gptq_nibbles(qweight: torch.Tensor) -> torch.Tensor:
+    """GPTQ's qweight [K/8, N] as codes [N, K/2]: a word holds rows 8r..8r+7 of a column, nibble i at bits 4i, so
+    its little-endian bytes are already pairs of consecutive rows, low nibble first: a transpose is all it takes."""
+    return qweight.t().contiguous().view(torch.uint8)
+
+
+def _awq_nibbles(qweight: torch.Tensor) -> torch.Tensor:
+    """AWQ's qweight [K, N/8] as codes [N, K/2], in bytes: word byte b holds columns AWQ_ORDER[2b] (low nibble)
+    and AWQ_ORDER[2b + 1] (high), i.e. bytes 0..3 = (c0, c2), (c4, c6), (c1, c3), (c5, c7)."""
+    k = qweight.shape[0]
+    b = qweight.contiguous().view(torch.uint8).view(k, -1, 4)
+    low, high = b & 0xF, b >> 4
+    columns = torch.stack((low[..., 0], low[..., 2], high[..., 0], high[..., 2],
+                           low[..., 1], low[..., 3], high[..., 1], high[..., 3]), dim=-1).view(k, -1)  # [K, N]
+    return (columns[0::2] | (columns[1::2] << 4)).t().contiguous()
 
 
 def _unpack_words(words: torch.Tensor, along_rows: bool = False, order: tuple[int, ...] | None = None) -> torch.Tensor:
