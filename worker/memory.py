@@ -42,6 +42,7 @@ from runtime.protocol import FunctionSpec
 
 log = logging.getLogger(__name__)
 
+
 class NoMemory(RuntimeError):
     """A block that cannot be made resident within the budget."""
 

@@ -72,6 +72,10 @@ def _model_init(args: argparse.Namespace) -> int:
 
     if args.quantize and args.expert_format != "per_expert":
         raise SystemExit("--quantize needs --expert-format per_expert (quantized checkpoints store experts apart)")
+    if args.group_size is not None and args.quantize not in ("gptq-int4", "awq-int4"):
+        raise SystemExit("--group-size is for --quantize gptq-int4 or awq-int4")
+    if args.desc_act and args.quantize != "gptq-int4":
+        raise SystemExit("--desc-act is for --quantize gptq-int4")
     start = time.perf_counter()
     dense = args.out.parent / f".{args.out.name}.plain" if args.quantize else args.out
     out = init_checkpoint(

@@ -65,8 +65,8 @@ class QuantizedExpertWeights:
         return self if same else QuantizedExpertWeights(gate_up, down)
 
     @property
-    def unpacked(self) -> bool:
-        """Whether packing would change a matrix (an Int4Matrix the kernel takes)."""
+    def can_pack(self) -> bool:
+        """Whether `packed` would change a matrix (an Int4Matrix the kernel takes)."""
         return any(map(packable, self.gate_up + self.down))
 
 
@@ -77,6 +77,13 @@ _DTYPES = {
 }
 _MAX_HEADER = 100 * 1024 * 1024
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def unscaled_fp8(path: Path, name: str, dtype: torch.dtype) -> CheckpointError:
+    """The error for a float8 tensor read as a plain weight: its scales would be lost (a cast alone gives
+    other weights), so such a checkpoint is refused."""
+    return CheckpointError(f"{path}: {name!r} is stored as {dtype} without the quantization_config "
+                           "(fp8, weight_block_size) that gives its scales")
 
 
 @dataclass(frozen=True)
@@ -301,9 +308,8 @@ class ExpertLayout:
     def _load_plain(self, layer: int, prefix: str, first: int, count: int, dtype: torch.dtype, pin_memory: bool,
                     hasher: PartHasher | None) -> ExpertWeights:
         for name, _, stored, _ in self.block_parts(layer, first, 1):
-            if stored in FLOAT8:  # its scales would be lost: a cast alone gives other weights
-                raise CheckpointError(f"{self.reader.path}: {name!r} is stored as {stored} without the "
-                                      "quantization_config (fp8, weight_block_size) that gives its scales")
+            if stored in FLOAT8:
+                raise unscaled_fp8(self.reader.path, name, stored)
         cfg = self.config
         hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
         gate_up = torch.empty(count, 2 * inter, hidden, dtype=dtype, pin_memory=pin_memory)
@@ -344,28 +350,31 @@ class ExpertLayout:
         scheme = self.config.quantization
         return block_digest(dtype, count, parts, "" if scheme is None else repr(scheme))
 
+    def _quantized_matrices(self, prefix: str, first: int, count: int):
+        """(weight name, [N, K], the tensors it is stored as) of each expert's gate, up and down, in order."""
+        cfg = self.config
+        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
+        for expert in range(first, first + count):
+            for name, shape in zip(self._expert_names(prefix), shapes):
+                weight = f"{prefix}.experts.{expert}.{name}.weight"
+                yield weight, shape, stored_names(self.reader.has, cfg.quantization, weight)
+
     def _load_quantized(self, prefix: str, first: int, count: int, dtype: torch.dtype,
                         hasher: PartHasher | None) -> QuantizedExpertWeights:
         """Experts first..first+count as their quantized matrices, each stored tensor hashed in block_parts' order."""
-        cfg, scheme = self.config, self.config.quantization
-        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
-        shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
-        gate_up, down, index = [], [], 0
-        for expert in range(first, first + count):
-            matrices = []
-            for name, shape in zip(self._expert_names(prefix), shapes):
-                weight = f"{prefix}.experts.{expert}.{name}.weight"
-                stored = {}
-                for full in stored_names(self.reader.has, scheme, weight):
-                    raw = self.reader.tensor(full)
-                    if hasher is not None:
-                        hasher.add(index, raw)
-                    index += 1
-                    stored[full.rsplit(".", 1)[1]] = raw
-                matrices.append(from_stored(scheme, stored, shape, dtype, weight))
-            gate_up.append(fuse_rows(matrices[0], matrices[1]))
-            down.append(matrices[2])
-        return QuantizedExpertWeights(tuple(gate_up), tuple(down))
+        matrices, index = [], 0
+        for weight, shape, names in self._quantized_matrices(prefix, first, count):
+            stored = {}
+            for full in names:
+                raw = self.reader.tensor(full)
+                if hasher is not None:
+                    hasher.add(index, raw)
+                index += 1
+                stored[full.rsplit(".", 1)[1]] = raw
+            matrices.append(from_stored(self.config.quantization, stored, shape, dtype, weight))
+        gate_up = tuple(fuse_rows(gate, up) for gate, up in zip(matrices[0::3], matrices[1::3]))
+        return QuantizedExpertWeights(gate_up, tuple(matrices[2::3]))
 
     def block_parts(self, layer: int, first: int, count: int) -> list[tuple[str, int, torch.dtype, tuple[int, ...]]]:
         """(tensor name, piece index, checkpoint dtype, shape) of each part of experts first..first+count,
@@ -378,12 +387,8 @@ class ExpertLayout:
         fused = f"{prefix}.experts.gate_up_proj"
         parts = []
         if self.quantized_experts(layer):
-            for e in range(first, first + count):
-                for name in self._expert_names(prefix):
-                    for full in stored_names(self.reader.has, cfg.quantization, f"{prefix}.experts.{e}.{name}.weight"):
-                        entry = self.reader.entry(full)
-                        parts.append((full, 0, entry.dtype, entry.shape))
-            return parts
+            names = [full for _, _, stored in self._quantized_matrices(prefix, first, count) for full in stored]
+            return [(full, 0, self.reader.entry(full).dtype, self.reader.entry(full).shape) for full in names]
         if self.reader.has(fused):
             down_name = f"{prefix}.experts.down_proj"
             gu, dn = self.reader.entry(fused).dtype, self.reader.entry(down_name).dtype

@@ -62,7 +62,7 @@ BlockWeights = ExpertWeights | PackedExpertWeights | QuantizedExpertWeights  # a
 def needs_packing(weights: BlockWeights) -> bool:
     """Whether `pack_experts` may change the block (a plain one on the CPU, or 4-bit matrices the kernel takes)."""
     if isinstance(weights, QuantizedExpertWeights):
-        return weights.unpacked
+        return weights.can_pack
     return isinstance(weights, ExpertWeights) and weights.gate_up.device.type == "cpu"
 
 

@@ -9,10 +9,11 @@ A matrix W [N, K] (y = x @ W.T) of a quantized checkpoint (`faasmoe.model.quant_
 * `Int4PackedMatrix`: an Int4Matrix in the layout of torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`),
   the same bytes; made by `pack_int4` where the kernel takes the shape.
 
-Every form multiplies without a dense copy of the whole matrix: the CPU dequantizes one cache-sized chunk of
-rows at a time into fp32 (as `kernels.linear` widens bf16 on CPUs without native bf16), the int4 kernel reads
-the codes directly; other devices dequantize and call F.linear. A dequantized chunk is rounded to the
-compute dtype before the product, so it multiplies exactly the weights a dequantized checkpoint holds.
+Every form multiplies without a dense copy of the whole matrix on the CPU: `Fp8Matrix` and `Int4Matrix`
+dequantize one cache-sized chunk of rows at a time into fp32 (as `kernels.linear` widens bf16 on CPUs without
+native bf16), rounded to the compute dtype first, so they multiply exactly the weights a dequantized checkpoint
+holds; the int4 kernel reads the codes directly, with scale and zero in the compute dtype (in bf16 one rounding
+more than the reference's). Other devices dequantize the matrix per call and use F.linear.
 """
 
 from __future__ import annotations
@@ -237,6 +238,9 @@ def from_stored(scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tu
     if k % group or k % 8 or n % 8:
         raise QuantizationError(f"{name}: a [{n}, {k}] matrix does not split in groups of {group} and words of 8")
     qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or not scales.dtype.is_floating_point:
+        raise QuantizationError(f"{name}: {scheme.method} wants int32 qweight and qzeros and float scales, got "
+                                f"{qweight.dtype}, {qzeros.dtype}, {scales.dtype}")
     packed_shape = (k // 8, n) if scheme.method == "gptq" else (k, n // 8)
     if tuple(qweight.shape) != packed_shape or tuple(qzeros.shape) != (k // group, n // 8) or \
             tuple(scales.shape) != (k // group, n):
@@ -283,14 +287,11 @@ def _awq_nibbles(qweight: torch.Tensor) -> torch.Tensor:
     return (columns[0::2] | (columns[1::2] << 4)).t().contiguous()
 
 
-def _unpack_words(words: torch.Tensor, along_rows: bool = False, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """uint8 4-bit codes from int32 words of eight. Along rows (GPTQ's qweight [K/8, N]): word [r, c] holds rows
-    8r..8r+7 of column c; else along columns ([R, C/8]): word [r, c] holds columns 8c.., nibble i column
-    8c + order[i]."""
+def _unpack_words(words: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """uint8 4-bit codes [R, C] from int32 words [R, C/8] of eight along the columns: word [r, c] holds columns
+    8c.., nibble i column 8c + order[i] (order: 0..7 unless given). The zeros of both formats."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    nibbles = ((words.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)  # [R, C, 8]
-    if along_rows:
-        return nibbles.permute(0, 2, 1).reshape(-1, words.shape[1])
+    nibbles = ((words.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)  # [R, C, 8]
     if order is not None:
         nibbles = torch.empty_like(nibbles).index_copy_(-1, torch.tensor(order), nibbles)
     return nibbles.reshape(words.shape[0], -1)

@@ -15,7 +15,7 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
-from faasmoe.model.checkpoint import FLOAT8, CheckpointError, CheckpointReader, ExpertLayout
+from faasmoe.model.checkpoint import FLOAT8, CheckpointReader, ExpertLayout, unscaled_fp8
 from faasmoe.model.config import MoEConfig
 from faasmoe.model.content import CheckpointDigests, ContentMismatch, hash_tensor
 from faasmoe.model.experts import Routing, route
@@ -112,9 +112,8 @@ class Trunk:
         stored = self._stored(name)
         if stored == [name]:
             raw = self._verified(name, shape)
-            if raw.dtype in FLOAT8:  # its scales would be lost: a cast alone gives other weights
-                raise CheckpointError(f"{self._reader.path}: {name!r} is stored as {raw.dtype} without the "
-                                      "quantization_config (fp8, weight_block_size) that gives its scales")
+            if raw.dtype in FLOAT8:
+                raise unscaled_fp8(self._reader.path, name, raw.dtype)
             return raw.to(self.dtype).to(self.device)
         parts = {part.rsplit(".", 1)[1]: self._verified(part) for part in stored}
         return from_stored(self.config.quantization, parts, shape, self.dtype, name).dequantize().to(self.device)

@@ -15,13 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from faasmoe.engine.functions import block_content_at
 from faasmoe.engine.offline import generate
 from faasmoe.model.checkpoint import CheckpointError, CheckpointReader, ExpertLayout, QuantizedExpertWeights
 from faasmoe.model.config import ConfigError, MoEConfig
 from faasmoe.model.moe_model import MoEModel
-from faasmoe.model.quant_scheme import QuantScheme
+from faasmoe.model.quant_scheme import QuantizationError, QuantScheme
 from faasmoe.model.quantize import quantize_checkpoint
-from faasmoe.model.quantized import Int4PackedMatrix
+from faasmoe.model.quantized import Int4PackedMatrix, from_stored
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
 from ..processes import faasmoe
@@ -167,14 +168,30 @@ def test_experts_stay_quantized_and_are_counted_as_such(checkpoints, method, rat
         assert all(isinstance(m, Int4PackedMatrix) for m in packed.gate_up + packed.down)
 
 
-def test_a_quantized_block_is_named_by_its_stored_bytes_and_scheme(checkpoints):
+def test_a_quantized_block_is_named_by_its_stored_bytes_and_scheme(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAASMOE_CACHE_DIR", str(tmp_path / "cache"))
     gptq, _ = checkpoints("qwen2_moe", "gptq-int4")
-    awq, _ = checkpoints("qwen2_moe", "awq-int4")
-    layouts = [ExpertLayout(CheckpointReader(p), MoEConfig.from_pretrained(p)) for p in (gptq, awq)]
-    names = [{n for n, _, _, _ in layout.block_parts(0, 0, 1)} for layout in layouts]
-    assert names[0] == {f"model.layers.0.mlp.experts.0.{p}.{s}" for p in ("gate_proj", "up_proj", "down_proj")
-                        for s in ("qweight", "qzeros", "scales", "g_idx")}
-    assert len(names[1]) == 9
+    layout = ExpertLayout(CheckpointReader(gptq), MoEConfig.from_pretrained(gptq))
+    assert {n for n, _, _, _ in layout.block_parts(0, 0, 1)} == {
+        f"model.layers.0.mlp.experts.0.{p}.{s}" for p in ("gate_proj", "up_proj", "down_proj")
+        for s in ("qweight", "qzeros", "scales", "g_idx")}
+    copy, v2 = tmp_path / "copy", tmp_path / "v2"
+    shutil.copytree(gptq, copy)
+    shutil.copytree(gptq, v2)
+    raw = json.loads((v2 / "config.json").read_text())
+    raw["quantization_config"]["checkpoint_format"] = "gptq_v2"  # the same codes, zeros read one lower
+    (v2 / "config.json").write_text(json.dumps(raw))
+    digest = {p: block_content_at(p, 0, 0, 2, "float32") for p in (gptq, copy, v2)}
+    assert digest[gptq] == digest[copy]  # the same bytes in another checkpoint: one function
+    assert digest[gptq] != digest[v2]  # the same bytes meaning other weights: another
+
+
+def test_quantized_tensors_of_the_wrong_dtype_are_refused():
+    scheme = QuantScheme.from_config({"quant_method": "gptq", "bits": 4, "group_size": 32})
+    tensors = {"qweight": torch.zeros(4, 16, dtype=torch.int64), "qzeros": torch.zeros(1, 2, dtype=torch.int32),
+               "scales": torch.ones(1, 16, dtype=torch.float16)}
+    with pytest.raises(QuantizationError, match="wants int32 qweight and qzeros"):
+        from_stored(scheme, tensors, (16, 32), torch.float32, "w")
 
 
 @pytest.mark.parametrize("config,error", [
@@ -216,6 +233,8 @@ def test_model_init_quantize_writes_each_format(tmp_path):
         assert proc.proc.wait(120) == 0, proc.output
         assert MoEConfig.from_pretrained(out).quantization is not None
         assert not list(tmp_path.glob(".*")), "the plain checkpoint it quantized was left behind"
+    refused = faasmoe("model", "init", str(tmp_path / "x"), "--family", "mixtral", "--quantize", "fp8", "--desc-act")
+    assert refused.proc.wait(60) != 0 and "--desc-act is for --quantize gptq-int4" in refused.output
     shutil.rmtree(tmp_path)
 
 
