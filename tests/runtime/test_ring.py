@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +45,23 @@ def pool(worker_id: str, memory: str = "64MiB"):
         if worker is not None:
             worker.kill()
         sched.stop()
+
+
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of `pid` is in the stopped state: SIGSTOP takes each thread when it next leaves the
+    kernel, which on a loaded machine can be after kill() returns."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, IndexError):
+                pass
+        if states and all(state in "tT" for state in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +115,7 @@ async def test_a_worker_killed_with_a_call_in_the_ring_fails_it_at_once(model_di
             await client.invoke([c])
             assert client.stats.ring_messages == 1
             os.kill(worker.proc.pid, signal.SIGSTOP)  # the call waits in the ring
+            wait_stopped(worker.proc.pid)
             pending = asyncio.create_task(client.invoke([c]))
             await asyncio.sleep(0.3)
             assert not pending.done()
