@@ -51,8 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="trained,random", help="comma list of: trained, random")
     parser.add_argument("--tenants", type=int, default=16,
-                        help="tenants, half shared, half private ESFT, one fine-tune per domain (default 16: the 8 "
-                        "domains' fine-tunes; more repeat a domain's fine-tune)")
+                        help="tenants (default 16); --fine-tunes of them use a private ESFT fine-tune, the rest the "
+                        "shared base")
+    parser.add_argument("--fine-tunes", type=int, default=None,
+                        help="private tenants, each with its own fine-tune, one domain after another (8 domains; a "
+                        "second tenant of a domain trains its own version); default half the tenants")
     parser.add_argument("--duration", type=float, default=120.0, help="trace length in seconds (default 120)")
     parser.add_argument("--keep-alives", default="1,5,15,60,300", help="keep-alive sweep, seconds")
     parser.add_argument("--drop-page-cache-at", type=float, default=15.0,
@@ -98,7 +101,8 @@ def plan_runs(keep_alives: list[float], drop_at: float, setups: tuple[str, ...] 
 
 def sweep(model: str, args: argparse.Namespace, keep_alives: list[float]) -> dict:
     deployment, streams = tenants.build(ROOT, args.tenants, model == "random",
-                                        args.tune_seconds if model == "trained" else min(args.tune_seconds, 15.0))
+                                        args.tune_seconds if model == "trained" else min(args.tune_seconds, 15.0),
+                                        args.fine_tunes)
     trace = build_trace(deployment.tenants, streams, args.duration, args.seed)
     warm = {t.name: streams[t.domain][:8] for t in deployment.tenants}
     print(f"\n## {model} model: {deployment.models['base'].name}\n{describe(deployment.tenants, args.duration)}; "

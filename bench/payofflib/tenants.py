@@ -33,17 +33,26 @@ class Deployment:
         return next(t.model for t in self.tenants if t.name == tenant)
 
 
-def plan_tenants(count: int, available: set[str]) -> list[tuple[str, str, bool]]:
-    """(tenant, domain, private) for `count` tenants, private and shared alternating."""
+def plan_tenants(count: int, available: set[str], fine_tunes: int | None = None) -> list[tuple[str, str, bool, int]]:
+    """(tenant, domain, private, version) for `count` tenants, `fine_tunes` of them private (half by
+    default), spread evenly over the list so private tenants have high and low rates alike. The k-th
+    private tenant of a domain uploads version k of its fine-tune: same domain, its own training run."""
+    fine_tunes = count // 2 if fine_tunes is None else fine_tunes
+    if not 0 <= fine_tunes <= count:
+        raise ValueError(f"--fine-tunes {fine_tunes} must be between 0 and --tenants {count}")
     private = [d for d in PRIVATE_DOMAINS if d in available]
     shared = [d for d in SHARED_DOMAINS if d in available]
     if not private or not shared:
         raise RuntimeError(f"the corpus has too few domains on this machine: {sorted(available)}")
-    out = []
+    out, tuned, served = [], 0, 0
     for i in range(count):
-        is_private = i % 2 == 0
-        pool = private if is_private else shared
-        out.append((f"tenant-{i}", pool[(i // 2) % len(pool)], is_private))
+        if (i * fine_tunes) % count < fine_tunes:
+            domain = private[tuned % len(private)]
+            out.append((f"tenant-{i}", domain, True, tuned // len(private)))
+            tuned += 1
+        else:
+            out.append((f"tenant-{i}", shared[served % len(shared)], False, 0))
+            served += 1
     return out
 
 
@@ -63,7 +72,8 @@ def random_base(trained: Path, out: Path, seed: int = 1) -> Path:
     return out
 
 
-def build(root: Path, tenants: int, random_weights: bool, tune_seconds: float, log=print) -> tuple[Deployment, dict]:
+def build(root: Path, tenants: int, random_weights: bool, tune_seconds: float, fine_tunes: int | None = None,
+          log=print) -> tuple[Deployment, dict]:
     """The base and one ESFT fine-tune per private tenant (built now unless cached under root/models), the
     tenants' traffic, and each domain's held-out token stream (the prompts' text)."""
     from bench.trainedlib.esft import domain_stream, fine_tune
@@ -75,18 +85,20 @@ def build(root: Path, tenants: int, random_weights: bool, tune_seconds: float, l
     if random_weights:
         base = random_base(base, root / "models" / f"random-{base.name}")
     texts = corpus(spec)
-    plan = plan_tenants(tenants, set(texts))
+    plan = plan_tenants(tenants, set(texts), fine_tunes)
     models, owners, traffic = {"base": base}, {}, []
     rates = geometric_rates(tenants)
-    for i, (name, domain, private) in enumerate(plan):
+    for i, (name, domain, private, version) in enumerate(plan):
         model = "base"
         if private:
             model = f"{name}-esft-{domain}"
-            out = root / "models" / f"esft-{base.name}-{domain}-{tune_seconds:g}s"
+            suffix = f"-v{version}" if version else ""  # version 0 keeps the name checkpoints were cached under
+            out = root / "models" / f"esft-{base.name}-{domain}-{tune_seconds:g}s{suffix}"
             if not out.exists():
                 log(f"fine-tuning {base.name} on {domain} for {tune_seconds:g}s (ESFT) -> {out.name}")
+            seed = PRIVATE_DOMAINS.index(domain) + len(PRIVATE_DOMAINS) * version
             models[model] = fine_tune(base, out, domain_stream(base, texts[domain][0]), seconds=tune_seconds,
-                                      seed=PRIVATE_DOMAINS.index(domain))
+                                      seed=seed)
             owners[model] = name
         traffic.append(TenantTraffic(name, model, domain, rates[i], CV_PATTERN[i % len(CV_PATTERN)]))
     streams = {t.domain: domain_stream(base, texts[t.domain][1]).tolist() for t in traffic}

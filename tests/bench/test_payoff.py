@@ -28,9 +28,21 @@ def test_rates_span_a_hundredfold_and_tenants_alternate_shared_and_private():
     rates = geometric_rates(8)
     assert rates[0] == 1.0 and rates[-1] == pytest.approx(0.01) and rates == sorted(rates, reverse=True)
     plan = plan_tenants(8, {"python", "c", "man-en", "man-de", "man-es", "man-fr"})
-    assert [private for _, _, private in plan] == [True, False] * 4
-    private_domains = [d for _, d, private in plan if private]
+    assert [private for _, _, private, _ in plan] == [True, False] * 4
+    private_domains = [d for _, d, private, _ in plan if private]
     assert len(set(private_domains)) == 4  # every private tenant its own fine-tune
+
+
+def test_more_fine_tunes_than_domains_are_versions_of_their_own_spread_over_the_rates():
+    domains = {"python", "c", "man-en", "man-de", "man-es", "man-fr"}
+    plan = plan_tenants(16, domains, fine_tunes=12)
+    private = [i for i, (_, _, is_private, _) in enumerate(plan) if is_private]
+    assert len(private) == 12 and [i for i in range(16) if i not in private] == [1, 5, 9, 13]
+    tunes = [(domain, version) for _, domain, is_private, version in plan if is_private]
+    assert len(set(tunes)) == 12  # no two tenants upload the same fine-tune
+    assert max(version for _, version in tunes) == 1  # 6 domains here: the 7th tenant on is a second version
+    with pytest.raises(ValueError, match="--fine-tunes 17"):
+        plan_tenants(16, domains, fine_tunes=17)
 
 
 def test_the_trace_is_seeded_real_text_of_each_tenants_domain():
