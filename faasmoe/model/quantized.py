@@ -53,14 +53,13 @@ class Fp8Matrix:
         """Rows start..stop dequantized, in fp32, rounded to the compute dtype's precision."""
         rows, cols = self.block
         k = self.weight.shape[1]
+        scale = self.scale[start // rows: (stop - 1) // rows + 1]
+        w, scale = widen_e4m3(self.weight[start:stop], scale)
         if start % rows == 0 and (stop - start) % rows == 0 and k % cols == 0:  # whole blocks: scale in place
-            w = self.weight[start:stop].float()
-            w.view(-1, rows, k // cols, cols).mul_(self.scale[start // rows: stop // rows, None, :, None])
-            return w if self.dtype == torch.float32 else w.to(self.dtype).float()
-        scale = self.scale[start // self.block[0]: (stop - 1) // self.block[0] + 1]
-        scale = scale.repeat_interleave(self.block[0], 0)[start % self.block[0]:][: stop - start]
-        scale = scale.repeat_interleave(self.block[1], 1)[:, : self.weight.shape[1]]
-        w = self.weight[start:stop].float() * scale
+            w.view(-1, rows, k // cols, cols).mul_(scale[:, None, :, None])
+        else:
+            scale = scale.repeat_interleave(rows, 0)[start % rows:][: stop - start]
+            w.mul_(scale.repeat_interleave(cols, 1)[:, :k])
         return w if self.dtype == torch.float32 else w.to(self.dtype).float()
 
     def dequantize(self) -> torch.Tensor:
@@ -145,6 +144,28 @@ class Int4PackedMatrix:
 
 
 QuantizedMatrix = Fp8Matrix | Int4Matrix | Int4PackedMatrix
+
+
+_E4M3_SHIFT = 2.0**120  # bf16's exponent bias (127) less e4m3's (7)
+
+
+def widen_e4m3(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 weights as fp32 and the scales to multiply them by, the product exactly weight.float() * scale.
+
+    torch converts float8 to float one element at a time (~7 ns each on an AVX2 core); this moves the bits
+    instead, vectorised: e4m3's exponent and mantissa bits placed where bf16 keeps them read as 2^-120 times
+    the value (subnormals too, as fp32 subnormals), and 2^120 goes into the scales, a power of two that
+    changes no rounding. Where a scale is too large to take it (never in a real checkpoint: scales are
+    max|W| / 448), the slow exact conversion."""
+    up = scale * _E4M3_SHIFT
+    if not torch.isfinite(up).all() or weight.device.type != "cpu":
+        return weight.float(), scale.clone()
+    # s eeee mmm -> s (sign copied by the arithmetic shift, then masked off) 0000 eeee mmm 0000: bf16 bits
+    bits = ((weight.view(torch.uint8).to(torch.int16) << 8) >> 4) & _BF16_SIGN_EXP_MANT
+    return bits.view(torch.bfloat16).float(), up
+
+
+_BF16_SIGN_EXP_MANT = -0x7810  # 0x87F0 as int16: the sign bit and the 7 bits an e4m3 value moves into
 
 
 def _chunked_matmul(x: torch.Tensor, n: int, rows, whole) -> torch.Tensor:

@@ -22,7 +22,7 @@ from faasmoe.model.config import ConfigError, MoEConfig
 from faasmoe.model.moe_model import MoEModel
 from faasmoe.model.quant_scheme import QuantizationError, QuantScheme
 from faasmoe.model.quantize import quantize_checkpoint
-from faasmoe.model.quantized import Int4PackedMatrix, from_stored
+from faasmoe.model.quantized import Fp8Matrix, Int4PackedMatrix, from_stored, widen_e4m3
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
 from ..processes import faasmoe
@@ -192,6 +192,25 @@ def test_quantized_tensors_of_the_wrong_dtype_are_refused():
                "scales": torch.ones(1, 16, dtype=torch.float16)}
     with pytest.raises(QuantizationError, match="wants int32 qweight and qzeros"):
         from_stored(scheme, tensors, (16, 32), torch.float32, "w")
+
+
+@pytest.mark.parametrize("scale", [1e-4, 0.37, 3.0, 2.0**100])  # the last cannot take 2^120: the slow path
+def test_e4m3_widened_by_its_bits_is_torchs_conversion_times_the_scale(scale):
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # e4m3fn's two NaNs (no real weight is one)
+    weight = codes.view(torch.float8_e4m3fn).view(2, -1)
+    scales = torch.tensor([[scale]], dtype=torch.float32)
+    widened, up = widen_e4m3(weight, scales)
+    product = widened * up
+    assert torch.equal(product, weight.float() * scale)
+    assert torch.equal(product.view(torch.int32), (weight.float() * scale).view(torch.int32))  # -0.0 stays -0.0
+    # and inside a matrix whose row slices cut its 128-row blocks
+    w = (torch.randn(300, 256) * 40).to(torch.float8_e4m3fn)
+    s = torch.rand(3, 2) * 0.01 + 1e-6
+    m = Fp8Matrix(w, s, (128, 128), torch.float32)
+    expect = w.float() * s.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)
+    for start, stop in [(0, 128), (128, 300), (50, 260), (0, 300)]:
+        assert torch.equal(m.rows(start, stop), expect[start:stop])
 
 
 @pytest.mark.parametrize("config,error", [
