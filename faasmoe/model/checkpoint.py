@@ -11,6 +11,7 @@ import json
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,21 @@ import torch
 
 from faasmoe.model.config import MoEConfig
 from faasmoe.model.content import ContentMismatch, FileIdentity, PartHasher, block_digest, file_identity
-from faasmoe.model.quantized import QuantizedMatrix, from_stored, fuse_rows, pack_int4, packable, stored_names
+from faasmoe.model.quantized import QuantizedMatrix, from_stored, fuse_rows, pack_int4, packable, rows_buffer, stored_names
 
 INDEX_FILE = "model.safetensors.index.json"
+
+_convert_pool: ThreadPoolExecutor | None = None
+_convert_lock = threading.Lock()
+
+
+def _converter() -> ThreadPoolExecutor:
+    """The thread that turns quantized tensors as stored into their compute form during a load."""
+    global _convert_pool
+    with _convert_lock:
+        if _convert_pool is None:
+            _convert_pool = ThreadPoolExecutor(1, "faasmoe-quantized")
+        return _convert_pool
 SINGLE_FILE = "model.safetensors"
 
 
@@ -363,16 +376,27 @@ class ExpertLayout:
     def _load_quantized(self, prefix: str, first: int, count: int, dtype: torch.dtype,
                         hasher: PartHasher | None) -> QuantizedExpertWeights:
         """Experts first..first+count as their quantized matrices, each stored tensor hashed in block_parts' order."""
-        matrices, index = [], 0
-        for weight, shape, names in self._quantized_matrices(prefix, first, count):
+        scheme = self.config.quantization
+        matrices, index, halves = [], 0, []
+        for i, (weight, shape, names) in enumerate(self._quantized_matrices(prefix, first, count)):
+            if i % 3 == 0:  # an expert's gate and up go straight into one buffer: fuse_rows copies nothing
+                halves = rows_buffer(scheme, [shape, shape])
+            out = halves[i % 3] if i % 3 < 2 else None
             stored = {}
             for full in names:
-                raw = self.reader.tensor(full)
+                entry = self.reader.entry(full)
+                if out is not None and entry.dtype == torch.float8_e4m3fn and tuple(entry.shape) == shape:
+                    raw = out.view(torch.float8_e4m3fn)  # fp8 codes are read where they will stay
+                    self.reader.read_into(full, raw)
+                else:
+                    raw = self.reader.tensor(full)
                 if hasher is not None:
                     hasher.add(index, raw)
                 index += 1
                 stored[full.rsplit(".", 1)[1]] = raw
-            matrices.append(from_stored(self.config.quantization, stored, shape, dtype, weight))
+            # converted on a thread of its own while the next matrix is read (torch lets go of the GIL)
+            matrices.append(_converter().submit(from_stored, scheme, stored, shape, dtype, weight, out))
+        matrices = [m.result() for m in matrices]
         gate_up = tuple(fuse_rows(gate, up) for gate, up in zip(matrices[0::3], matrices[1::3]))
         return QuantizedExpertWeights(gate_up, tuple(matrices[2::3]))
 

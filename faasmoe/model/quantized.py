@@ -206,15 +206,37 @@ def fuse_rows(first: QuantizedMatrix, second: QuantizedMatrix) -> QuantizedMatri
         a, b = first, second
         if a.shape[0] % a.block[0]:  # a partial last block: give every row its own scale row
             a, b = _per_row_scales(a), _per_row_scales(b)
-        return Fp8Matrix(torch.cat((a.weight, b.weight)), torch.cat((a.scale, b.scale)), a.block, a.dtype)
+        return Fp8Matrix(_stacked(a.weight, b.weight), torch.cat((a.scale, b.scale)), a.block, a.dtype)
     if isinstance(first, Int4Matrix) and isinstance(second, Int4Matrix):
         if (first.perm is None) != (second.perm is None) or (first.perm is not None and
                                                              not torch.equal(first.perm, second.perm)):
             raise QuantizationError("a gate and an up projection quantized in different column orders (g_idx) "
                                     "cannot be fused")
-        return Int4Matrix(torch.cat((first.codes, second.codes)), torch.cat((first.scales, second.scales), 1),
+        return Int4Matrix(_stacked(first.codes, second.codes), torch.cat((first.scales, second.scales), 1),
                           torch.cat((first.zeros, second.zeros), 1), first.group_size, first.perm)
     raise TypeError(f"cannot fuse {type(first).__name__} with {type(second).__name__}")
+
+
+def _stacked(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+    """[top; bottom]: one tensor over their bytes when they lie next to each other in one buffer (read there
+    by `rows_buffer`'s halves), else a copy."""
+    if top.dtype == bottom.dtype and top.is_contiguous() and bottom.is_contiguous() and top.device == bottom.device \
+            and top.shape[1:] == bottom.shape[1:] \
+            and top.untyped_storage().data_ptr() == bottom.untyped_storage().data_ptr() \
+            and top.data_ptr() + top.nbytes == bottom.data_ptr():
+        shape = (top.shape[0] + bottom.shape[0], *top.shape[1:])
+        return torch.empty(0, dtype=top.dtype, device=top.device).set_(top.untyped_storage(), top.storage_offset(),
+                                                                       shape)
+    return torch.cat((top, bottom))
+
+
+def rows_buffer(scheme: QuantScheme, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """One buffer for the codes of matrices stacked along their rows (a gate and an up projection), cut
+    into each one's `out` for `from_stored`: they are read or converted into place and `fuse_rows` takes
+    the whole without copying them again."""
+    cols = shapes[0][1] if scheme.method == "fp8" else shapes[0][1] // 2
+    whole = torch.empty(sum(n for n, _ in shapes), cols, dtype=torch.uint8)
+    return list(whole.split([n for n, _ in shapes]))
 
 
 def _per_row_scales(m: Fp8Matrix) -> Fp8Matrix:
@@ -244,8 +266,10 @@ def stored_names(has, scheme: QuantScheme | None, weight_name: str) -> list[str]
 
 
 def from_stored(scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
-                dtype: torch.dtype, name: str = "") -> QuantizedMatrix:
-    """The matrix [N, K] = `shape` from its stored tensors (suffix -> tensor as the file holds it), checked."""
+                dtype: torch.dtype, name: str = "", out: torch.Tensor | None = None) -> QuantizedMatrix:
+    """The matrix [N, K] = `shape` from its stored tensors (suffix -> tensor as the file holds it), checked.
+    Its codes go into `out` (uint8 [N, K] for fp8, [N, K / 2] for 4 bits) when given; an fp8 weight may
+    already be there (read into it)."""
     n, k = shape
     if scheme.method == "fp8":
         weight, scale = tensors["weight"], tensors["weight_scale_inv"]
@@ -254,6 +278,11 @@ def from_stored(scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tu
         if weight.dtype != torch.float8_e4m3fn or tuple(weight.shape) != shape or tuple(scale.shape) != expect:
             raise QuantizationError(f"{name}: fp8 weight {weight.dtype} {list(weight.shape)} with scales "
                                     f"{list(scale.shape)}; expected float8_e4m3fn {list(shape)} and {list(expect)}")
+        if out is not None:
+            out = out.view(torch.float8_e4m3fn)
+            if out.data_ptr() != weight.data_ptr():
+                out.copy_(weight)
+            weight = out
         return Fp8Matrix(weight, scale.float(), scheme.block, dtype)
     group = scheme.group_of(k)
     if k % group or k % 8 or n % 8:
@@ -269,10 +298,10 @@ def from_stored(scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tu
                                 f"{list(qzeros.shape)}, scales {list(scales.shape)} do not fit a [{n}, {k}] matrix "
                                 f"in groups of {group}")
     if scheme.method == "gptq":
-        nibbles = _gptq_nibbles(qweight)
+        nibbles = _gptq_nibbles(qweight, out)  # act order permutes them below, back into out
         zero = _unpack_words(qzeros).float() + scheme.zero_offset
     else:
-        nibbles = _awq_nibbles(qweight)
+        nibbles = _awq_nibbles(qweight, out)
         zero = _unpack_words(qzeros, order=AWQ_ORDER).float()
     perm = None
     g_idx = tensors.get("g_idx")
@@ -286,26 +315,43 @@ def from_stored(scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tu
                 raise QuantizationError(f"{name}: g_idx does not put {group} columns in each group")
             codes = torch.stack((nibbles & 0xF, nibbles >> 4), dim=-1).view(n, k).index_select(1, perm)
             nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    if out is not None and nibbles.data_ptr() != out.data_ptr():
+        nibbles = out.copy_(nibbles)
     scale = scales.float()
     zeros_float = ((8 - zero) * scale).to(dtype)
     return Int4Matrix(nibbles, scale.to(dtype), zeros_float, group, perm)
 
 
-def _gptq_nibbles(qweight: torch.Tensor) -> torch.Tensor:
+def _gptq_nibbles(qweight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ's qweight [K/8, N] as codes [N, K/2]: a word holds rows 8r..8r+7 of a column, nibble i at bits 4i, so
-    its little-endian bytes are already pairs of consecutive rows, low nibble first: a transpose is all it takes."""
-    return qweight.t().contiguous().view(torch.uint8)
+    its little-endian bytes are already pairs of consecutive rows, low nibble first: a transpose is all it takes
+    (into `out` when given)."""
+    if out is None:
+        return qweight.t().contiguous().view(torch.uint8)
+    out.view(torch.int32).copy_(qweight.t())
+    return out
 
 
-def _awq_nibbles(qweight: torch.Tensor) -> torch.Tensor:
-    """AWQ's qweight [K, N/8] as codes [N, K/2], in bytes: word byte b holds columns AWQ_ORDER[2b] (low nibble)
-    and AWQ_ORDER[2b + 1] (high), i.e. bytes 0..3 = (c0, c2), (c4, c6), (c1, c3), (c5, c7)."""
-    k = qweight.shape[0]
-    b = qweight.contiguous().view(torch.uint8).view(k, -1, 4)
-    low, high = b & 0xF, b >> 4
-    columns = torch.stack((low[..., 0], low[..., 2], high[..., 0], high[..., 2],
-                           low[..., 1], low[..., 3], high[..., 1], high[..., 3]), dim=-1).view(k, -1)  # [K, N]
-    return (columns[0::2] | (columns[1::2] << 4)).t().contiguous()
+def _awq_nibbles(qweight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """AWQ's qweight [K, N/8] as codes [N, K/2] (into `out` when given). Word nibble i holds column
+    AWQ_ORDER[i] of its eight; codes pair rows 2j and 2j + 1 of a column in a byte. So: the words
+    transposed (one row per group of eight columns), the pairing done on whole words (the even nibbles
+    of rows 2j and 2j + 1 interleaved make four bytes, columns 0, 4, 1, 5; the odd ones four more, 2, 6,
+    3, 7), then the bytes put in column order. A byte-wise transpose would cost torch 3x more."""
+    words = qweight.t()  # [N/8, K]
+    low_row, high_row = words[:, 0::2], words[:, 1::2]
+    even = ((low_row & 0x0F0F0F0F) | ((high_row & 0x0F0F0F0F) << 4)).contiguous().view(torch.uint8)
+    odd = (((low_row >> 4) & 0x0F0F0F0F) | (high_row & _HIGH_NIBBLES)).contiguous().view(torch.uint8)
+    groups, half_k = even.shape[0], even.shape[1] // 4
+    even, odd = even.view(groups, half_k, 4), odd.view(groups, half_k, 4)
+    if out is None:
+        out = torch.empty(groups * 8, half_k, dtype=torch.uint8)
+    torch.stack((even[..., 0], even[..., 2], odd[..., 0], odd[..., 2], even[..., 1], even[..., 3], odd[..., 1],
+                 odd[..., 3]), dim=1, out=out.view(groups, 8, half_k))
+    return out
+
+
+_HIGH_NIBBLES = -0x0F0F0F10  # 0xF0F0F0F0 as int32
 
 
 def _unpack_words(words: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:

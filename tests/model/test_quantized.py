@@ -22,7 +22,7 @@ from faasmoe.model.config import ConfigError, MoEConfig
 from faasmoe.model.moe_model import MoEModel
 from faasmoe.model.quant_scheme import QuantizationError, QuantScheme
 from faasmoe.model.quantize import quantize_checkpoint
-from faasmoe.model.quantized import Fp8Matrix, Int4PackedMatrix, from_stored, widen_e4m3
+from faasmoe.model.quantized import Fp8Matrix, Int4PackedMatrix, from_stored, fuse_rows, rows_buffer, widen_e4m3
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
 from ..processes import faasmoe
@@ -192,6 +192,30 @@ def test_quantized_tensors_of_the_wrong_dtype_are_refused():
                "scales": torch.ones(1, 16, dtype=torch.float16)}
     with pytest.raises(QuantizationError, match="wants int32 qweight and qzeros"):
         from_stored(scheme, tensors, (16, 32), torch.float32, "w")
+
+
+@pytest.mark.parametrize("method", ["fp8", "gptq"])
+def test_a_gate_and_up_converted_into_one_buffer_fuse_without_a_copy(method):
+    scheme = QuantScheme.from_config({"quant_method": "fp8", "weight_block_size": [128, 128]} if method == "fp8" else
+                                     {"quant_method": "gptq", "bits": 4, "group_size": 64})
+    n, k = 256, 128
+    g = torch.Generator().manual_seed(0)
+
+    def stored() -> dict[str, torch.Tensor]:
+        if method == "fp8":
+            return {"weight": torch.randn(n, k, generator=g).to(torch.float8_e4m3fn),
+                    "weight_scale_inv": torch.rand(2, 1, generator=g)}
+        return {"qweight": torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=g, dtype=torch.int32),
+                "qzeros": torch.randint(-2**31, 2**31 - 1, (k // 64, n // 8), generator=g, dtype=torch.int32),
+                "scales": torch.rand(k // 64, n, generator=g).half()}
+
+    parts = [stored(), stored()]
+    apart = [from_stored(scheme, p, (n, k), torch.float32) for p in parts]
+    halves = rows_buffer(scheme, [(n, k), (n, k)])
+    together = fuse_rows(*(from_stored(scheme, p, (n, k), torch.float32, out=h) for p, h in zip(parts, halves)))
+    codes = together.weight if method == "fp8" else together.codes
+    assert codes.data_ptr() == halves[0].data_ptr() and codes.shape[0] == 2 * n  # the buffer itself
+    assert torch.equal(together.dequantize(), fuse_rows(*apart).dequantize())  # and the same weights as a copy
 
 
 @pytest.mark.parametrize("scale", [1e-4, 0.37, 3.0, 2.0**100])  # the last cannot take 2^120: the slow path
