@@ -146,26 +146,26 @@ class Int4PackedMatrix:
 QuantizedMatrix = Fp8Matrix | Int4Matrix | Int4PackedMatrix
 
 
-_E4M3_SHIFT = 2.0**120  # bf16's exponent bias (127) less e4m3's (7)
+_E4M3_SHIFT = 2.0**120  # fp32's exponent bias (127) less e4m3's (7)
+_FP32_SIGN_EXP_MANT = -0x78100000  # 0x87F00000 as int32: the sign bit and the 7 bits an e4m3 value moves into
 
 
 def widen_e4m3(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 weights as fp32 and the scales to multiply them by, the product exactly weight.float() * scale.
 
     torch converts float8 to float one element at a time (~7 ns each on an AVX2 core); this moves the bits
-    instead, vectorised: e4m3's exponent and mantissa bits placed where bf16 keeps them read as 2^-120 times
-    the value (subnormals too, as fp32 subnormals), and 2^120 goes into the scales, a power of two that
-    changes no rounding. Where a scale is too large to take it (never in a real checkpoint: scales are
-    max|W| / 448), the slow exact conversion."""
+    instead, in three vectorised passes: the byte read as int8 and widened to int32 (the sign fills the top
+    bits), shifted so that e4m3's exponent and mantissa bits sit where fp32 keeps them, the bits between
+    masked off. That reads as 2^-120 times the value (subnormals too, as fp32 subnormals), and 2^120 goes
+    into the scales, a power of two that changes no rounding. Where a scale is too large to take it (never
+    in a real checkpoint: scales are max|W| / 448), the slow exact conversion. e4m3fn's NaN (0x7F, 0xFF)
+    would read as 480: no weight is one."""
     up = scale * _E4M3_SHIFT
     if not torch.isfinite(up).all() or weight.device.type != "cpu":
         return weight.float(), scale.clone()
-    # s eeee mmm -> s (sign copied by the arithmetic shift, then masked off) 0000 eeee mmm 0000: bf16 bits
-    bits = ((weight.view(torch.uint8).to(torch.int16) << 8) >> 4) & _BF16_SIGN_EXP_MANT
-    return bits.view(torch.bfloat16).float(), up
-
-
-_BF16_SIGN_EXP_MANT = -0x7810  # 0x87F0 as int16: the sign bit and the 7 bits an e4m3 value moves into
+    bits = weight.view(torch.int8).to(torch.int32)
+    bits.bitwise_left_shift_(20).bitwise_and_(_FP32_SIGN_EXP_MANT)  # s eeee mmm -> s 0000 eeee mmm, 20 zero bits
+    return bits.view(torch.float32), up
 
 
 def _chunked_matmul(x: torch.Tensor, n: int, rows, whole) -> torch.Tensor:
