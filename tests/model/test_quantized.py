@@ -17,12 +17,23 @@ from safetensors.torch import load_file, save_file
 
 from faasmoe.engine.functions import block_content_at
 from faasmoe.engine.offline import generate
+from faasmoe.model import native
 from faasmoe.model.checkpoint import CheckpointError, CheckpointReader, ExpertLayout, QuantizedExpertWeights
 from faasmoe.model.config import ConfigError, MoEConfig
 from faasmoe.model.moe_model import MoEModel
 from faasmoe.model.quant_scheme import QuantizationError, QuantScheme
 from faasmoe.model.quantize import quantize_checkpoint
-from faasmoe.model.quantized import Fp8Matrix, Int4PackedMatrix, from_stored, fuse_rows, rows_buffer, widen_e4m3
+from faasmoe.model.quantized import (
+    FP8_KERNEL_ROWS,
+    Fp8Matrix,
+    Int4PackedMatrix,
+    _fp8_kernel_matmul,
+    _fp8_linear,
+    from_stored,
+    fuse_rows,
+    rows_buffer,
+    widen_e4m3,
+)
 from faasmoe.model.synthetic.checkpoint_writer import init_checkpoint
 
 from ..processes import faasmoe
@@ -216,6 +227,52 @@ def test_a_gate_and_up_converted_into_one_buffer_fuse_without_a_copy(method):
     codes = together.weight if method == "fp8" else together.codes
     assert codes.data_ptr() == halves[0].data_ptr() and codes.shape[0] == 2 * n  # the buffer itself
     assert torch.equal(together.dequantize(), fuse_rows(*apart).dequantize())  # and the same weights as a copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(300, 256), (256, 200)])  # a partial row block; a K the AVX2 path does not take
+def test_the_fp8_kernel_multiplies_exactly_the_dequantized_weights(dtype, shape):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the torch path serves (tested by the other fp8 tests)")
+    n, k = shape
+    g = torch.Generator().manual_seed(1)
+    m = Fp8Matrix((torch.randn(n, k, generator=g) * 30).to(torch.float8_e4m3fn),
+                  torch.rand(-(-n // 128), -(-k // 128), generator=g) * 0.01 + 1e-5, (128, 128), dtype)
+    weights = m.dequantize().float()
+    for column in (0, 77, k - 1):  # one row at a time (decode), a one-hot x: its output is a column of W, exactly
+        x = torch.zeros(1, k)
+        x[0, column] = 1.0
+        assert torch.equal(_fp8_kernel_matmul(m, x)[0], weights[:, column])
+    x = torch.randn(FP8_KERNEL_ROWS, k, generator=g)
+    assert torch.allclose(m.matmul(x), x @ weights.t(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(m.matmul(x[:1]), x[:1] @ weights.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_fp8_kernel_rounds_ties_to_even_as_torch_does():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    # 1 x (1 + 2^-7 + 2^-8) lies halfway between two bf16 values; ties go to the even one (up, here)
+    weight = torch.tensor([[1.0, -1.0] * 64] * 128).to(torch.float8_e4m3fn)
+    m = Fp8Matrix(weight, torch.tensor([[1 + 2**-7 + 2**-8]]), (128, 128), torch.bfloat16)
+    assert m.dequantize()[0, 0].item() == 1 + 2**-6  # torch's rounding
+    for column in (0, 1):
+        x = torch.zeros(1, 128)
+        x[0, column] = 1.0
+        assert torch.equal(_fp8_kernel_matmul(m, x)[0], m.dequantize().float()[:, column])
+
+
+def test_without_a_compiler_the_fp8_kernel_is_skipped_with_the_reason(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "_libraries", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    assert _fp8_linear() is None
+    assert "building the fp8_linear kernel failed" in caplog.text
+    monkeypatch.setattr(native, "_libraries", {})
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    assert _fp8_linear() is None
+    m = Fp8Matrix(torch.randn(128, 128).to(torch.float8_e4m3fn), torch.ones(1, 1), (128, 128), torch.float32)
+    x = torch.randn(1, 128)
+    assert torch.allclose(m.matmul(x), x @ m.dequantize().t(), rtol=1e-5, atol=1e-5)  # torch's path
 
 
 @pytest.mark.parametrize("scale", [1e-4, 0.37, 3.0, 2.0**100])  # the last cannot take 2^120: the slow path
