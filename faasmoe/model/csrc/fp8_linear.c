@@ -15,6 +15,28 @@
 #define MAX_ROWS 16
 #define MAX_BLOCK 1024
 
+#ifdef __AVX2__
+/* Eight codes widened, scaled and (for a bf16 model) rounded to bf16, nearest, ties to even. */
+static inline __m256 widen8(const int8_t *q, __m256 scale8, int round_bf16) {
+    __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 20),
+                                                                  _mm256_set1_epi32((int)0x87F00000u))), scale8);
+    if (round_bf16) {
+        __m256i u = _mm256_castps_si256(f);
+        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+        f = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xFFFF0000u)));
+    }
+    return f;
+}
+
+static inline float sum8(__m256 v) {
+    __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    quad = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    return _mm_cvtss_f32(_mm_add_ss(quad, _mm_movehdup_ps(quad)));
+}
+#endif
+
 /* Output columns n0..n1 of y [rows, N] (row stride N) from x [rows, K] (row stride K), rows <= MAX_ROWS.
  * scale [ceil(N / block_rows), ceil(K / block_cols)] already times 2^120. Returns 0, or -1 when the sizes
  * are outside what this kernel takes (the caller checks them first). */
@@ -32,30 +54,25 @@ int fp8_linear(const float *x, int rows, int k, const int8_t *codes, int n0, int
             int len = k - start < block_cols ? k - start : block_cols;
             float block_scale = s[start / block_cols];
 #ifdef __AVX2__
-            if (rows == 1 && len % 32 == 0) {  /* decode of one row: widened in registers, four sums in flight */
-                const __m256i mask = _mm256_set1_epi32((int)0x87F00000u);
-                const __m256i half = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
-                const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+            if (len % 16 == 0) {  /* widened in registers, up to four rows' sums in flight per pass */
                 const __m256 scale8 = _mm256_set1_ps(block_scale);
-                __m256 sums[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-                for (int i = 0; i < len; i += 32) {
-                    for (int j = 0; j < 4; j++) {
-                        __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + start + i + 8 * j)));
-                        __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 20), mask)),
-                                                 scale8);
-                        if (round_bf16) {
-                            __m256i u = _mm256_castps_si256(f);
-                            u = _mm256_add_epi32(u, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-                            f = _mm256_castsi256_ps(_mm256_and_si256(u, high));
+                for (int r0 = 0; r0 < rows; r0 += 4) {
+                    int group = rows - r0 < 4 ? rows - r0 : 4;
+                    __m256 sums[4][2];
+                    for (int r = 0; r < 4; r++) sums[r][0] = sums[r][1] = _mm256_setzero_ps();
+                    for (int i = 0; i < len; i += 16) {
+                        __m256 low = widen8(q + start + i, scale8, round_bf16);
+                        __m256 high = widen8(q + start + i + 8, scale8, round_bf16);
+                        for (int r = 0; r < 4; r++) {
+                            if (r < group) {
+                                const float *xr = x + (int64_t)(r0 + r) * k + start + i;
+                                sums[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), low, sums[r][0]);
+                                sums[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), high, sums[r][1]);
+                            }
                         }
-                        sums[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + start + i + 8 * j), f, sums[j]);
                     }
+                    for (int r = 0; r < group; r++) acc[r0 + r] += sum8(_mm256_add_ps(sums[r][0], sums[r][1]));
                 }
-                __m256 total = _mm256_add_ps(_mm256_add_ps(sums[0], sums[1]), _mm256_add_ps(sums[2], sums[3]));
-                __m128 quad = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
-                quad = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-                quad = _mm_add_ss(quad, _mm_movehdup_ps(quad));
-                acc[0] += _mm_cvtss_f32(quad);
                 continue;
             }
 #endif
