@@ -13,6 +13,10 @@ Two cases, measured on 2-core VMs (see bench/decode.py):
   bandwidth: widening there is 2-3x slower, so it is skipped (detected from /proc/cpuinfo;
   FAASMOE_CPU_HALF=native|widen overrides).
 
+* bf16 weights with up to 8 rows on those CPUs: `csrc/bf16_linear.c` (built on first use, faasmoe.model.native)
+  widens each weight in registers and uses it for four rows at a time, reading the weight once: torch's bf16
+  GEMM there costs about as much again per row (see BF16_KERNEL_ROWS).
+
 Every output element stays one full-length dot product, so results match F.linear up to
 summation order.
 """
@@ -36,6 +40,9 @@ MIN_PARALLEL_ELEMENTS = 8_000_000  # below ~32 MiB fp32 a single GEMM call is as
 MAX_FP32_CHUNKED_ROWS = 128  # above this (prefill) the fp32 GEMM is compute-bound and BLAS does well
 MIN_WIDENED_ROWS = 8  # half-precision: below this the native kernel wins (it is bandwidth-bound)
 MIN_WIDENED_ROWS_BIG = 4
+# bf16 without native dot products: up to this many rows csrc/bf16_linear.c (a 151936x2048 lm_head on 2 AVX2
+# cores: 1 row 33 against 38 ms, 4 rows 48 against 95-118, 8 rows 82 against 121; 16 rows even)
+BF16_KERNEL_ROWS = 8
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -193,12 +200,51 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     rows = x.shape[0]
     # On a pool thread already (experts run in parallel): no nested fan-out, one core each.
     big = weight.numel() >= MIN_PARALLEL_ELEMENTS and weight.shape[0] >= 4 * CHUNK_ROWS and not _in_pool()
-    if weight.dtype in _HALF:
-        if weight.dtype not in NATIVE_HALF and rows >= (MIN_WIDENED_ROWS_BIG if big else MIN_WIDENED_ROWS):
+    if weight.dtype in _HALF and weight.dtype not in NATIVE_HALF:
+        if weight.dtype == torch.bfloat16 and rows <= BF16_KERNEL_ROWS:
+            out = _bf16_kernel_linear(x, weight, big)
+            if out is not None:
+                return out if bias is None else out.add_(bias)
+        if rows >= (MIN_WIDENED_ROWS_BIG if big else MIN_WIDENED_ROWS):
             return _chunked(x, weight, bias, widen=True, parallel=big)
     elif big and rows <= MAX_FP32_CHUNKED_ROWS:
         return _chunked(x, weight, bias, widen=False, parallel=True)
     return F.linear(x, weight, bias)
+
+
+def _bf16_kernel_linear(x: torch.Tensor, weight: torch.Tensor, parallel: bool) -> torch.Tensor | None:
+    """x @ W.T through csrc/bf16_linear.c (each weight widened in registers, read once for up to four rows),
+    the columns split over the pool when `parallel`; None where the kernel is not built here."""
+    fn = _bf16_linear()
+    if fn is None or not weight.is_contiguous():
+        return None
+    n, k = weight.shape
+    xs = x.float().contiguous()
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    args = (xs.data_ptr(), xs.shape[0], k, weight.data_ptr())
+
+    def columns(start: int, stop: int) -> int:
+        return fn(*args, start, stop, n, out.data_ptr())
+
+    if not parallel:
+        if columns(0, n) != 0:
+            return None
+    else:
+        pool = _get_pool()
+        step = -(-n // pool._max_workers)
+        parts = [pool.submit(columns, start, min(n, start + step)) for start in range(0, n, step)]
+        if any(part.result() != 0 for part in parts):
+            return None
+    return out.to(x.dtype)
+
+
+def _bf16_linear():
+    import ctypes
+
+    from faasmoe.model import native
+
+    p, i = ctypes.c_void_p, ctypes.c_int
+    return native.kernel("bf16_linear", "bf16_linear", [p, i, i, p, i, i, i, p])
 
 
 @torch.inference_mode()  # grad mode is per thread; these are never differentiated

@@ -40,7 +40,7 @@ def test_the_masked_run_takes_the_avx2_paths() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 8, 64])
+@pytest.mark.parametrize("rows", [1, 3, 8, 64])
 @pytest.mark.parametrize("native", [frozenset(), frozenset({torch.bfloat16})])
 def test_every_path_matches_f_linear(monkeypatch, dtype, rows, native) -> None:
     monkeypatch.setattr(kernels, "NATIVE_HALF", native)
@@ -53,6 +53,35 @@ def test_every_path_matches_f_linear(monkeypatch, dtype, rows, native) -> None:
     assert got.shape == reference.shape
     assert torch.allclose(got, reference, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=0.5 if dtype ==
                           torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_bf16_kernel_reads_each_weight_exactly(rows, parallel) -> None:
+    if kernels._bf16_linear() is None:
+        pytest.skip("no C compiler here: torch's path serves (test_every_path_matches_f_linear)")
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(3000, 200, generator=g).to(torch.bfloat16)  # 200: the AVX2 loop and the scalar tail both
+    one_hot = torch.zeros(rows, 200, dtype=torch.bfloat16)
+    columns = [0, 15, 16, 199, 100, 17, 3, 64][:rows]
+    one_hot[range(rows), columns] = 1.0
+    assert torch.equal(kernels._bf16_kernel_linear(one_hot, w, parallel), w[:, columns].t())  # each weight itself
+    x = torch.randn(rows, 200, generator=g).to(torch.bfloat16)
+    got = kernels._bf16_kernel_linear(x, w, parallel).float()
+    reference = F.linear(x.float(), w.float()).to(torch.bfloat16).float()
+    assert torch.allclose(got, reference, rtol=2**-7, atol=1e-6)  # one bf16 rounding of the same fp32 sums
+
+
+def test_bf16_decode_rows_take_the_kernel_without_native_bf16(monkeypatch) -> None:
+    if kernels._bf16_linear() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(kernels, "NATIVE_HALF", frozenset())
+    called = []
+    monkeypatch.setattr(kernels, "_bf16_kernel_linear", lambda x, w, parallel: called.append(x.shape[0]))
+    x, w = torch.randn(9, 64).to(torch.bfloat16), torch.randn(32, 64).to(torch.bfloat16)
+    kernels.linear(x[:kernels.BF16_KERNEL_ROWS], w)
+    kernels.linear(x, w)  # past the kernel's rows: the widened chunks
+    assert called == [kernels.BF16_KERNEL_ROWS]
 
 
 @pytest.mark.skipif(not kernels.onednn_packs_bf16(), reason="oneDNN packs no bf16 weight on this CPU (AVX2 only)")
