@@ -22,18 +22,6 @@ from faasmoe.model.content import ContentMismatch, FileIdentity, PartHasher, blo
 from faasmoe.model.quantized import QuantizedMatrix, from_stored, fuse_rows, pack_int4, packable, rows_buffer, stored_names
 
 INDEX_FILE = "model.safetensors.index.json"
-
-_convert_pool: ThreadPoolExecutor | None = None
-_convert_lock = threading.Lock()
-
-
-def _converter() -> ThreadPoolExecutor:
-    """The thread that turns quantized tensors as stored into their compute form during a load."""
-    global _convert_pool
-    with _convert_lock:
-        if _convert_pool is None:
-            _convert_pool = ThreadPoolExecutor(1, "faasmoe-quantized")
-        return _convert_pool
 SINGLE_FILE = "model.safetensors"
 
 
@@ -90,6 +78,18 @@ _DTYPES = {
 }
 _MAX_HEADER = 100 * 1024 * 1024
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+_convert_pool: ThreadPoolExecutor | None = None
+_convert_lock = threading.Lock()
+
+
+def _converter() -> ThreadPoolExecutor:
+    """The thread that turns quantized tensors as stored into their compute form during a load."""
+    global _convert_pool
+    with _convert_lock:
+        if _convert_pool is None:
+            _convert_pool = ThreadPoolExecutor(1, "faasmoe-quantized")
+        return _convert_pool
 
 
 def unscaled_fp8(path: Path, name: str, dtype: torch.dtype) -> CheckpointError:

@@ -23,6 +23,7 @@ summation order.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import threading
@@ -221,30 +222,25 @@ def _bf16_kernel_linear(x: torch.Tensor, weight: torch.Tensor, parallel: bool) -
     n, k = weight.shape
     xs = x.float().contiguous()
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    args = (xs.data_ptr(), xs.shape[0], k, weight.data_ptr())
-
-    def columns(start: int, stop: int) -> int:
-        return fn(*args, start, stop, n, out.data_ptr())
-
-    if not parallel:
-        if columns(0, n) != 0:
-            return None
-    else:
-        pool = _get_pool()
-        step = -(-n // pool._max_workers)
-        parts = [pool.submit(columns, start, min(n, start + step)) for start in range(0, n, step)]
-        if any(part.result() != 0 for part in parts):
-            return None
-    return out.to(x.dtype)
+    codes = _over_columns(n, parallel, lambda start, stop: fn(xs.data_ptr(), xs.shape[0], k, weight.data_ptr(),
+                                                              start, stop, n, out.data_ptr()))
+    return None if any(codes) else out.to(x.dtype)
 
 
 def _bf16_linear():
-    import ctypes
-
     from faasmoe.model import native
 
     p, i = ctypes.c_void_p, ctypes.c_int
     return native.kernel("bf16_linear", "bf16_linear", [p, i, i, p, i, i, i, p])
+
+
+def _over_columns(n: int, parallel: bool, work: Callable[[int, int], object]) -> list:
+    """work(start, stop) over output columns 0..n: in one call, or split evenly over the pool's threads."""
+    if not parallel:
+        return [work(0, n)]
+    pool = _get_pool()
+    step = -(-n // pool._max_workers)
+    return [f.result() for f in [pool.submit(work, start, min(n, start + step)) for start in range(0, n, step)]]
 
 
 @torch.inference_mode()  # grad mode is per thread; these are never differentiated
@@ -263,14 +259,5 @@ def _chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w
     n = weight.shape[0]
     out = torch.empty(x.shape[0], n, dtype=x.dtype)
     xs = x.float() if widen else x
-    if not parallel:
-        _rows(xs, weight, out, 0, n, widen)
-    else:
-        pool = _get_pool()
-        parts = pool._max_workers
-        step = -(-n // parts)
-        futures = [pool.submit(_rows, xs, weight, out, i * step, min(n, (i + 1) * step), widen)
-                   for i in range(parts)]
-        for future in futures:
-            future.result()
+    _over_columns(n, parallel, lambda start, stop: _rows(xs, weight, out, start, stop, widen))
     return out if bias is None else out.add_(bias)

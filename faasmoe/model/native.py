@@ -47,8 +47,9 @@ def kernel(source: str, function: str, argtypes: list, restype=ctypes.c_int):
         library = _libraries[source]
     if library is None:
         return None
-    fn = getattr(library, function)
-    fn.argtypes, fn.restype = argtypes, restype
+    fn = getattr(library, function)  # ctypes keeps the function object on the library
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = argtypes, restype
     return fn
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,12 @@ class Fp8Matrix:
 
     def to(self, device: torch.device | str) -> Fp8Matrix:
         return Fp8Matrix(self.weight.to(device), self.scale.to(device), self.block, self.dtype)
+
+    @cached_property
+    def kernel_scale(self) -> torch.Tensor | None:
+        """The scales times 2^120 as csrc/fp8_linear.c takes them, made once; None where one cannot take it."""
+        up = (self.scale * _E4M3_SHIFT).contiguous()
+        return up if torch.isfinite(up).all() else None
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop dequantized, in fp32, rounded to the compute dtype's precision."""
@@ -180,18 +187,14 @@ FP8_KERNEL_ROWS = 16  # decode sizes (a 2816x2048 matrix on one AVX2 core: 1 row
 def _fp8_kernel_matmul(m: Fp8Matrix, flat: torch.Tensor) -> torch.Tensor | None:
     """x [rows, K] @ W.T through csrc/fp8_linear.c (a byte a weight read, widened in registers), or None
     where the kernel cannot be built here or does not take this matrix."""
-    rows, cols = m.block
     fn = _fp8_linear()
-    up = m.scale * _E4M3_SHIFT
-    if fn is None or cols > 1024 or not torch.isfinite(up).all():
+    if fn is None or m.kernel_scale is None or not m.weight.is_contiguous():
         return None
-    n, k = m.shape
+    (n, k), (rows, cols) = m.shape, m.block
     x = flat.float().contiguous()
-    codes = m.weight.view(torch.int8).contiguous()
-    up = up.contiguous()
     out = torch.empty(flat.shape[0], n, dtype=torch.float32)
-    if fn(x.data_ptr(), x.shape[0], k, codes.data_ptr(), 0, n, n, up.data_ptr(), rows, cols,
-          int(m.dtype != torch.float32), out.data_ptr()) != 0:
+    if fn(x.data_ptr(), x.shape[0], k, m.weight.data_ptr(), 0, n, n, m.kernel_scale.data_ptr(), rows, cols,
+          int(m.dtype != torch.float32), out.data_ptr()) != 0:  # -1: a block wider than the kernel takes
         return None
     return out
 
