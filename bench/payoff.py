@@ -157,7 +157,8 @@ def markdown(doc: dict) -> str:
         if h:
             lines += ["", f"**At p99 TTFT <= {h['slo_s']:.3f} s** (the tightest both scale-to-zero setups meet): "
                       f"faasmoe ({h['runs']['faasmoe']}) holds **{_f(h.get('vs_whole_model'))}x** the weight GiB·s "
-                      f"of whole-model ({h['runs']['whole-model']}) and **{_f(h.get('vs_always_on'))}x** always-on's."]
+                      f"of whole-model ({h['runs']['whole-model']})" + (
+                          "." if h.get("vs_always_on") is None else f" and **{_f(h['vs_always_on'])}x** always-on's.")]
         lines += ["", "Least weight GiB·s meeting each p99 TTFT SLO:", "",
                   "| SLO s | always-on | whole-model | faasmoe | faasmoe / whole-model |", "|---|---|---|---|---|"]
         for row in result["slo_table"]:
