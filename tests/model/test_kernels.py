@@ -55,13 +55,14 @@ def test_every_path_matches_f_linear(monkeypatch, dtype, rows, native) -> None:
                           torch.bfloat16 else 1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("parallel", [False, True])
 def test_the_bf16_kernel_reads_each_weight_exactly(rows, parallel) -> None:
     if kernels._bf16_linear() is None:
         pytest.skip("no C compiler here: torch's path serves (test_every_path_matches_f_linear)")
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(3000, 200, generator=g).to(torch.bfloat16)  # 200: the AVX2 loop and the scalar tail both
+    # 200: the AVX2 loop and the scalar tail both; 3001 columns: blocks of 4 or 2 and a column left over
+    w = torch.randn(3001, 200, generator=g).to(torch.bfloat16)
     one_hot = torch.zeros(rows, 200, dtype=torch.bfloat16)
     columns = [0, 15, 16, 199, 100, 17, 3, 64][:rows]
     one_hot[range(rows), columns] = 1.0
