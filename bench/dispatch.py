@@ -3,7 +3,8 @@
     python bench/dispatch.py            # 16 tokens x top-4 over 4 functions, hidden 2048, bf16
     python bench/dispatch.py --quick    # fewer iterations
     python bench/dispatch.py --paths ring,shm   # only these: socket (tensors in the frames), shm (tensors in
-                                                # shared memory, the socket the doorbell), ring (runtime.ring)
+                                                # shared memory, the socket the doorbell), ring (runtime.ring),
+                                                # ring-sync (the ring called from a thread, futex wakeups)
 
 A real `faasmoe scheduler` and real `faasmoe worker join` processes (on a Unix socket, with
 and without the per-frame HMAC that TCP links always carry, and on TCP loopback) serve
@@ -11,7 +12,9 @@ Qwen1.5-MoE-shaped expert blocks; this process is the frontend. Each iteration s
 layer's calls (one message to one worker) and waits for the outputs. Each link runs with the
 tensors in the frames (the socket path), through shared memory (`runtime.shm`, the socket only as
 doorbell) and through the call ring (`runtime.ring`: shared memory, a pipe as doorbell, served on the
-worker's ring thread), alternating A B C A B C for `--rounds` rounds, each in a fresh pair of processes.
+worker's ring thread; ring-sync: called from a thread off the event loop, as the frontend's compute thread
+does between trunk halves, the reply a futex wakeup), alternating A B C A B C for `--rounds` rounds, each
+in a fresh pair of processes.
 The in-process baseline runs the same blocks on the same rows here. Overhead = round trip minus
 the worker-side compute time, p50 and p99. Prints a table (with the load average seen at the
 start and end of each run), writes JSON to bench/results/.
@@ -106,12 +109,27 @@ async def remote(scheduler: str, calls: list[FunctionCall], iterations: int,
     while not client.workers:
         await asyncio.sleep(0.05)
     times, overheads = [], []
-    for i in range(iterations + 20):  # the first calls load the blocks: warm-up
-        meter = InvokeMeter()
-        start = time.perf_counter()
-        await client.invoke(calls, meter)
-        elapsed = time.perf_counter() - start
-        if i >= 20:
+
+    for _ in range(20):  # the first calls load the blocks: warm-up
+        await client.invoke(calls)
+
+    def run_in_thread() -> None:  # the event loop idle meanwhile, as during a frontend's step
+        for _ in range(iterations):
+            meter = InvokeMeter()
+            start = time.perf_counter()
+            assert client.invoke_warm(calls, meter) is not None, "the synchronous path took the call"
+            elapsed = time.perf_counter() - start
+            times.append(elapsed)
+            overheads.append(elapsed - meter.compute_s)
+
+    if path == "ring-sync":
+        await asyncio.get_running_loop().run_in_executor(None, run_in_thread)
+    else:
+        for _ in range(iterations):
+            meter = InvokeMeter()
+            start = time.perf_counter()
+            await client.invoke(calls, meter)
+            elapsed = time.perf_counter() - start
             times.append(elapsed)
             overheads.append(elapsed - meter.compute_s)
     assert client.stats.messages == iterations + 20, "one message per layer per worker"
@@ -127,8 +145,9 @@ def measure_transport(listen: str, calls: list[FunctionCall], iterations: int,
 
     `mac_unix`: Unix-socket frames carry the HMAC too (both ends), to measure what it costs.
     `path`: socket (tensors in the frames), shm (tensors in shared memory, the socket carries the
-    message), ring (shared memory, a pipe as doorbell, no message) or ring-spin (the worker's ring
-    thread polls for SPIN_US after each call before it blocks).
+    message), ring (shared memory, a pipe as doorbell, no message), ring-spin (the worker's ring
+    thread polls for SPIN_US after each call before it blocks) or ring-sync (the ring called from a
+    thread, the reply a futex wakeup).
     """
     port = free_port()
     env = {"OMP_NUM_THREADS": "1", MAC_UNIX_SOCKETS_ENV: "1" if mac_unix else "0",
@@ -242,8 +261,8 @@ def main() -> None:
     if unknown:
         parser.error(f"--links: unknown {', '.join(unknown)} (choose from {', '.join(links)})")
     modes = [m.strip() for m in args.paths.split(",") if m.strip()]
-    if any(m not in ("socket", "shm", "ring", "ring-spin") for m in modes):
-        parser.error(f"--paths: choose from socket, shm, ring, ring-spin (got {args.paths})")
+    if any(m not in ("socket", "shm", "ring", "ring-spin", "ring-sync") for m in modes):
+        parser.error(f"--paths: choose from socket, shm, ring, ring-spin, ring-sync (got {args.paths})")
     rows = []
     local = in_process(path, calls, args.iterations)
     rows.append(dict(path="in-process", p50_us=statistics.median(local) * 1e6, p99_us=pct(local, 99) * 1e6,
@@ -257,7 +276,8 @@ def main() -> None:
                 load_before = os.getloadavg()[0]
                 times, overheads = measure_transport(listen, calls, args.iterations, mac_unix=mac, path=mode)
                 suffix = {"socket": "", "shm": " + shm", "ring": " + shm, call ring",
-                          "ring-spin": f" + shm, call ring polled {SPIN_US} µs"}[mode]
+                          "ring-spin": f" + shm, call ring polled {SPIN_US} µs",
+                          "ring-sync": " + shm, call ring from a thread (futex)"}[mode]
                 rows.append(dict(path=names[link] + suffix, round=round_ + 1,
                                  p50_us=statistics.median(times) * 1e6, p99_us=pct(times, 99) * 1e6,
                                  overhead_p50_us=statistics.median(overheads) * 1e6,

@@ -44,6 +44,7 @@ class ClientStats:
     messages: int = 0  # invoke messages sent (one per worker per layer)
     shm_messages: int = 0  # of those, the ones whose tensors went through shared memory
     ring_messages: int = 0  # of those, the ones the worker served from the call ring (no socket message)
+    sync_messages: int = 0  # of those, the ones called from a thread off the event loop (`invoke_warm`)
     cold_starts: int = 0
     retries: int = 0
     load_s: float = 0.0
@@ -320,6 +321,75 @@ class RuntimeClient:
             await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # jitter
         raise InvokeError(_with_causes(f"{len(todo)} calls failed on every worker tried", failures))
 
+    def invoke_warm(self, calls: list[FunctionCall], meter: InvokeMeter | None = None) -> list[torch.Tensor] | None:
+        """`invoke` without the event loop, for the frontend's compute thread between two trunk halves: when
+        every call's function is placed on a worker of this host that knows it and serves a synchronous call
+        ring, the calls go through the rings (`RingCaller.post_sync`, `wait_sync`) and this returns their
+        outputs. None when any of that is not so, or a worker answers anything but a result (a block went
+        cold, a failure, no answer in time): `invoke` then does it all, loading, retrying and reporting."""
+        groups = self._warm_groups(calls)
+        if groups is None:
+            return None
+        posted = []  # (worker, call indices, rows, caller, region, slot)
+        complete = True
+        for wid, idx, caller, region in groups:
+            mine = [calls[i] for i in idx]
+            rows = [c.x.shape[0] for c in mine]
+            out_nbytes = sum(rows) * mine[0].x.shape[-1] * max(_itemsize(c.function.dtype) for c in mine)
+            placed = region.place([c.x for c in mine], [c.experts for c in mine], out_nbytes)
+            if placed is None:
+                complete = False
+                break
+            x, e, out_offset = placed
+            slot = region.slot_of(out_offset)
+            if not caller.post_sync(slot, [c.function.function_id for c in mine], rows, x, e, out_nbytes):
+                region.release(slot)
+                complete = False
+                break
+            posted.append((wid, idx, rows, caller, region, slot))
+        answers = []
+        for wid, idx, _, caller, _, slot in posted:  # every posted slot is waited for, come what may
+            try:
+                answers.append(caller.wait_sync(slot, self.deadline_s(wid, [calls[i] for i in idx])))
+            except (ConnectionError, TimeoutError) as exc:  # `invoke` meets the same and drops the connection
+                log.debug("a synchronous call to %s through the ring failed (%r): invoke takes it", wid, exc)
+                answers.append(None)  # the slot stays lent: the worker may still write it
+        if not complete or any(a is None or a[0] != ring.DONE or a[2] is None for a in answers):
+            for (_, _, _, _, region, slot), answer in zip(posted, answers):
+                if answer is not None:
+                    region.release(slot)
+            return None
+        outputs: list[torch.Tensor | None] = [None] * len(calls)
+        for (wid, idx, rows, _, region, slot), (_, compute_s, dtype, nbytes) in zip(posted, answers):
+            output = region.view(region.output_at(slot), nbytes)
+            region.release(slot)  # the output view keeps the slot taken while it lives
+            self.stats.shm_messages += 1
+            self.stats.ring_messages += 1
+            self.stats.sync_messages += 1
+            reply = p.Result(0, output.view(dtype).view(sum(rows), -1), 0, 0.0, compute_s)
+            for i, out in zip(idx, self._settled(wid, len(idx), rows, reply, meter)):
+                outputs[i] = out
+        return outputs  # type: ignore[return-value]
+
+    def _warm_groups(self, calls: list[FunctionCall]) -> list[tuple[str, list[int], ring.RingCaller, shm.OfferedRegion]] | None:
+        """The calls by worker, with each worker's synchronous ring and region; None unless all can go so."""
+        by_worker: dict[str, list[int]] = {}
+        for i, call in enumerate(calls):
+            wid = self._routed(call.function)
+            if wid is None:
+                return None
+            by_worker.setdefault(wid, []).append(i)
+        groups = []
+        for wid, idx in by_worker.items():
+            channel = self._channels.get(wid)
+            if channel is None or channel.closed.is_set() or channel.conn.ring is None:
+                return None
+            known = self._known.get(wid, ())
+            if not channel.conn.ring.synchronous or any(calls[i].function.function_id not in known for i in idx):
+                return None
+            groups.append((wid, idx, channel.conn.ring, channel.conn.region))
+        return groups
+
     def prefetch(self, spec: p.FunctionSpec) -> None:
         """Have a worker load `spec` now, without waiting: a cold call that comes later shares the load."""
         if spec.function_id in self._prefetching:
@@ -382,17 +452,22 @@ class RuntimeClient:
                 raise InvokeError(reply.message)  # the caller names the worker
             raise RuntimeError(f"worker {wid} rejected the call: {reply.code}: {reply.message}")
         assert isinstance(reply, p.Result)
+        return self._settled(wid, len(calls), rows, reply, meter)
+
+    def _settled(self, wid: str, calls: int, rows: list[int], reply: p.Result,
+                 meter: InvokeMeter | None) -> list[torch.Tensor]:
+        """A worker's Result counted (its cost per row, the stats, the caller's meter): the outputs per call."""
         per_row = reply.compute_s / max(1, sum(rows))
         old = self._row_cost.get(wid)
         self._row_cost[wid] = per_row if old is None else 0.8 * old + 0.2 * per_row
         self._report(wid, ok=True)
         stats = self.stats
-        stats.invocations += len(calls)
+        stats.invocations += calls
         stats.messages += 1
         stats.cold_starts += reply.cold_starts
         stats.load_s += reply.load_s
         stats.compute_s += reply.compute_s
-        stats.per_worker[wid] = stats.per_worker.get(wid, 0) + len(calls)
+        stats.per_worker[wid] = stats.per_worker.get(wid, 0) + calls
         if meter is not None:
             meter.cold_starts += reply.cold_starts
             meter.compute_s += reply.compute_s

@@ -11,6 +11,12 @@ loop watches. Each direction is one pipe write and one wakeup, the way vLLM's sh
 carries its per-step broadcast, without its spinning: on 2 cores a spinning reader takes the core the
 writer needs (measured in bench/dispatch.py).
 
+A thread off the event loop (the frontend's compute thread, between two trunk halves) can call through the
+ring synchronously (`RingCaller.call_sync`): it posts the slot with the WAKE_FUTEX flag and sleeps on the
+slot's state word (`runtime.futex`); the worker wakes it there instead of writing "done", so the reply
+reaches the caller with one kernel wakeup and no event loop, message or task on either side. Workers that
+can do so say it in the header (READY_FUTEX).
+
 A call whose blocks are not all resident (or whose spec the worker lacks) comes back `COLD` and the
 frontend sends the same slot through the socket, which loads. Bad records come back `FAILED` with the
 reason and are logged; the worker goes on. A connection's ring ends with the connection: the worker's
@@ -33,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime import futex
 from runtime import protocol as p
 
 log = logging.getLogger(__name__)
@@ -43,12 +50,15 @@ RING_ENV = "FAASMOE_RING"  # "0": never offer or accept the call ring
 # and a core from the frontend beside it; bench/dispatch.py --paths ring,ring-spin measures both.
 SPIN_ENV = "FAASMOE_RING_SPIN_US"
 IDLE, POSTED, DONE, COLD, FAILED = 0, 1, 2, 3, 4
-READY_AT = 32  # header byte the worker sets to 1 once its ring thread runs (before it answers the offer)
+READY_AT = 32  # header byte the worker sets once its ring thread runs (before it answers the offer):
+READY_PIPE, READY_FUTEX = 1, 2  # it wakes callers through "done" only, or also on a slot's state word
+WAKE_FUTEX = 1  # record flag: the caller sleeps on the state word (call_sync), not in the event loop
 _CONTROL_AT = 64  # after the cookie: one record per slot
 _CONTROL_STRIDE = 64
-# state, calls, rows, hidden, x dtype, experts dtype, output dtype, offsets in the input area of the expert
-# indices and of the call list, output bytes (the frontend: room; the worker: written), compute seconds
-_CONTROL = struct.Struct("<IIIIBBBxIIId")
+# state, calls, rows, hidden, x dtype, experts dtype, output dtype, flags, offsets in the input area of the
+# expert indices and of the call list, output bytes (the frontend: room; the worker: written), compute seconds
+_CONTROL = struct.Struct("<IIIIBBBBIIId")
+_FLAGS_AT = struct.calcsize("<IIIIBBB")  # the flags byte within a record
 _CALL = struct.Struct("<IH")  # rows, length of the function id that follows
 MAX_CALLS = 4096
 _DTYPES = p._DTYPES
@@ -98,6 +108,10 @@ class _Slots:
         at = self.record_at(slot)
         self.mm[at:at + 4] = state.to_bytes(4, "little")
 
+    def state_address(self, slot: int) -> int:
+        """Where the slot's state word lies in this process (what a futex waits on)."""
+        return self.bytes.data_ptr() + self.record_at(slot)
+
     def input_at(self, slot: int) -> int:
         return self.header + 2 * slot * self.slot_bytes
 
@@ -143,7 +157,12 @@ class RingCaller:
 
     def accepted(self) -> bool:
         """Whether the worker runs the ring for this region (it says so in the header before answering)."""
-        return self._slots.mm[READY_AT] == 1
+        return self._slots.mm[READY_AT] in (READY_PIPE, READY_FUTEX)
+
+    @property
+    def synchronous(self) -> bool:
+        """Whether `call_sync` may be used: the worker wakes callers on the state word, and this host can wait there."""
+        return self._slots.mm[READY_AT] == READY_FUTEX and futex.available() and not self.closed
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -158,6 +177,46 @@ class RingCaller:
         takes the output view and gives the slot back."""
         if self.closed:
             raise ConnectionError("the call ring is closed")
+        offsets = self._write_calls(slot, function_ids, rows, experts)
+        if offsets is None:
+            return None
+        async with asyncio.timeout(timeout):
+            state = await self.post(slot, len(function_ids), x.shape[0], x.shape[1], _CODES[x.dtype],
+                                    _CODES[experts.dtype], *offsets, out_nbytes)
+        return self._answer(slot, state)
+
+    def post_sync(self, slot: int, function_ids: list[str], rows: list[int], x: torch.Tensor,
+                  experts: torch.Tensor, out_nbytes: int) -> bool:
+        """`call`'s posting for a thread off the event loop (only where `synchronous`): the worker will wake
+        `wait_sync` on the slot's state word. False, posting nothing, when the call list does not fit."""
+        if self.closed:
+            raise ConnectionError("the call ring is closed")
+        offsets = self._write_calls(slot, function_ids, rows, experts)
+        if offsets is None:
+            return False
+        self._write_record(slot, len(function_ids), x.shape[0], x.shape[1], _CODES[x.dtype], _CODES[experts.dtype],
+                           *offsets, out_nbytes, WAKE_FUTEX)
+        return True
+
+    def wait_sync(self, slot: int, timeout: float) -> tuple[int, float, torch.dtype | None, int]:
+        """Sleep on a slot `post_sync` posted until the worker answers: (state, compute seconds, output
+        dtype, output bytes). Raises TimeoutError past `timeout` (the slot stays lent: the caller drops the
+        connection) and ConnectionError when the ring closes meanwhile."""
+        s = self._slots
+        address, deadline = s.state_address(slot), time.monotonic() + timeout
+        while (state := s.state(slot)) == POSTED:
+            if self.closed:
+                raise ConnectionError("connection lost during a call through the ring")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer through the call ring in {timeout:.1f} s")
+            futex.wait(address, POSTED, min(left, 0.1))  # close() wakes it too; 0.1 s bounds a missed wakeup
+        return self._answer(slot, state)
+
+    def _write_calls(self, slot: int, function_ids: list[str], rows: list[int],
+                     experts: torch.Tensor) -> tuple[int, int] | None:
+        """The call list after the expert indices `place` put in the slot: their offset and its, or None
+        when it does not fit."""
         s = self._slots
         base = s.input_at(slot)
         experts_at = experts.data_ptr() - s.bytes.data_ptr() - base  # where `place` put them (aligned after x)
@@ -171,27 +230,32 @@ class RingCaller:
             _CALL.pack_into(mm, base + at, n, len(name))
             mm[base + at + _CALL.size:base + end] = name
             at = end
-        async with asyncio.timeout(timeout):
-            state = await self.post(slot, len(function_ids), x.shape[0], x.shape[1], _CODES[x.dtype],
-                                    _CODES[experts.dtype], experts_at, calls_at, out_nbytes)
-        _, _, _, _, _, _, out_code, _, _, out_nbytes, compute_s = _CONTROL.unpack_from(mm, s.record_at(slot))
+        return experts_at, calls_at
+
+    def _answer(self, slot: int, state: int) -> tuple[int, float, torch.dtype | None, int]:
+        _, _, _, _, _, _, out_code, _, _, _, out_nbytes, compute_s = _CONTROL.unpack_from(
+            self._slots.mm, self._slots.record_at(slot))
         return state, compute_s, _DTYPES[out_code] if out_code < len(_DTYPES) else None, out_nbytes
 
     def post(self, slot: int, calls: int, rows: int, hidden: int, x_code: int, e_code: int, experts_at: int,
              calls_at: int, out_nbytes: int) -> asyncio.Future[int]:
         """Write `slot`'s record, ring the doorbell; the future gets the state the worker leaves."""
-        s = self._slots
-        # The record first, its state last: the worker's thread may be scanning the slots right now.
-        _CONTROL.pack_into(s.mm, s.record_at(slot), IDLE, calls, rows, hidden, x_code, e_code, 0, experts_at,
-                           calls_at, out_nbytes, 0.0)
-        s.set_state(slot, POSTED)
         future = self._loop.create_future()
         self._pending[slot] = future
+        self._write_record(slot, calls, rows, hidden, x_code, e_code, experts_at, calls_at, out_nbytes, 0)
+        return future
+
+    def _write_record(self, slot: int, calls: int, rows: int, hidden: int, x_code: int, e_code: int,
+                      experts_at: int, calls_at: int, out_nbytes: int, flags: int) -> None:
+        s = self._slots
+        # The record first, its state last: the worker's thread may be scanning the slots right now.
+        _CONTROL.pack_into(s.mm, s.record_at(slot), IDLE, calls, rows, hidden, x_code, e_code, 0, flags, experts_at,
+                           calls_at, out_nbytes, 0.0)
+        s.set_state(slot, POSTED)
         try:
             os.write(self._calls_fd, b"\x01")
         except BlockingIOError:  # the worker has a pipe full of bytes to read: it will see this slot too
             pass
-        return future
 
     def failure(self, slot: int, nbytes: int) -> str:
         """The worker's reason for a FAILED slot (written where the output would be)."""
@@ -222,6 +286,9 @@ class RingCaller:
             if not future.done():
                 future.set_exception(ConnectionError("connection lost during a call through the ring"))
         self._pending.clear()
+        if futex.available():  # a synchronous caller sleeping on a state word sees `closed` now
+            for slot in range(self._slots.slots):
+                futex.wake(self._slots.state_address(slot))
         for fd in (self._calls_fd, self._done_fd):
             os.close(fd)
 
@@ -253,7 +320,7 @@ class RingServer:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
-        region._mm[READY_AT] = 1
+        region._mm[READY_AT] = READY_FUTEX if futex.available() else READY_PIPE
 
     def close(self) -> None:
         """Wake the thread to exit; it closes the doorbells (only it reads them: no fd is closed under it)."""
@@ -290,6 +357,7 @@ class RingServer:
     def _serve_slot(self, slot: int) -> None:
         s = self._slots
         record = s.record_at(slot)
+        flags = s.mm[record + _FLAGS_AT]  # the caller's WAKE_FUTEX: where it waits for the answer
         try:
             call = self._read(slot)
             served = self._serve(call)
@@ -300,15 +368,18 @@ class RingServer:
                 nbytes = _place_output(output, call.dest)
                 # Everything else first, the state last: the frontend may be scanning for another slot's reply.
                 _CONTROL.pack_into(s.mm, record, POSTED, len(call.rows), sum(call.rows), output.shape[-1], 0, 0,
-                                   _CODES[output.dtype], 0, 0, nbytes, compute_s)
+                                   _CODES[output.dtype], flags, 0, 0, nbytes, compute_s)
                 s.set_state(slot, DONE)
         except Exception as exc:  # the caller gets the reason; this worker goes on serving
             log.warning("ring call in slot %d failed: %r", slot, exc)
             reason = f"{type(exc).__name__}: {exc}".encode()[:4096]
             at = s.input_at(slot) + s.slot_bytes
             s.mm[at:at + len(reason)] = reason
-            _CONTROL.pack_into(s.mm, record, POSTED, 0, 0, 0, 0, 0, 0, 0, 0, len(reason), 0.0)
+            _CONTROL.pack_into(s.mm, record, POSTED, 0, 0, 0, 0, 0, 0, flags, 0, 0, len(reason), 0.0)
             s.set_state(slot, FAILED)
+        if flags & WAKE_FUTEX and futex.available():
+            futex.wake(s.state_address(slot))
+            return
         try:
             os.write(self._done_fd, b"\x01")
         except BlockingIOError:  # the frontend has bytes to read already: it scans every slot
@@ -317,7 +388,7 @@ class RingServer:
     def _read(self, slot: int) -> RingCall:
         """The posted call, bounds-checked: a record that points outside its slot is an error, not a read."""
         s = self._slots
-        _, n_calls, rows, hidden, x_code, e_code, _, experts_at, calls_at, out_nbytes, _ = _CONTROL.unpack_from(
+        _, n_calls, rows, hidden, x_code, e_code, _, _, experts_at, calls_at, out_nbytes, _ = _CONTROL.unpack_from(
             s.mm, s.record_at(slot))
         if not 0 < n_calls <= MAX_CALLS or x_code >= len(_DTYPES) or e_code >= len(_DTYPES):
             raise ValueError(f"bad call record: {n_calls} calls, dtype codes {x_code}/{e_code}")

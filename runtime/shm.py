@@ -29,6 +29,7 @@ import re
 import secrets
 import socket
 import stat
+import threading
 import weakref
 
 import torch
@@ -141,6 +142,7 @@ class OfferedRegion(SharedRegion):
         self._outputs: list[list[weakref.ref]] = [[] for _ in range(slots)]  # output views handed out
         self._memory = memoryview(mm)
         self._pending: dict[int, int] = {}  # req_id -> slot
+        self._taking = threading.Lock()  # the event loop and a compute thread's synchronous calls both take slots
 
     @classmethod
     def create(cls, slots: int = DEFAULT_SLOTS, slot_bytes: int = DEFAULT_SLOT_BYTES) -> OfferedRegion:
@@ -194,14 +196,15 @@ class OfferedRegion(SharedRegion):
         self._in_flight[slot] = False
 
     def _take(self) -> int | None:
-        for slot, in_flight in enumerate(self._in_flight):
-            if not in_flight:
-                outputs = self._outputs[slot]
-                if outputs and any(ref() is not None for ref in outputs):
-                    continue
-                outputs.clear()
-                self._in_flight[slot] = True
-                return slot
+        with self._taking:
+            for slot, in_flight in enumerate(self._in_flight):
+                if not in_flight:
+                    outputs = self._outputs[slot]
+                    if outputs and any(ref() is not None for ref in outputs):
+                        continue
+                    outputs.clear()
+                    self._in_flight[slot] = True
+                    return slot
         return None
 
     def place(self, xs: list[torch.Tensor], experts: list[torch.Tensor],

@@ -80,6 +80,22 @@ class CoBatchedExecutor:
 
     async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing, rows: Rows | None = None) -> torch.Tensor:
         """`rows`: which model each run of x's rows belongs to (None: all of them the first member's)."""
+        plan, calls, used = self._planned(layer, x, routing, rows)
+        meter = InvokeMeter()
+        outputs = await self.client.invoke(calls, meter)
+        return self._combined(plan, calls, used, outputs, meter, x, _STEP_COST.get())
+
+    def run_layer_warm(self, layer: int, x: torch.Tensor, routing: Routing, rows: Rows | None = None,
+                       cost: StepCost | None = None) -> torch.Tensor | None:
+        """`run_layer` on the compute thread when every function is warm on this host; None, counting nothing,
+        otherwise (RemoteExpertExecutor.run_layer_warm)."""
+        plan, calls, used = self._planned(layer, x, routing, rows)
+        meter = InvokeMeter()
+        outputs = self.client.invoke_warm(calls, meter)
+        return None if outputs is None else self._combined(plan, calls, used, outputs, meter, x, cost)
+
+    def _planned(self, layer: int, x: torch.Tensor, routing: Routing,
+                 rows: Rows | None) -> tuple[DispatchPlan, list[FunctionCall], dict[str, set[str]]]:
         owners = self._row_members(rows, x.shape[0])
         bs = self.block_size
         # Each (row, expert) renamed to its function's slot, so DispatchPlan groups rows of every model
@@ -91,11 +107,14 @@ class CoBatchedExecutor:
         used = self._used_by(rows, slot, specs)
         for model, functions in used.items():
             self.members[model].settle_prefetch(layer, functions)
-        meter = InvokeMeter()
-        outputs = await self.client.invoke(calls, meter)
+        return plan, calls, used
+
+    def _combined(self, plan: DispatchPlan, calls: list[FunctionCall], used: dict[str, set[str]],
+                  outputs: list[torch.Tensor], meter: InvokeMeter, x: torch.Tensor,
+                  cost: StepCost | None) -> torch.Tensor:
         for i, (model, functions) in enumerate(used.items()):  # each model's hit map counts its rows' calls
             self.members[model].hits.record(functions, meter.cold_starts if i == 0 else 0)
-        cost = _STEP_COST.get() or self._cost
+        cost = cost or self._cost
         cost.invocations += len(calls)
         cost.cold_starts += meter.cold_starts
         cost.compute_s += meter.compute_s
@@ -109,6 +128,9 @@ class CoBatchedExecutor:
     def prefetch(self, layer: int, experts: list[int], models: Sequence[str] | None = None) -> None:
         for model in models or list(self.members)[:1]:
             self.members[model].prefetch(layer, experts)
+
+    def would_prefetch(self, layer: int, experts: list[int], models: Sequence[str] | None = None) -> bool:
+        return any(self.members[model].would_prefetch(layer, experts) for model in models or list(self.members)[:1])
 
     def cold_layers(self, layers: list[int], models: Sequence[str] | None = None) -> list[int]:
         cold: set[int] = set()

@@ -40,6 +40,12 @@ class StepCost:
 _STEP_COST: ContextVar[StepCost | None] = ContextVar("faasmoe_step_cost", default=None)
 
 
+def current_step_cost() -> StepCost | None:
+    """The step cost this context meters into (`own_step_cost`), None for the executor's shared one: what
+    a call made on the compute thread for this context (`run_layer_warm`) is told to meter into."""
+    return _STEP_COST.get()
+
+
 @contextlib.contextmanager
 def own_step_cost() -> Iterator[StepCost]:
     """Meter the expert work done in this context (a step running beside the engine's main one, in a task
@@ -158,14 +164,21 @@ class RemoteExpertExecutor:
                 if any(not routes.get(self.specs[(layer, b)].function_id) for b in blocks if (layer, b) in self.specs)]
 
     def prefetch(self, layer: int, experts: list[int], models=None) -> None:
-        routes = self.client.routes
-        blocks = {e // self.block_size for e in experts} - self._prefetched.get(layer, set())
-        cold = [b for b in sorted(blocks) if (layer, b) in self.specs and not routes.get(self.specs[(layer, b)].function_id)]
+        cold = self._unasked(layer, experts)
         for block in cold:
             self.client.prefetch(self.specs[(layer, block)])
         if cold:
             self._prefetched.setdefault(layer, set()).update(cold)
             self.prefetch_stats.issued += len(cold)
+
+    def would_prefetch(self, layer: int, experts: list[int], models=None) -> bool:
+        """Whether `prefetch` would ask for a load (a block of `experts` neither placed nor asked for)."""
+        return bool(self._unasked(layer, experts))
+
+    def _unasked(self, layer: int, experts: list[int]) -> list[int]:
+        routes = self.client.routes
+        blocks = {e // self.block_size for e in experts} - self._prefetched.get(layer, set())
+        return [b for b in sorted(blocks) if (layer, b) in self.specs and not routes.get(self.specs[(layer, b)].function_id)]
 
     def settle_prefetch(self, layer: int, used: set[str]) -> None:
         """The blocks warmed for `layer` meet its call (which used the functions `used`): count them used or wasted."""
@@ -176,14 +189,32 @@ class RemoteExpertExecutor:
             self.prefetch_stats.wasted += len(warmed) - hit
 
     async def run_layer(self, layer: int, x: torch.Tensor, routing: Routing, rows=None) -> torch.Tensor:
+        plan, calls = self._planned(layer, x, routing)
+        meter = InvokeMeter()
+        outputs = await self.client.invoke(calls, meter)
+        return self._combined(plan, calls, outputs, meter, x, _STEP_COST.get())
+
+    def run_layer_warm(self, layer: int, x: torch.Tensor, routing: Routing, rows=None,
+                       cost: StepCost | None = None) -> torch.Tensor | None:
+        """`run_layer` on the compute thread, with no event loop on the way, when the layer's functions are
+        all warm on workers of this host (`RuntimeClient.invoke_warm`); None, counting nothing, otherwise.
+        `cost`: the step cost `run_layer` would meter into (the caller's context's)."""
+        plan, calls = self._planned(layer, x, routing)
+        meter = InvokeMeter()
+        outputs = self.client.invoke_warm(calls, meter)
+        return None if outputs is None else self._combined(plan, calls, outputs, meter, x, cost)
+
+    def _planned(self, layer: int, x: torch.Tensor, routing: Routing) -> tuple[DispatchPlan, list[FunctionCall]]:
         plan = DispatchPlan(routing, self.block_size)
         calls = [FunctionCall(self.specs[(layer, c.block)], xs, c.local_experts) for c, xs in zip(plan.calls, plan.inputs(x))]
         if self._prefetched:
             self.settle_prefetch(layer, {c.function.function_id for c in calls})
-        meter = InvokeMeter()
-        outputs = await self.client.invoke(calls, meter)
+        return plan, calls
+
+    def _combined(self, plan: DispatchPlan, calls: list[FunctionCall], outputs: list[torch.Tensor],
+                  meter: InvokeMeter, x: torch.Tensor, cost: StepCost | None) -> torch.Tensor:
         self.hits.record((c.function.function_id for c in calls), meter.cold_starts)
-        cost = _STEP_COST.get() or self._cost
+        cost = cost or self._cost
         cost.invocations += len(calls)
         cost.cold_starts += meter.cold_starts
         cost.compute_s += meter.compute_s

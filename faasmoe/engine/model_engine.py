@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from faasmoe.engine.executors import AsyncExpertExecutor, StepCost, own_step_cost
+from faasmoe.engine.executors import AsyncExpertExecutor, StepCost, current_step_cost, own_step_cost
 from faasmoe.engine.fairness import FairShares
 from faasmoe.engine.requests import Finished, GenerationRequest, TokenEvent, Usage
 from faasmoe.engine.sampling import prompt_logprobs, score_rows
@@ -347,7 +347,8 @@ class ModelEngine:
         started = time.perf_counter()
         yields = lane_cost is None
         # Micro-batches ping-pong: one's trunk math runs while another's experts are on the workers.
-        parts = await asyncio.gather(*(self._forward(trunk, step, g, yields) for step, g in zip(steps, groups)))
+        parts = await asyncio.gather(*(self._forward(trunk, step, g, yields, warm=len(groups) == 1)
+                                       for step, g in zip(steps, groups)))
         if yields:
             await self._yield_to_lane()
         # One lm_head for every group: it is most of a decode step's bytes, read once, not once per group.
@@ -390,18 +391,27 @@ class ModelEngine:
         self._drop_cancelled()  # cancelled during the step: they get their Finished too
 
     async def _forward(self, trunk: Trunk, step: PackedStep, group: list[_Running] = (),
-                       yields: bool = False) -> torch.Tensor:
+                       yields: bool = False, warm: bool = False) -> torch.Tensor:
         """Drive the shared decoder generator: trunk halves on the compute thread, experts awaited.
         Returns the hidden state of each sequence's last row (the lm_head runs once per step).
-        `yields`: wait between ops while a lane runs."""
+        `yields`: wait between ops while a lane runs. `warm`: layers whose experts are warm on this host
+        may be called from the compute thread (`_advance_warm`); not for micro-batches, whose point is
+        one's trunk math while another's experts run."""
         layers = decoder_layers(trunk, step.ids, step.batch)
-        done, value = await self._run(_advance, layers, None)
         rows = models = None
         if len(self.members) > 1:  # co-batched models: each row's experts are its own model's
             rows = [(r.request.model, n) for r, n in zip(group, step.lengths)]
             models = list(dict.fromkeys(model for model, _ in rows))
         starting = any(not r.seq.output for r in group)
         depth = (self.prefetch_depth or trunk.config.num_layers) if starting else 1
+        warm = getattr(self.executor, "run_layer_warm", None) if warm else None
+        if warm is None:
+            done, value = await self._run(_advance, layers, None)
+        else:
+            cost = current_step_cost()
+            done, value, advanced = await self._run(self._advance_warm, layers, None, trunk, rows, models, cost, depth,
+                                                    yields)
+            depth = 1 if advanced else depth
         while not done:
             layer, state = value
             if yields:
@@ -420,9 +430,35 @@ class ModelEngine:
                 expert_out = await call
             if yields:
                 await self._yield_to_lane()
-            done, value = await self._run(_advance, layers, expert_out)
+            if warm is None:
+                done, value = await self._run(_advance, layers, expert_out)
+            else:
+                done, value, _ = await self._run(self._advance_warm, layers, expert_out, trunk, rows, models, cost, 1,
+                                                 yields)
         await self._prompt_logprobs(trunk, step, group, value)
         return step.last_rows(value)
+
+    def _advance_warm(self, layers, expert_out, trunk: Trunk, rows, models: list[str] | None,
+                      cost: StepCost | None, depth: int, yields: bool) -> tuple[bool, object, bool]:
+        """On the compute thread: the decoder's next trunk half and, while each next MoE layer's experts are
+        warm on workers of this host, their call (`run_layer_warm`) and the half after it, with no event loop
+        between. Stops at a layer that needs the loop (a block to load or prefetch ahead of it, a worker
+        elsewhere, a lane to yield to): (done, the generator's value, whether any layer went through here)."""
+        done, value = _advance(layers, expert_out)
+        advanced = False
+        while not done:
+            if yields and not self._lane_idle.is_set():
+                break  # a lane runs: the loop waits for it between ops
+            layer, state = value
+            ahead = self._cold_ahead(trunk, layer, depth, models) if self.prefetch else []
+            if ahead and self._would_prefetch(trunk, state.moe_input, ahead, models):
+                break  # the loop asks for those loads behind this layer's call
+            expert_out = self.executor.run_layer_warm(layer, state.moe_input, state.routing, rows, cost)
+            if expert_out is None:
+                break
+            done, value = _advance(layers, expert_out)
+            advanced, depth = True, 1
+        return done, value, advanced
 
     async def _yield_to_lane(self) -> None:
         if not self._lane_idle.is_set():
@@ -449,6 +485,15 @@ class ModelEngine:
                 self.executor.prefetch(j, experts, models)
         except Exception:  # a hint that failed must not fail the step
             log.exception("prefetching ahead of layer %d of %s failed", layer, self.name)
+
+    def _would_prefetch(self, trunk: Trunk, x: torch.Tensor, ahead: list[int], models: list[str] | None) -> bool:
+        """Whether `_prefetch` would ask for a load: the blocks the later layers' routers pick from `x` (one small
+        matmul each) include one neither placed nor asked for."""
+        try:
+            return any(self.executor.would_prefetch(j, experts, models) for j, experts in trunk.pregate(x, ahead))
+        except Exception:  # a hint that failed must not fail the step: let the loop's path try it
+            log.exception("looking ahead of %s failed", self.name)
+            return True
 
     async def _prompt_logprobs(self, trunk: Trunk, step: PackedStep, group: list[_Running], hidden) -> None:
         """Prefills that asked for their prompt's logprobs get them from every row's logits, not the last alone."""

@@ -89,6 +89,8 @@ async def test_a_cold_request_asks_for_later_layers_before_the_earlier_ones_comp
         tokens, warm = await generate_one(dep)  # every block it needs is resident now
         assert tokens == expected[0].token_ids
         assert client.stats.cold_starts == loads and warm.usage.cold_start_s == 0
+        # Warm, the layers' calls went from the compute thread through the ring, no event loop between halves.
+        assert client.stats.sync_messages >= TOKENS * len(dep.config.moe_layers) - 1
         compute.shutdown()
     finally:
         if client is not None:

@@ -209,3 +209,64 @@ async def test_rows_of_any_width_reach_the_ring_thread_with_their_expert_indices
     finally:
         caller.close()
         server.close()
+
+
+async def test_warm_calls_from_a_thread_need_no_event_loop_and_equal_the_model(cluster, model_dir):
+    """`invoke_warm` is called here on the event loop's own thread, blocking it: the answer can only come
+    through the futex on the slot's state word, never through the loop."""
+    address, _ = cluster
+    client = await connect(address, 1)
+    try:
+        calls = [call(spec(model_dir, 0, b), rows=2 + b, seed=20 + b) for b in range(2)]
+        assert client.invoke_warm(calls) is None  # the worker does not know them yet: `invoke` must
+        await client.invoke(calls)  # loads them
+        channel = client._channels["w-ring"]
+        assert channel.conn.ring.synchronous
+        for _ in range(3):
+            outputs = client.invoke_warm(calls)
+            assert outputs is not None
+            for c, out in zip(calls, outputs):
+                assert torch.equal(out, expected(model_dir, c))
+        assert client.stats.sync_messages == 3 and client.stats.ring_messages == 3
+        assert channel.conn.ring._pending == {}  # nothing went through the loop's "done" doorbell
+        del outputs, out
+        assert channel.conn.region._take() is not None  # the slots came back
+    finally:
+        await client.close()
+
+
+async def test_a_warm_call_from_a_thread_to_an_evicted_block_is_left_to_invoke(model_dir):
+    block_bytes = spec(model_dir, 0, 0).nbytes
+    with pool("w-small-sync", memory=str(block_bytes + block_bytes // 2)) as (address, _):
+        client = await connect(address, 1)
+        try:
+            a, b = call(spec(model_dir, 0, 0), seed=1), call(spec(model_dir, 0, 1), seed=2)
+            await client.invoke([a])
+            await client.invoke([b])  # evicts a
+            assert await asyncio.to_thread(client.invoke_warm, [a]) is None  # the worker answered COLD
+            region = client._channels["w-small-sync"].conn.region
+            assert not any(region._in_flight)  # its slot came back
+            (out,) = await client.invoke([a])
+            assert torch.equal(out, expected(model_dir, a)) and client.stats.sync_messages == 0
+        finally:
+            await client.close()
+
+
+async def test_a_worker_killed_with_a_call_from_a_thread_fails_it_at_once(model_dir):
+    with pool("w-doomed-sync") as (address, worker):
+        client = await connect(address, 1)
+        try:
+            c = call(spec(model_dir, 0, 0), seed=3)
+            await client.invoke([c])
+            assert await asyncio.to_thread(client.invoke_warm, [c]) is not None
+            os.kill(worker.proc.pid, signal.SIGSTOP)  # the call waits in the ring
+            wait_stopped(worker.proc.pid)
+            pending = asyncio.ensure_future(asyncio.to_thread(client.invoke_warm, [c]))
+            await asyncio.sleep(0.3)
+            assert not pending.done()
+            worker.kill()
+            started = time.monotonic()
+            assert await pending is None  # left to `invoke`, which finds the worker gone
+            assert time.monotonic() - started < 1.5  # the socket's close woke it, not the 2 s deadline
+        finally:
+            await client.close()
