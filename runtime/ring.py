@@ -45,9 +45,10 @@ from runtime import protocol as p
 log = logging.getLogger(__name__)
 
 RING_ENV = "FAASMOE_RING"  # "0": never offer or accept the call ring
-# The worker's thread polls the slots this long after a call before it blocks on the doorbell. 0 by default:
-# on a CPU the next layer's call comes a trunk half later (milliseconds), so polling only takes the GIL
-# and a core from the frontend beside it; bench/dispatch.py --paths ring,ring-spin measures both.
+# The worker's thread polls the slots this long after a call before it blocks on the doorbell, a synchronous
+# caller its slot before it sleeps. 0 by default: on a CPU the next layer's call comes a trunk half later and
+# an expert call takes milliseconds, so polling only takes the GIL and a core from the process beside it;
+# bench/dispatch.py --paths ring,ring-spin,ring-sync,ring-sync-spin measures each.
 SPIN_ENV = "FAASMOE_RING_SPIN_US"
 IDLE, POSTED, DONE, COLD, FAILED = 0, 1, 2, 3, 4
 READY_AT = 32  # header byte the worker sets once its ring thread runs (before it answers the offer):
@@ -128,6 +129,7 @@ class RingCaller:
         self._release = release  # hands a slot back to the region once nobody needs it
         self._pending: dict[int, asyncio.Future[int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._spin_s = _spin_seconds()  # wait_sync polls this long before it sleeps
         self.closed = False
 
     @classmethod
@@ -203,6 +205,10 @@ class RingCaller:
         dtype, output bytes). Raises TimeoutError past `timeout` (the slot stays lent: the caller drops the
         connection) and ConnectionError when the ring closes meanwhile."""
         s = self._slots
+        if self._spin_s:
+            until = time.perf_counter() + self._spin_s
+            while s.state(slot) == POSTED and time.perf_counter() < until:
+                pass
         address, deadline = s.state_address(slot), time.monotonic() + timeout
         while (state := s.state(slot)) == POSTED:
             if self.closed:
@@ -315,8 +321,7 @@ class RingServer:
             except FileNotFoundError:
                 pass
         self._serve = serve
-        # Polling sees a slot without a syscall between, which orders the peer's writes only on x86 (TSO).
-        self._spin_s = float(os.environ.get(SPIN_ENV, "0")) / 1e6 if platform.machine() in ("x86_64", "AMD64") else 0.0
+        self._spin_s = _spin_seconds()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -426,6 +431,11 @@ def _place_output(output: torch.Tensor, dest: torch.Tensor) -> int:
         return nbytes
     dest[:nbytes].view(output.dtype).view(output.shape).copy_(output)
     return nbytes
+
+
+def _spin_seconds() -> float:
+    # Polling sees a slot without a syscall between, which orders the peer's writes only on x86 (TSO).
+    return float(os.environ.get(SPIN_ENV, "0")) / 1e6 if platform.machine() in ("x86_64", "AMD64") else 0.0
 
 
 def _open_fifo(path: str, flags: int) -> int:
