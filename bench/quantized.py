@@ -12,11 +12,17 @@ Per format, as a worker does it (`ExpertLayout.load_block`, hashed against the b
   states, fresh ones each step so the experts change as in a real decode) at batch 1 and 16 (decode) and 256
   (a prefill chunk), p50 of `--iterations` steps, shown as the tokens/s a 24-layer model's experts would allow.
 Formats alternate within each round (A B C D A B C D). Writes bench/results/quantized.md and .json.
+
+    python bench/quantized.py --vllm           # also: does vLLM's CPU build serve each quantized checkpoint?
+
+With --vllm, vLLM's CPU build (bench/peer.py's `.venv-vllm/`, installed there on first use) is started on each
+quantized checkpoint, bound to all cores: "serves", or the reason its engine gives for refusing it.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -126,8 +132,11 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--batches", default="1,16,256", help="rows per layer call: decode batches, a prefill chunk")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quantized.json")
+    parser.add_argument("--vllm", action="store_true", help="also start vLLM's CPU build on each quantized checkpoint")
     args = parser.parse_args()
     formats = args.formats.split(",")
+    if args.vllm:
+        args.vllm = vllm_verdicts({f: p for f, p in checkpoints(args.model_dir).items() if f in formats and f != "bf16"})
     batches = [int(b) for b in args.batches.split(",")]
     paths = checkpoints(args.model_dir)
     executors = {f: layer_executor(paths[f]) for f in formats}
@@ -144,6 +153,33 @@ def main() -> None:
             layer = ", ".join(f"b{b} {results[f]['decode'][b][-1] * 1e3:.1f} ms" for b in batches)
             print(f"round {round_ + 1} {f}: load {results[f]['cold'][-1]['layer_load_s']:.2f}s, layer {layer}", flush=True)
     report(args, formats, batches, executors, results)
+
+
+def vllm_verdicts(paths: dict[str, Path]) -> dict[str, str]:
+    """Format -> "serves" or vLLM's reason for refusing its checkpoint (the exception its engine raised)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import tempfile
+
+    import peer
+
+    peer.ensure_vllm()
+    verdicts = {}
+    for fmt, path in paths.items():
+        logs = tempfile.mkdtemp(prefix="faasmoe-vllm-")
+        options = argparse.Namespace(vllm_kv_gib=1, server_log=True, out=str(Path(logs) / "x.json"))
+        try:
+            with peer.serving("vllm-2core", path, "bfloat16", options) as server:
+                verdicts[fmt] = f"serves (ready after {server.ready_s:.0f} s)"
+        except RuntimeError:
+            lines = [line for log in glob.glob(f"{logs}/peer-logs/*.log") for line in Path(log).read_text().splitlines()]
+            reasons = [line.split("] ", 1)[-1].strip() for line in lines
+                       if "Error: " in line and "Engine core initialization failed" not in line]
+            verdicts[fmt] = "refused: " + (reasons[-1] if reasons else "(no reason in its log)")
+            more = [line.split("] ", 1)[-1].strip() for line in lines if "Kernel requires" in line]  # why each kernel declined
+            if more:
+                verdicts[fmt] += " " + " ".join(dict.fromkeys(more))
+        print(f"vLLM on {fmt}: {verdicts[fmt]}", flush=True)
+    return verdicts
 
 
 def report(args, formats, batches, executors, results) -> None:
@@ -184,9 +220,13 @@ def report(args, formats, batches, executors, results) -> None:
     text = (f"# Quantized experts, Qwen1.5-MoE-A2.7B shape ({machine})\n\n"
             f"`python bench/quantized.py --rounds {args.rounds} --iterations {args.iterations}`; medians over rounds; "
             f"expert tok/s = rows / (24 layers x the layer's time).\n\n" + "\n".join(rows) + "\n")
+    if args.vllm:
+        text += "\nvLLM's CPU build on the same checkpoints (bound to all cores):\n\n" + "".join(
+            f"* {fmt}: {verdict}\n" for fmt, verdict in args.vllm.items())
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "formats": summary}, indent=2, default=str))
+    args.out.write_text(json.dumps({"machine": machine, "formats": summary, "vllm": args.vllm or None}, indent=2,
+                                   default=str))
     args.out.with_suffix(".md").write_text(text)
 
 
