@@ -342,7 +342,11 @@ class RuntimeClient:
                 break
             x, e, out_offset = placed
             slot = region.slot_of(out_offset)
-            if not caller.post_sync(slot, [c.function.function_id for c in mine], rows, x, e, out_nbytes):
+            try:
+                sent = caller.post_sync(slot, [c.function.function_id for c in mine], rows, x, e, out_nbytes)
+            except ConnectionError:  # the loop closed the ring since `_warm_groups` looked: nothing was posted
+                sent = False
+            if not sent:
                 region.release(slot)
                 complete = False
                 break
