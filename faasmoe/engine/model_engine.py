@@ -404,11 +404,11 @@ class ModelEngine:
             models = list(dict.fromkeys(model for model, _ in rows))
         starting = any(not r.seq.output for r in group)
         depth = (self.prefetch_depth or trunk.config.num_layers) if starting else 1
-        warm = getattr(self.executor, "run_layer_warm", None) if warm else None
-        if warm is None:
+        warm = warm and hasattr(self.executor, "run_layer_warm")  # remote experts only
+        cost = current_step_cost()
+        if not warm:
             done, value = await self._run(_advance, layers, None)
         else:
-            cost = current_step_cost()
             done, value, advanced = await self._run(self._advance_warm, layers, None, trunk, rows, models, cost, depth,
                                                     yields)
             depth = 1 if advanced else depth
@@ -430,7 +430,7 @@ class ModelEngine:
                 expert_out = await call
             if yields:
                 await self._yield_to_lane()
-            if warm is None:
+            if not warm:
                 done, value = await self._run(_advance, layers, expert_out)
             else:
                 done, value, _ = await self._run(self._advance_warm, layers, expert_out, trunk, rows, models, cost, 1,
