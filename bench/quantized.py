@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -158,9 +159,7 @@ def main() -> None:
 def vllm_verdicts(paths: dict[str, Path]) -> dict[str, str]:
     """Format -> "serves" or vLLM's reason for refusing its checkpoint (the exception its engine raised)."""
     sys.path.insert(0, str(ROOT / "bench"))
-    import tempfile
-
-    import peer
+    import peer  # bench/peer.py: the vLLM virtualenv and how to start and stop its server
 
     peer.ensure_vllm()
     verdicts = {}

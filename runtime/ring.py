@@ -12,7 +12,7 @@ carries its per-step broadcast, without its spinning: on 2 cores a spinning read
 writer needs (measured in bench/dispatch.py).
 
 A thread off the event loop (the frontend's compute thread, between two trunk halves) can call through the
-ring synchronously (`RingCaller.call_sync`): it posts the slot with the WAKE_FUTEX flag and sleeps on the
+ring synchronously (`RingCaller.post_sync`, `wait_sync`): it posts the slot with the WAKE_FUTEX flag and sleeps on the
 slot's state word (`runtime.futex`); the worker wakes it there instead of writing "done", so the reply
 reaches the caller with one kernel wakeup and no event loop, message or task on either side. Workers that
 can do so say it in the header (READY_FUTEX).
@@ -53,7 +53,7 @@ SPIN_ENV = "FAASMOE_RING_SPIN_US"
 IDLE, POSTED, DONE, COLD, FAILED = 0, 1, 2, 3, 4
 READY_AT = 32  # header byte the worker sets once its ring thread runs (before it answers the offer):
 READY_PIPE, READY_FUTEX = 1, 2  # it wakes callers through "done" only, or also on a slot's state word
-WAKE_FUTEX = 1  # record flag: the caller sleeps on the state word (call_sync), not in the event loop
+WAKE_FUTEX = 1  # record flag: the caller sleeps on the state word (wait_sync), not in the event loop
 _CONTROL_AT = 64  # after the cookie: one record per slot
 _CONTROL_STRIDE = 64
 # state, calls, rows, hidden, x dtype, experts dtype, output dtype, flags, offsets in the input area of the
@@ -163,7 +163,8 @@ class RingCaller:
 
     @property
     def synchronous(self) -> bool:
-        """Whether `call_sync` may be used: the worker wakes callers on the state word, and this host can wait there."""
+        """Whether `post_sync` and `wait_sync` may be used: the worker wakes callers on the state word and this
+        host can wait there."""
         return self._slots.mm[READY_AT] == READY_FUTEX and futex.available() and not self.closed
 
     def start(self) -> None:

@@ -64,6 +64,18 @@ def wait_stopped(pid: int, timeout: float = 5.0) -> None:
     raise AssertionError(f"process {pid} did not stop within {timeout} s")
 
 
+async def killed_with_a_call_pending(worker, start_call) -> tuple[asyncio.Future, float]:
+    """Stop the worker, start a call (it waits in the ring), check it waits, kill the worker: the call and
+    when the kill happened."""
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    wait_stopped(worker.proc.pid)
+    pending = start_call()
+    await asyncio.sleep(0.3)
+    assert not pending.done()
+    worker.kill()
+    return pending, time.monotonic()
+
+
 @pytest.fixture(scope="module")
 def cluster():
     with pool("w-ring") as running:
@@ -114,13 +126,7 @@ async def test_a_worker_killed_with_a_call_in_the_ring_fails_it_at_once(model_di
             await client.invoke([c])
             await client.invoke([c])
             assert client.stats.ring_messages == 1
-            os.kill(worker.proc.pid, signal.SIGSTOP)  # the call waits in the ring
-            wait_stopped(worker.proc.pid)
-            pending = asyncio.create_task(client.invoke([c]))
-            await asyncio.sleep(0.3)
-            assert not pending.done()
-            worker.kill()
-            started = time.monotonic()
+            pending, started = await killed_with_a_call_pending(worker, lambda: asyncio.create_task(client.invoke([c])))
             with pytest.raises(InvokeError):  # its only worker is gone: no retry can succeed
                 await pending
             assert time.monotonic() - started < 1.5  # the socket's close, not the 2 s deadline
@@ -259,13 +265,8 @@ async def test_a_worker_killed_with_a_call_from_a_thread_fails_it_at_once(model_
             c = call(spec(model_dir, 0, 0), seed=3)
             await client.invoke([c])
             assert await asyncio.to_thread(client.invoke_warm, [c]) is not None
-            os.kill(worker.proc.pid, signal.SIGSTOP)  # the call waits in the ring
-            wait_stopped(worker.proc.pid)
-            pending = asyncio.ensure_future(asyncio.to_thread(client.invoke_warm, [c]))
-            await asyncio.sleep(0.3)
-            assert not pending.done()
-            worker.kill()
-            started = time.monotonic()
+            pending, started = await killed_with_a_call_pending(
+                worker, lambda: asyncio.ensure_future(asyncio.to_thread(client.invoke_warm, [c])))
             assert await pending is None  # left to `invoke`, which finds the worker gone
             assert time.monotonic() - started < 1.5  # the socket's close woke it, not the 2 s deadline
         finally:
