@@ -19,7 +19,16 @@ import torch
 
 from faasmoe.model.config import MoEConfig
 from faasmoe.model.content import ContentMismatch, FileIdentity, PartHasher, block_digest, file_identity
-from faasmoe.model.quantized import QuantizedMatrix, from_stored, fuse_rows, pack_int4, packable, rows_buffer, stored_names
+from faasmoe.model.quantized import (
+    QuantizedMatrix,
+    from_stored,
+    fuse_rows,
+    pack_int4,
+    packable,
+    rows_buffer,
+    stored_names,
+    words_kernel_ready,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -377,9 +386,11 @@ class ExpertLayout:
                         hasher: PartHasher | None) -> QuantizedExpertWeights:
         """Experts first..first+count as their quantized matrices, each stored tensor hashed in block_parts' order."""
         scheme = self.config.quantization
-        matrices, index, halves = [], 0, []
+        matrices, index, halves = [], 0, [None, None]
+        # 4-bit words are held as read (Int4Words): nothing to convert into a buffer
+        convert = scheme.method == "fp8" or scheme.desc_act or not words_kernel_ready()
         for i, (weight, shape, names) in enumerate(self._quantized_matrices(prefix, first, count)):
-            if i % 3 == 0:  # an expert's gate and up go straight into one buffer: fuse_rows copies nothing
+            if i % 3 == 0 and convert:  # an expert's gate and up go straight into one buffer: fuse_rows copies nothing
                 halves = rows_buffer(scheme, [shape, shape])
             out = halves[i % 3] if i % 3 < 2 else None
             stored = {}

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from faasmoe.model.quantized import Fp8Matrix, Int4Matrix, Int4PackedMatrix
+from faasmoe.model.quantized import Fp8Matrix, Int4Matrix, Int4PackedMatrix, Int4Words, StackedMatrix
 
 CHUNK_ROWS = 512  # 512 x 2048 fp32 = 4 MiB: a chunk (and its packed copy) stays in cache
 MIN_PARALLEL_ELEMENTS = 8_000_000  # below ~32 MiB fp32 a single GEMM call is as fast
@@ -183,7 +183,7 @@ def _inference(task: Callable[[], None]) -> None:
     task()
 
 
-_QUANTIZED = (Fp8Matrix, Int4Matrix, Int4PackedMatrix)
+_QUANTIZED = (Fp8Matrix, Int4Matrix, Int4PackedMatrix, Int4Words, StackedMatrix)
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:

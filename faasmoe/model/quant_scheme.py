@@ -88,8 +88,17 @@ class QuantScheme:
             return out_features * in_features + rows * math.ceil(in_features / self.block[1]) * 4
         group = self.group_of(in_features)
         groups = in_features // group
+        if not self.desc_act and self.held_as_words():  # qweight, qzeros and (fp16) scales as stored
+            return out_features * in_features // 2 + groups * out_features // 2 + 2 * groups * out_features
         perm = in_features * 8 if self.desc_act and groups > 1 else 0  # one group has no order to keep
         return out_features * in_features // 2 + 2 * groups * out_features * dtype.itemsize + perm
+
+    def held_as_words(self) -> bool:
+        """Whether 4-bit matrices are held in their checkpoint's words (faasmoe.model.quantized.Int4Words): where
+        its kernel builds, for every matrix without GPTQ's activation order."""
+        from faasmoe.model.quantized import words_kernel_ready  # it reads this module
+
+        return self.method in ("gptq", "awq") and words_kernel_ready()
 
     def expert_bytes(self, hidden: int, inter: int, dtype: torch.dtype) -> int:
         """Bytes of one routed expert as held: gate and up fused in one [2I, H] matrix, down [H, I]."""

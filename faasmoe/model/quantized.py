@@ -3,9 +3,14 @@
 A matrix W [N, K] (y = x @ W.T) of a quantized checkpoint (`faasmoe.model.quant_scheme`) becomes one of:
 
 * `Fp8Matrix`: the e4m3 bytes and the checkpoint's block scales, as they lie in the file (1 byte a weight).
+* `Int4Words`: a GPTQ or AWQ matrix as the file holds it (qweight, qzeros, scales: 0.5 byte a weight and its
+  group's scale and zero), multiplied from those words by csrc/int4_linear.c: a cold start converts nothing.
+  A gate and an up projection of an expert stay two such matrices under one `StackedMatrix`.
 * `Int4Matrix`: GPTQ and AWQ alike, unpacked from their layouts into one: two 4-bit codes a byte, and per
   group of input columns a scale and a zero in the float domain, W = (q - 8) * scale + zero (0.5 byte a
-  weight). GPTQ's activation order becomes a permutation of x's columns, so groups are contiguous.
+  weight). GPTQ's activation order becomes a permutation of x's columns, so groups are contiguous. The form of
+  an act-order matrix, and of every 4-bit matrix where the C kernel cannot be built (no compiler,
+  FAASMOE_NATIVE=0).
 * `Int4PackedMatrix`: an Int4Matrix in the layout of torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`),
   the same bytes; made by `pack_int4` where the kernel takes the shape.
 
@@ -13,7 +18,8 @@ Every form multiplies without a dense copy of the whole matrix on the CPU: `Fp8M
 dequantize one cache-sized chunk of rows at a time into fp32 (as `kernels.linear` widens bf16 on CPUs without
 native bf16), rounded to the compute dtype first, so they multiply exactly the weights a dequantized checkpoint
 holds; the int4 kernel reads the codes directly, with scale and zero in the compute dtype (in bf16 one rounding
-more than the reference's). Other devices dequantize the matrix per call and use F.linear.
+more than the reference's); `Int4Words` computes (q - z) * s in fp32, unrounded. Other devices dequantize the
+matrix per call and use F.linear.
 """
 
 from __future__ import annotations
@@ -156,7 +162,111 @@ class Int4PackedMatrix:
         return out.reshape(*x.shape[:-1], self.shape[0]).to(x.dtype)
 
 
-QuantizedMatrix = Fp8Matrix | Int4Matrix | Int4PackedMatrix
+@dataclass(frozen=True)
+class Int4Words:
+    """A GPTQ or AWQ matrix held in the words its checkpoint stores: qweight, qzeros and scales as read, nothing
+    converted at load (a cold start costs the read alone), multiplied from them by csrc/int4_linear.c. Elsewhere
+    (another device) it is unpacked into an Int4Matrix per call."""
+
+    words: torch.Tensor  # int32: GPTQ [K / 8, N], AWQ [K, N / 8]
+    qzeros: torch.Tensor  # int32 [K / group, N / 8]
+    scales: torch.Tensor  # [K / group, N], fp16 as stored (fp32 and bf16 are taken too)
+    scheme: QuantScheme
+    dtype: torch.dtype  # the compute dtype
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.words.nbytes + self.qzeros.nbytes + self.scales.nbytes
+
+    def to(self, device: torch.device | str) -> Int4Words:
+        return Int4Words(self.words.to(device), self.qzeros.to(device), self.scales.to(device), self.scheme,
+                         self.dtype, self.shape)
+
+    def codes(self) -> Int4Matrix:
+        return _int4_codes(self.scheme, self.words, self.qzeros, self.scales, None, self.shape, self.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes().dequantize()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.empty(flat.shape[0], self.shape[0], dtype=torch.float32)
+        if x.device.type != "cpu" or not self.matmul_into(flat.float().contiguous(), out, 0):
+            return self.codes().matmul(x)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+
+    def matmul_into(self, flat: torch.Tensor, out: torch.Tensor, column: int) -> bool:
+        """out[:, column:column + N] = flat @ W.T (flat contiguous fp32 on the CPU, out fp32 with unit column
+        stride); False where the kernel is not built here."""
+        fn = _int4_linear()
+        if fn is None:
+            return False
+        (n, k), group = self.shape, self.scheme.group_of(self.shape[1])
+        code = fn(flat.data_ptr(), flat.shape[0], k, self.words.data_ptr(), int(self.scheme.method == "awq"),
+                  self.qzeros.data_ptr(), self.scheme.zero_offset if self.scheme.method == "gptq" else 0,
+                  self.scales.data_ptr(), _KERNEL_SCALES[self.scales.dtype], group, 0, n, n,
+                  out.data_ptr() + column * out.element_size(), out.stride(0))
+        return code == 0
+
+
+@dataclass(frozen=True)
+class StackedMatrix:
+    """Matrices stacked along their output rows without copying them (a gate and an up projection held as
+    their checkpoint's words): one output, each part's columns written in place."""
+
+    parts: tuple[Int4Words, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def to(self, device: torch.device | str) -> StackedMatrix:
+        return StackedMatrix(tuple(p.to(device) for p in self.parts))
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if x.device.type == "cpu":
+            xs = flat.float().contiguous()
+            out = torch.empty(flat.shape[0], self.shape[0], dtype=torch.float32)
+            column = 0
+            for part in self.parts:
+                if not part.matmul_into(xs, out, column):
+                    break
+                column += part.shape[0]
+            else:
+                return out.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+        return torch.cat([p.matmul(x) for p in self.parts], dim=-1)
+
+
+QuantizedMatrix = Fp8Matrix | Int4Matrix | Int4PackedMatrix | Int4Words | StackedMatrix
+
+# scale dtypes csrc/int4_linear.c reads, and its code for each
+_KERNEL_SCALES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _int4_linear():
+    from faasmoe.model import native
+
+    p, i = ctypes.c_void_p, ctypes.c_int
+    return native.kernel("int4_linear", "int4_linear", [p, i, i, p, i, p, i, p, i, i, i, i, i, p, i])
+
+
+def words_kernel_ready() -> bool:
+    """Whether 4-bit matrices are held as their checkpoint's words here (csrc/int4_linear.c builds); else they
+    are unpacked at load into an Int4Matrix and packed for torch's int4 kernel."""
+    return _int4_linear() is not None
 
 
 _E4M3_SHIFT = 2.0**120  # fp32's exponent bias (127) less e4m3's (7)
@@ -245,6 +355,8 @@ def fuse_rows(first: QuantizedMatrix, second: QuantizedMatrix) -> QuantizedMatri
         if a.shape[0] % a.block[0]:  # a partial last block: give every row its own scale row
             a, b = _per_row_scales(a), _per_row_scales(b)
         return Fp8Matrix(_stacked(a.weight, b.weight), torch.cat((a.scale, b.scale)), a.block, a.dtype)
+    if isinstance(first, Int4Words) and isinstance(second, Int4Words):
+        return StackedMatrix((first, second))
     if isinstance(first, Int4Matrix) and isinstance(second, Int4Matrix):
         if (first.perm is None) != (second.perm is None) or (first.perm is not None and
                                                              not torch.equal(first.perm, second.perm)):
@@ -335,29 +447,47 @@ def from_stored(scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tu
         raise QuantizationError(f"{name}: {scheme.method} tensors qweight {list(qweight.shape)}, qzeros "
                                 f"{list(qzeros.shape)}, scales {list(scales.shape)} do not fit a [{n}, {k}] matrix "
                                 f"in groups of {group}")
+    perm = _act_order(tensors.get("g_idx"), k, group, name)
+    if perm is None and qweight.device.type == "cpu" and words_kernel_ready() and group >= 8 and group % 8 == 0 \
+            and scales.dtype in _KERNEL_SCALES:
+        return Int4Words(qweight, qzeros, scales, scheme, dtype, (n, k))
+    return _int4_codes(scheme, qweight, qzeros, scales, perm, (n, k), dtype, out)
+
+
+def _act_order(g_idx: torch.Tensor | None, k: int, group: int, name: str) -> torch.Tensor | None:
+    """GPTQ's g_idx as the permutation of x's columns that makes groups contiguous; None where they already are."""
+    if g_idx is None:
+        return None
+    if tuple(g_idx.shape) != (k,):
+        raise QuantizationError(f"{name}: g_idx has shape {list(g_idx.shape)}, expected [{k}]")
+    g_idx = g_idx.long()
+    if torch.equal(g_idx, torch.arange(k) // group):
+        return None
+    perm = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[perm], torch.arange(k) // group):
+        raise QuantizationError(f"{name}: g_idx does not put {group} columns in each group")
+    return perm
+
+
+def _int4_codes(scheme: QuantScheme, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                perm: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype,
+                out: torch.Tensor | None = None) -> Int4Matrix:
+    """The words of a GPTQ or AWQ matrix unpacked into an Int4Matrix (its codes into `out` when given)."""
+    n, k = shape
     if scheme.method == "gptq":
         nibbles = _gptq_nibbles(qweight, out)  # act order permutes them below, back into out
         zero = _unpack_words(qzeros).float() + scheme.zero_offset
     else:
         nibbles = _awq_nibbles(qweight, out)
         zero = _unpack_words(qzeros, order=AWQ_ORDER).float()
-    perm = None
-    g_idx = tensors.get("g_idx")
-    if g_idx is not None:
-        if tuple(g_idx.shape) != (k,):
-            raise QuantizationError(f"{name}: g_idx has shape {list(g_idx.shape)}, expected [{k}]")
-        g_idx = g_idx.long()
-        if not torch.equal(g_idx, torch.arange(k) // group):
-            perm = torch.argsort(g_idx, stable=True)
-            if not torch.equal(g_idx[perm], torch.arange(k) // group):
-                raise QuantizationError(f"{name}: g_idx does not put {group} columns in each group")
-            codes = torch.stack((nibbles & 0xF, nibbles >> 4), dim=-1).view(n, k).index_select(1, perm)
-            nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    if perm is not None:
+        codes = torch.stack((nibbles & 0xF, nibbles >> 4), dim=-1).view(n, k).index_select(1, perm)
+        nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
     if out is not None and nibbles.data_ptr() != out.data_ptr():
         nibbles = out.copy_(nibbles)
     scale = scales.float()
     zeros_float = ((8 - zero) * scale).to(dtype)
-    return Int4Matrix(nibbles, scale.to(dtype), zeros_float, group, perm)
+    return Int4Matrix(nibbles, scale.to(dtype), zeros_float, scheme.group_of(k), perm)
 
 
 def _gptq_nibbles(qweight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -395,8 +525,8 @@ _HIGH_NIBBLES = -0x0F0F0F10  # 0xF0F0F0F0 as int32
 def _unpack_words(words: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
     """uint8 4-bit codes [R, C] from int32 words [R, C/8] of eight along the columns: word [r, c] holds columns
     8c.., nibble i column 8c + order[i] (order: 0..7 unless given). The zeros of both formats."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)  # Int4Words unpack on their device
     nibbles = ((words.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)  # [R, C, 8]
     if order is not None:
-        nibbles = torch.empty_like(nibbles).index_copy_(-1, torch.tensor(order), nibbles)
+        nibbles = torch.empty_like(nibbles).index_copy_(-1, torch.tensor(order, device=words.device), nibbles)
     return nibbles.reshape(words.shape[0], -1)

@@ -27,6 +27,7 @@ from faasmoe.model.quantized import (
     FP8_KERNEL_ROWS,
     Fp8Matrix,
     Int4PackedMatrix,
+    Int4Words,
     _fp8_kernel_matmul,
     _fp8_linear,
     from_stored,
@@ -161,8 +162,12 @@ def test_bf16_logits_are_as_close_to_the_reference_as_bf16_itself(checkpoints, m
 
 # At these tiny shapes (groups of 32 columns) scales and zeros weigh more than at real ones: bench/quantized.py
 # measures the ratios on the Qwen1.5-MoE-A2.7B shape.
+@pytest.mark.parametrize("native_kernels", ["1", "0"])
 @pytest.mark.parametrize("method,ratio", [("fp8", 0.55), ("gptq-int4", 0.35), ("awq-int4", 0.35)])
-def test_experts_stay_quantized_and_are_counted_as_such(checkpoints, method, ratio):
+def test_experts_stay_quantized_and_are_counted_as_such(checkpoints, method, ratio, native_kernels, monkeypatch):
+    if native_kernels == "1" and shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the kernels are not built")
+    monkeypatch.setenv(native.NATIVE_ENV, native_kernels)
     path, _ = checkpoints("qwen2_moe", method)
     config = MoEConfig.from_pretrained(path)
     reader = CheckpointReader(path)
@@ -175,7 +180,12 @@ def test_experts_stay_quantized_and_are_counted_as_such(checkpoints, method, rat
     assert stored <= ratio * plain and weights.nbytes <= ratio * plain
     packed = weights.packed()
     assert packed.nbytes == weights.nbytes
-    if method != "fp8":
+    if method != "fp8" and native.enabled():  # held as the file's words: nothing converted, nothing to pack
+        g_idx = sum(reader.entry(name).dtype.itemsize * torch.Size(shape).numel()
+                    for name, _, _, shape in layout.block_parts(0, 0, 4) if name.endswith("g_idx"))
+        assert weights.nbytes == stored - g_idx and packed is weights  # g_idx in order says nothing to keep
+        assert all(isinstance(m, Int4Words) for gate_up in weights.gate_up for m in gate_up.parts)
+    elif method != "fp8":
         assert all(isinstance(m, Int4PackedMatrix) for m in packed.gate_up + packed.down)
 
 
@@ -206,7 +216,8 @@ def test_quantized_tensors_of_the_wrong_dtype_are_refused():
 
 
 @pytest.mark.parametrize("method", ["fp8", "gptq"])
-def test_a_gate_and_up_converted_into_one_buffer_fuse_without_a_copy(method):
+def test_a_gate_and_up_converted_into_one_buffer_fuse_without_a_copy(method, monkeypatch):
+    monkeypatch.setenv(native.NATIVE_ENV, "0")  # 4-bit words are converted only where their kernel is not built
     scheme = QuantScheme.from_config({"quant_method": "fp8", "weight_block_size": [128, 128]} if method == "fp8" else
                                      {"quant_method": "gptq", "bits": 4, "group_size": 64})
     n, k = 256, 128
@@ -227,6 +238,39 @@ def test_a_gate_and_up_converted_into_one_buffer_fuse_without_a_copy(method):
     codes = together.weight if method == "fp8" else together.codes
     assert codes.data_ptr() == halves[0].data_ptr() and codes.shape[0] == 2 * n  # the buffer itself
     assert torch.equal(together.dequantize(), fuse_rows(*apart).dequantize())  # and the same weights as a copy
+
+
+def random_words(method: str, n: int, k: int, group: int, scale_dtype: torch.dtype, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"qweight": torch.randint(-2**31, 2**31 - 1, (k // 8, n) if method == "gptq-int4" else (k, n // 8),
+                                     generator=g, dtype=torch.int32),
+            "qzeros": torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), generator=g, dtype=torch.int32),
+            "scales": (torch.rand(k // group, n, generator=g) * 0.02 + 1e-3).to(scale_dtype),
+            "g_idx": torch.arange(k, dtype=torch.int32) // group}
+
+
+@pytest.mark.parametrize("method", ["gptq-int4", "awq-int4"])
+@pytest.mark.parametrize("n,k,group,scale_dtype", [
+    (1408, 2048, 128, torch.float16),  # the A2.7B shape: 22 tiles of 64 columns, in 11 pairs
+    (200, 96, 32, torch.float32),  # a last tile of 8 columns, alone in its pair
+    (136, 256, 8, torch.bfloat16),  # groups of 8 (unpacked 8 rows of K at a time)
+])
+def test_the_int4_kernel_multiplies_the_stored_words_as_the_formats_say(method, n, k, group, scale_dtype):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: 4-bit words are unpacked at load (tested by the other 4-bit tests)")
+    stored = random_words(method, n, k, group, scale_dtype, seed=n + k)
+    config = {"quantization_config": {"group_size": group}}
+    weights = reference_weight(method, {f"w.{s}": t for s, t in stored.items()}, "w", config).double()
+    scheme = QuantScheme.from_config({"quant_method": method.removesuffix("-int4"), "bits": 4, "group_size": group})
+    m = from_stored(scheme, stored, (n, k), torch.float32)
+    assert isinstance(m, Int4Words) and m.words is stored["qweight"]  # held as read
+    g = torch.Generator().manual_seed(2)
+    for rows in (1, 2, 3, 5, 17):  # in registers (1, 2), through the buffer (3, 5), two passes of 16 rows (17)
+        x = torch.randn(rows, k, generator=g)
+        expected = x.double() @ weights.t()
+        # fp32 sums of K products: the error is that of any fp32 matmul, far below one weight's quantization step
+        assert relative_error(m.matmul(x).double(), expected) < 1e-6
+    assert torch.equal(m.dequantize(), m.codes().dequantize())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
