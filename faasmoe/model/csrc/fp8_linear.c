@@ -94,8 +94,8 @@ FP8_COLUMNS(1, 3)
 FP8_COLUMNS(1, 2)
 FP8_COLUMNS(1, 1)
 
-/* Columns n0..n1 by the kernels above (where K and the blocks split in sixteens); returns n1. */
-static int fp8_columns(const float *x, int rows, int k, const uint8_t *codes, int n0, int n1, int n,
+/* Columns n0..n1 by the kernels above (where K and the blocks split in sixteens). */
+static void fp8_columns(const float *x, int rows, int k, const uint8_t *codes, int n0, int n1, int n,
                        const float *scale, int scale_cols, int block_rows, int block_cols, float *y) {
     int col = n0, cols = rows == 1 ? 4 : rows == 2 ? 2 : 1;
     for (; col < n1; col += cols) {
@@ -112,24 +112,26 @@ static int fp8_columns(const float *x, int rows, int k, const uint8_t *codes, in
             else fp8_columns_1x1(xg, k, codes, col, n, scale, scale_cols, block_rows, block_cols, yg);
         }
     }
-    return col;
 }
 #endif
 
-/* Output columns n0..n1 of y [rows, N] (row stride N) from x [rows, K] (row stride K), rows <= MAX_ROWS.
+/* Output columns n0..n1 of y [rows, N] (row stride N) from x [rows, K] (row stride K); rows <= MAX_ROWS where
+ * K or the blocks do not split in sixteens.
  * scale [ceil(N / block_rows), ceil(K / block_cols)] already times 2^120. Returns 0, or -1 when the sizes
  * are outside what this kernel takes (the caller checks them first). */
 int fp8_linear(const float *x, int rows, int k, const int8_t *codes, int n0, int n1, int n, const float *scale,
                int block_rows, int block_cols, int round_bf16, float *y) {
-    if (rows < 1 || rows > MAX_ROWS || block_cols < 1 || block_cols > MAX_BLOCK || block_rows < 1) return -1;
+    if (rows < 1 || block_cols < 1 || block_cols > MAX_BLOCK || block_rows < 1) return -1;
     int scale_cols = (k + block_cols - 1) / block_cols;
-    union { uint32_t bits[MAX_BLOCK]; float value[MAX_BLOCK]; } w;
-    int first = n0;
 #ifdef __AVX2__
-    if (k % 16 == 0 && block_cols % 16 == 0)
-        first = fp8_columns(x, rows, k, (const uint8_t *)codes, n0, n1, n, scale, scale_cols, block_rows, block_cols, y);
+    if (k % 16 == 0 && block_cols % 16 == 0) {  /* any number of rows, four at a time */
+        fp8_columns(x, rows, k, (const uint8_t *)codes, n0, n1, n, scale, scale_cols, block_rows, block_cols, y);
+        return 0;
+    }
 #endif
-    for (int col = first; col < n1; col++) {
+    if (rows > MAX_ROWS) return -1;
+    union { uint32_t bits[MAX_BLOCK]; float value[MAX_BLOCK]; } w;
+    for (int col = n0; col < n1; col++) {
         const int8_t *q = codes + (int64_t)col * k;
         const float *s = scale + (int64_t)(col / block_rows) * scale_cols;
         float acc[MAX_ROWS];

@@ -8,11 +8,12 @@
  *   AWQ_ORDER[i]), the zero being the nibble plus `zero_offset` (1 for GPTQ's v1 format, which stores z - 1);
  *   scales [K/group, N] fp32, fp16 or bf16. W[n, k] = (q - z) * s of k's group.
  *
- * Per tile of 64 output columns and chunk of up to 32 rows of K, the codes are unpacked once into an fp32
- * buffer in L1 (two vector ops per eight weights: nibble i is masked in place, which reads as q * 16^i, and the
- * power of two is taken out of x for GPTQ, whose nibbles run along K, or out of the scale for AWQ, whose run
- * along N: exact either way), then multiplied against up to 4 rows of x at a time from there. Each group's sums
- * become y += s * sum(x q) - s z * sum(x) in fp32 at the group's end. Built by faasmoe.model.native.
+ * One or two rows of x (decode) take each word's nibbles in turn in registers (mask, shift the word on,
+ * convert: three ops for eight weights, then an FMA a row). More rows share an unpacking: per tile of 64 output
+ * columns and chunk of up to 32 rows of K, the codes go once into an fp32 buffer in L1 and are multiplied
+ * against up to 4 rows of x at a time from there. Each group's sums become y += s * sum(x q) - s z * sum(x) in
+ * fp32 at the group's end. One mask register, no table of masks: with seven more live, GCC spilled the sums
+ * to the stack on every row of K. Built by faasmoe.model.native.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -29,10 +30,6 @@
 #define ROWS_IN_REGISTERS 2
 
 static const int AWQ_ORDER[8] = {0, 2, 4, 6, 1, 3, 5, 7};
-
-/* What unpacking leaves of nibble i: q * 16^i when masked in place (i < 7), q itself for the top one (shifted
- * down: masked, it would read as a negative int32). */
-static inline float nibble_factor(int i) { return i == 7 ? 1.0f : (float)(1u << (4 * i)); }
 
 static inline float half_to_float(uint16_t h) {
 #ifdef __F16C__
@@ -64,15 +61,15 @@ static void unpack_gptq(const int32_t *words, int n, int k0, int kc, int col, in
         const int32_t *row = words + (int64_t)(k0 / 8 + r) * n + col;
         float *out = buf + 8 * r * TILE;
 #ifdef __AVX2__
+        const __m256i low = _mm256_set1_epi32(0xF);
         for (int v = 0; v < nt; v += 8) {
             __m256i w = _mm256_loadu_si256((const __m256i *)(row + v));
-            for (int i = 0; i < 7; i++)
-                _mm256_storeu_ps(out + i * TILE + v, _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(0xF << (4 * i)))));
-            _mm256_storeu_ps(out + 7 * TILE + v, _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28)));
+            for (int i = 0; i < 8; i++, w = _mm256_srli_epi32(w, 4))
+                _mm256_storeu_ps(out + i * TILE + v, _mm256_cvtepi32_ps(_mm256_and_si256(w, low)));
         }
 #else
         for (int i = 0; i < 8; i++)
-            for (int b = 0; b < nt; b++) out[i * TILE + b] = (float)nibble((uint32_t)row[b], i) * nibble_factor(i);
+            for (int b = 0; b < nt; b++) out[i * TILE + b] = (float)nibble((uint32_t)row[b], i);
 #endif
     }
 }
@@ -93,12 +90,11 @@ static void unpack_awq(const int32_t *words, int n, int k0, int kc, int col, int
             w = _mm256_maskload_epi32(row, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes));
         }
         /* in order of i: each store's lanes past `count` are overwritten by the next one's */
-        for (int i = 0; i < 7; i++)
-            _mm256_storeu_ps(out + i * count, _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(0xF << (4 * i)))));
-        _mm256_storeu_ps(out + 7 * count, _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28)));
+        for (int i = 0; i < 8; i++, w = _mm256_srli_epi32(w, 4))
+            _mm256_storeu_ps(out + i * count, _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(0xF))));
 #else
         for (int i = 0; i < 8; i++)
-            for (int c = 0; c < count; c++) out[i * count + c] = (float)nibble((uint32_t)row[c], i) * nibble_factor(i);
+            for (int c = 0; c < count; c++) out[i * count + c] = (float)nibble((uint32_t)row[c], i);
 #endif
     }
 }
@@ -170,66 +166,70 @@ static void multiply(const float *x, int ldx, int rows, const float *buf, int kc
 
 #ifdef __AVX2__
 /* One row of x against V vectors of GPTQ columns (8 each), rows k0..k1 of K, unpacked in registers: for decode,
- * where the buffer's stores and loads would cost more than the unpacking. Two sets of sums (even and odd
- * nibbles) keep 2V chains of FMAs in flight. sums[v * 8..] += x . q. */
+ * where the buffer's stores and loads would cost more than the unpacking. Four sets of sums (nibble i mod 4)
+ * keep 4V chains of FMAs in flight; V = 4 spilled them. sums[v * 8..] += x . q. */
 #define GPTQ_ROW(V)                                                                                          \
-    static void gptq_row_##V(const float *xs, const int32_t *words, int n, int k0, int k1, int col,        \
+    static void gptq_row_##V(const float *x, const int32_t *words, int n, int k0, int k1, int col,         \
                              float *sums) {                                                                \
-        __m256 even[V], odd[V];                                                                            \
-        for (int v = 0; v < V; v++) even[v] = odd[v] = _mm256_setzero_ps();                                \
+        const __m256i low = _mm256_set1_epi32(0xF);                                                       \
+        __m256 acc[4][V];                                                                                  \
+        for (int j = 0; j < 4; j++)                                                                        \
+            for (int v = 0; v < V; v++) acc[j][v] = _mm256_setzero_ps();                                   \
         for (int k = k0; k < k1; k += 8) {                                                                 \
             const int32_t *row = words + (int64_t)(k / 8) * n + col;                                       \
+            _mm_prefetch((const char *)(row + TILE), _MM_HINT_T0);                                         \
             __m256i w[V];                                                                                  \
             for (int v = 0; v < V; v++) w[v] = _mm256_loadu_si256((const __m256i *)(row + 8 * v));         \
-            for (int i = 0; i < 8; i += 2) {                                                               \
-                __m256 x0 = _mm256_broadcast_ss(xs + k + i), x1 = _mm256_broadcast_ss(xs + k + i + 1);     \
+            for (int i = 0; i < 8; i++) {                                                                  \
+                __m256 xi = _mm256_broadcast_ss(x + k + i);                                                \
                 for (int v = 0; v < V; v++) {                                                              \
-                    __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(w[v], _mm256_set1_epi32(0xF << (4 * i)))); \
-                    __m256 q1 = i + 1 == 7 ? _mm256_cvtepi32_ps(_mm256_srli_epi32(w[v], 28))               \
-                        : _mm256_cvtepi32_ps(_mm256_and_si256(w[v], _mm256_set1_epi32(0xF << (4 * (i + 1))))); \
-                    even[v] = _mm256_fmadd_ps(x0, q0, even[v]);                                            \
-                    odd[v] = _mm256_fmadd_ps(x1, q1, odd[v]);                                              \
+                    acc[i % 4][v] = _mm256_fmadd_ps(xi, _mm256_cvtepi32_ps(_mm256_and_si256(w[v], low)), acc[i % 4][v]); \
+                    w[v] = _mm256_srli_epi32(w[v], 4);                                                     \
                 }                                                                                          \
             }                                                                                              \
         }                                                                                                  \
         for (int v = 0; v < V; v++)                                                                        \
-            _mm256_storeu_ps(sums + 8 * v, _mm256_add_ps(_mm256_loadu_ps(sums + 8 * v), _mm256_add_ps(even[v], odd[v]))); \
+            _mm256_storeu_ps(sums + 8 * v, _mm256_add_ps(_mm256_loadu_ps(sums + 8 * v),                    \
+                             _mm256_add_ps(_mm256_add_ps(acc[0][v], acc[1][v]), _mm256_add_ps(acc[2][v], acc[3][v])))); \
     }
-GPTQ_ROW(4) GPTQ_ROW(2) GPTQ_ROW(1)
+GPTQ_ROW(2) GPTQ_ROW(1)
 
 /* One row of x against a full AWQ tile (8 words a row of K: 64 columns), rows k0..k1, unpacked in registers:
- * sums[i * 8 + c] += x . (q * 16^i), the buffer's column order. */
+ * sums[i * 8 + c] += x . q of nibble i, the buffer's column order. */
 static void awq_row(const float *x, const int32_t *words, int n, int k0, int k1, int col, float *sums) {
-    __m256 acc[8];
-    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi32(0xF);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     for (int k = k0; k < k1; k++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(words + (int64_t)k * (n / 8) + col / 8));
+        const int32_t *row = words + (int64_t)k * (n / 8) + col / 8;
+        _mm_prefetch((const char *)(row + 16), _MM_HINT_T0);  /* the next line of this row: the tile after next */
+        __m256i w = _mm256_loadu_si256((const __m256i *)row);
         __m256 xk = _mm256_broadcast_ss(x + k);
-        for (int i = 0; i < 7; i++)
-            acc[i] = _mm256_fmadd_ps(xk, _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(0xF << (4 * i)))), acc[i]);
-        acc[7] = _mm256_fmadd_ps(xk, _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28)), acc[7]);
+#define AWQ_NIBBLE(acc) acc = _mm256_fmadd_ps(xk, _mm256_cvtepi32_ps(_mm256_and_si256(w, low)), acc); w = _mm256_srli_epi32(w, 4);
+        AWQ_NIBBLE(a0) AWQ_NIBBLE(a1) AWQ_NIBBLE(a2) AWQ_NIBBLE(a3) AWQ_NIBBLE(a4) AWQ_NIBBLE(a5) AWQ_NIBBLE(a6)
+        a7 = _mm256_fmadd_ps(xk, _mm256_cvtepi32_ps(w), a7);
+#undef AWQ_NIBBLE
     }
+    __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
     for (int i = 0; i < 8; i++) _mm256_storeu_ps(sums + 8 * i, _mm256_add_ps(_mm256_loadu_ps(sums + 8 * i), acc[i]));
 }
 
 /* One row's sums over rows k0..k1 of K for a tile, in registers; 0 where this tile needs the buffer. */
-static int row_in_registers(const float *xs, const int32_t *words, int layout, int n, int k0, int k1, int col,
+static int row_in_registers(const float *x, const int32_t *words, int layout, int n, int k0, int k1, int col,
                             int nt, float *sums) {
     if (layout == 1) {
         if (nt != TILE) return 0;
-        awq_row(xs, words, n, k0, k1, col, sums);
+        awq_row(x, words, n, k0, k1, col, sums);
         return 1;
     }
     for (int v = 0; v < nt / 8;) {
         int left = nt / 8 - v;
-        if (left >= 4) { gptq_row_4(xs, words, n, k0, k1, col + 8 * v, sums + 8 * v); v += 4; }
-        else if (left >= 2) { gptq_row_2(xs, words, n, k0, k1, col + 8 * v, sums + 8 * v); v += 2; }
-        else { gptq_row_1(xs, words, n, k0, k1, col + 8 * v, sums + 8 * v); v += 1; }
+        if (left >= 2) { gptq_row_2(x, words, n, k0, k1, col + 8 * v, sums + 8 * v); v += 2; }
+        else { gptq_row_1(x, words, n, k0, k1, col + 8 * v, sums + 8 * v); v += 1; }
     }
     return 1;
 }
 #else
-static int row_in_registers(const float *xs, const int32_t *words, int layout, int n, int k0, int k1, int col,
+static int row_in_registers(const float *x, const int32_t *words, int layout, int n, int k0, int k1, int col,
                             int nt, float *sums) {
     return 0;
 }
@@ -257,27 +257,37 @@ static void group_terms(const int32_t *qzeros, int zero_offset, const void *scal
         }
         return;
     }
+    if (count == 8) {  /* a full AWQ tile: buffer column 8i + c is column 8c + AWQ_ORDER[i], zero in nibble i */
+        __m256i z = _mm256_loadu_si256((const __m256i *)zeros);
+        for (int i = 0; i < 8; i++, z = _mm256_srli_epi32(z, 4)) {
+            for (int c = 0; c < 8; c++) scale[8 * i + c] = scale_at(scales, scale_dtype, at + 8 * c + AWQ_ORDER[i]);
+            __m256 s = _mm256_loadu_ps(scale + 8 * i);
+            __m256 zero = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_and_si256(z, low)), zoff);
+            _mm256_storeu_ps(offset + 8 * i, _mm256_mul_ps(s, zero));
+        }
+        return;
+    }
 #endif
     for (int b = 0; b < nt; b++) {
         int c = layout == 0 ? b : 8 * (b % count) + AWQ_ORDER[b / count];
         int position = layout == 0 ? c % 8 : b / count;  /* the nibble that holds column c */
         float s = scale_at(scales, scale_dtype, at + c);
         float zero = (float)(nibble((uint32_t)zeros[c / 8], position) + zero_offset);
-        scale[b] = layout == 0 ? s : s * (1.0f / nibble_factor(position));  /* AWQ: the power of two out of s */
+        scale[b] = s;
         offset[b] = s * zero;
     }
 }
 
-/* Group g of one tile (columns col..col+nt) for nr rows of x (xs: as scaled for the layout; xsum: the rows'
+/* Group g of one tile (columns col..col+nt) for nr rows of x (xsum: the rows'
  * sums per group): out[r][b] += scale * sum(x q) - zero * scale * sum(x). */
-static void tile_group(const float *xs, const float *xsum, int nr, int k, const int32_t *words, int layout,
+static void tile_group(const float *x, const float *xsum, int nr, int k, const int32_t *words, int layout,
                        const int32_t *qzeros, int zero_offset, const void *scales, int scale_dtype, int group,
                        int chunk, int g, int n, int col, int nt, float *out) {
     float buf[CHUNK_K * TILE], sums[CHUNK_ROWS * TILE], scale[TILE], offset[TILE];
     int groups = k / group, r = 0;
     memset(sums, 0, sizeof(float) * (size_t)nr * TILE);
     if (nr <= ROWS_IN_REGISTERS)  /* the group's codes stay in L1 for the next row */
-        while (r < nr && row_in_registers(xs + (int64_t)r * k, words, layout, n, g * group, (g + 1) * group, col,
+        while (r < nr && row_in_registers(x + (int64_t)r * k, words, layout, n, g * group, (g + 1) * group, col,
                                           nt, sums + r * TILE))
             r++;
     if (r < nr) {
@@ -285,7 +295,7 @@ static void tile_group(const float *xs, const float *xsum, int nr, int k, const 
         for (int k0 = g * group; k0 < (g + 1) * group; k0 += chunk) {
             if (layout == 0) unpack_gptq(words, n, k0, chunk, col, nt, buf);
             else unpack_awq(words, n, k0, chunk, col, nt, buf);
-            multiply(xs + k0, k, nr, buf, chunk, nt, sums);
+            multiply(x + k0, k, nr, buf, chunk, nt, sums);
         }
     }
     group_terms(qzeros, zero_offset, scales, scale_dtype, layout, g, n, col, nt, scale, offset);
@@ -304,48 +314,45 @@ int int4_linear(const float *x, int rows, int k, const int32_t *words, int layou
         scale_dtype < 0 || scale_dtype > 2)
         return -1;
     int groups = k / group, chunk = group % CHUNK_K == 0 ? CHUNK_K : 8;
-    /* GPTQ's nibbles run along K: x's column k takes the power of two its nibble is read with out */
-    float *xs = malloc(sizeof(float) * ((size_t)rows * (size_t)k + (size_t)rows * (size_t)groups));
-    if (xs == NULL) return -1;
-    float *xsum = xs + (size_t)rows * (size_t)k, inverse[8];
-    for (int i = 0; i < 8; i++) inverse[i] = layout == 0 ? 1.0f / nibble_factor(i) : 1.0f;
+    float *xsum = malloc(sizeof(float) * (size_t)rows * (size_t)groups);  /* each row's sum over each group */
+    if (xsum == NULL) return -1;
     for (int r = 0; r < rows; r++)
         for (int g = 0; g < groups; g++) {
             const float *src = x + (int64_t)r * k + (int64_t)g * group;
-            float *dst = xs + (int64_t)r * k + (int64_t)g * group, sum = 0.0f;
-            for (int i = 0; i < group; i++) {
-                sum += src[i];
-                dst[i] = src[i] * inverse[i % 8];
-            }
+            float sum = 0.0f;
+            for (int i = 0; i < group; i++) sum += src[i];
             xsum[r * groups + g] = sum;
         }
-    /* Tiles go in pairs, group by group: AWQ's words of one tile are half a cache line a row of K, so the
-     * other half is used while it is still in L1 rather than fetched again for the next tile. */
-    float out[2][CHUNK_ROWS * TILE];
-    int column[2][TILE];
+    /* Group by group, every tile of the group's rows of K in turn: those rows are one contiguous run of the words
+     * (GPTQ: 16 rows of N words, AWQ: 128 rows of N / 8), read from memory once, in order, and kept in L2 for
+     * the tiles; tile by tile instead, each row of K would be a jump to another page that no prefetcher follows.
+     * The sums of all the columns wait in `out` (buffer order within each tile) until the last group. */
+    int tiles = (n1 - n0 + TILE - 1) / TILE;
+    float *out = malloc(sizeof(float) * (size_t)CHUNK_ROWS * (size_t)tiles * TILE);
+    if (out == NULL) {
+        free(xsum);
+        return -1;
+    }
     for (int r0 = 0; r0 < rows; r0 += CHUNK_ROWS) {
         int nr = rows - r0 < CHUNK_ROWS ? rows - r0 : CHUNK_ROWS;
-        for (int pair = n0; pair < n1; pair += 2 * TILE) {
-            int tiles = n1 - pair > TILE ? 2 : 1;
+        memset(out, 0, sizeof(float) * (size_t)CHUNK_ROWS * (size_t)tiles * TILE);
+        for (int g = 0; g < groups; g++)
             for (int t = 0; t < tiles; t++) {
-                int col = pair + t * TILE, nt = n1 - col < TILE ? n1 - col : TILE, count = nt / 8;
-                for (int b = 0; b < nt; b++)  /* which column of W each buffer column is */
-                    column[t][b] = layout == 0 ? col + b : col + 8 * (b % count) + AWQ_ORDER[b / count];
-                memset(out[t], 0, sizeof(out[t]));
+                int col = n0 + t * TILE, nt = n1 - col < TILE ? n1 - col : TILE;
+                tile_group(x + (int64_t)r0 * k, xsum + r0 * groups, nr, k, words, layout, qzeros, zero_offset,
+                           scales, scale_dtype, group, chunk, g, n, col, nt, out + (size_t)t * CHUNK_ROWS * TILE);
             }
-            for (int g = 0; g < groups; g++)
-                for (int t = 0; t < tiles; t++) {
-                    int col = pair + t * TILE, nt = n1 - col < TILE ? n1 - col : TILE;
-                    tile_group(xs + (int64_t)r0 * k, xsum + r0 * groups, nr, k, words, layout, qzeros, zero_offset,
-                               scales, scale_dtype, group, chunk, g, n, col, nt, out[t]);
+        for (int t = 0; t < tiles; t++) {
+            int col = n0 + t * TILE, nt = n1 - col < TILE ? n1 - col : TILE, count = nt / 8;
+            const float *tile = out + (size_t)t * CHUNK_ROWS * TILE;
+            for (int i = 0; i < (layout == 0 ? 1 : 8); i++)  /* AWQ's buffer column i * count + j is column 8j + order[i] */
+                for (int j = 0; j < (layout == 0 ? nt : count); j++) {
+                    int b = i * count + j, c = layout == 0 ? col + j : col + 8 * j + AWQ_ORDER[i];
+                    for (int r = 0; r < nr; r++) y[(int64_t)(r0 + r) * ldy + c] = tile[r * TILE + b];
                 }
-            for (int t = 0; t < tiles; t++) {
-                int nt = n1 - (pair + t * TILE) < TILE ? n1 - (pair + t * TILE) : TILE;
-                for (int r = 0; r < nr; r++)
-                    for (int b = 0; b < nt; b++) y[(int64_t)(r0 + r) * ldy + column[t][b]] = out[t][r * TILE + b];
-            }
         }
     }
-    free(xs);
+    free(out);
+    free(xsum);
     return 0;
 }
