@@ -11,6 +11,7 @@ import json
 import math
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ _DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+_RUN_BYTES = 2 * 1024 * 1024  # at most this much in one read_many preadv: what is in is hashed while the rest comes
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 _convert_pool: ThreadPoolExecutor | None = None
@@ -251,6 +253,58 @@ class CheckpointReader:
                 raise CheckpointError(f"{entry.file}: short read of tensor {name!r} (file truncated?)")
             done += n
 
+    def read_many(self, names: list[str], into: dict[str, torch.Tensor] | None = None,
+                  done: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+        """Whole tensors by name, in the file's order, those lying back to back in one preadv each. A quantized
+        block has many small tensors: safetensors keeps those of one dtype together, so each matrix's int32 words,
+        zeros and g_idx lie back to back and its fp16 scales far away; read matrix by matrix, a cold load jumped
+        between the two and paid the disk's latency for every small read.
+        A tensor in `into` (contiguous, the file's dtype) is read there. `done(name, tensor)` is called for each
+        as soon as its run is in (to hash it while the next run is read)."""
+        into = into or {}
+        ordered = sorted(names, key=lambda name: (str(self.entry(name).file), self.entry(name).offset))
+        tensors: dict[str, torch.Tensor] = {}
+        run: list[str] = []
+        for name in ordered + [None]:
+            entry = None if name is None else self.entry(name)
+            if run and (entry is None or entry.file != self.entry(run[-1]).file or
+                        entry.offset != self.entry(run[-1]).offset + self._nbytes(run[-1]) or
+                        sum(map(self._nbytes, run)) + self._nbytes(name) > _RUN_BYTES):
+                self._read_run(run, tensors)
+                for read in run if done is not None else ():
+                    done(read, tensors[read])
+                run = []
+            if name is not None:
+                tensors[name] = into[name] if name in into else torch.empty(entry.shape, dtype=entry.dtype)
+                run.append(name)
+        return tensors
+
+    def _nbytes(self, name: str) -> int:
+        entry = self.entry(name)
+        return entry.row_bytes * (entry.shape[0] if entry.shape else 1)
+
+    def _read_run(self, run: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors back to back in one file into tensors[name], one preadv for all (more where it reads short)."""
+        first = self.entry(run[0])
+        buffers = []
+        for name in run:
+            out = tensors[name]
+            if out.dtype != self.entry(name).dtype or not out.is_contiguous() or out.nbytes != self._nbytes(name):
+                raise ValueError(f"read_many {name!r}: need a contiguous CPU {self.entry(name).dtype} tensor")
+            if out.nbytes:
+                buffers.append(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        fd, offset = self._fd(first.file), first.offset
+        while buffers:
+            n = os.preadv(fd, buffers, offset)
+            if n <= 0:
+                raise CheckpointError(f"{first.file}: short read of tensor {run[0]!r} and the next (file truncated?)")
+            offset += n
+            while buffers and n >= len(buffers[0]):
+                n -= len(buffers[0])
+                buffers.pop(0)
+            if buffers and n:
+                buffers[0] = buffers[0][n:]
+
     def identity(self, file: Path) -> FileIdentity:
         """The identity of the file this reader reads as `file` (its open descriptor's, not the name's)."""
         return file_identity(file, self._fd(file))
@@ -386,27 +440,37 @@ class ExpertLayout:
                         hasher: PartHasher | None) -> QuantizedExpertWeights:
         """Experts first..first+count as their quantized matrices, each stored tensor hashed in block_parts' order."""
         scheme = self.config.quantization
-        matrices, index, halves = [], 0, [None, None]
+        listed = list(self._quantized_matrices(prefix, first, count))
         # 4-bit words are held as read (Int4Words): nothing to convert into a buffer
         convert = scheme.method == "fp8" or scheme.desc_act or not words_kernel_ready()
-        for i, (weight, shape, names) in enumerate(self._quantized_matrices(prefix, first, count)):
-            if i % 3 == 0 and convert:  # an expert's gate and up go straight into one buffer: fuse_rows copies nothing
-                halves = rows_buffer(scheme, [shape, shape])
-            out = halves[i % 3] if i % 3 < 2 else None
-            stored = {}
-            for full in names:
-                entry = self.reader.entry(full)
-                if out is not None and entry.dtype == torch.float8_e4m3fn and tuple(entry.shape) == shape:
-                    raw = out.view(torch.float8_e4m3fn)  # fp8 codes are read where they will stay
-                    self.reader.read_into(full, raw)
-                else:
-                    raw = self.reader.tensor(full)
-                if hasher is not None:
-                    hasher.add(index, raw)
-                index += 1
-                stored[full.rsplit(".", 1)[1]] = raw
-            # converted on a thread of its own while the next matrix is read (torch lets go of the GIL)
-            matrices.append(_converter().submit(from_stored, scheme, stored, shape, dtype, weight, out))
+        outs: list[torch.Tensor | None] = []
+        for i, (_, shape, _) in enumerate(listed):
+            if i % 3 == 0:  # an expert's gate and up go straight into one buffer: fuse_rows copies nothing
+                halves = rows_buffer(scheme, [shape, shape]) if convert else [None, None]
+            outs.append(halves[i % 3] if i % 3 < 2 else None)
+        parts = [(i, full, index) for index, (i, full) in
+                 enumerate((i, full) for i, (_, _, names) in enumerate(listed) for full in names)]
+        into = {}
+        for i, full, _ in parts:  # fp8 codes are read where they will stay
+            entry, out = self.reader.entry(full), outs[i]
+            if out is not None and entry.dtype == torch.float8_e4m3fn and tuple(entry.shape) == listed[i][1]:
+                into[full] = out.view(torch.float8_e4m3fn)
+        stored: list[dict[str, torch.Tensor]] = [{} for _ in listed]
+        missing = [len(names) for _, _, names in listed]
+        matrices: list = [None] * len(listed)
+        where = {full: (i, index) for i, full, index in parts}
+
+        def arrived(full: str, raw: torch.Tensor) -> None:
+            i, index = where[full]
+            if hasher is not None:
+                hasher.add(index, raw)
+            stored[i][full.rsplit(".", 1)[1]] = raw
+            missing[i] -= 1
+            if not missing[i]:  # converted on a thread of its own while the next parts are read (torch lets go of the GIL)
+                weight, shape, _ = listed[i]
+                matrices[i] = _converter().submit(from_stored, scheme, stored[i], shape, dtype, weight, outs[i])
+
+        self.reader.read_many([full for _, full, _ in parts], into, arrived)
         matrices = [m.result() for m in matrices]
         gate_up = tuple(fuse_rows(gate, up) for gate, up in zip(matrices[0::3], matrices[1::3]))
         return QuantizedExpertWeights(gate_up, tuple(matrices[2::3]))

@@ -27,6 +27,7 @@ F.linear.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -462,6 +463,8 @@ def _act_order(g_idx: torch.Tensor | None, k: int, group: int, name: str) -> tor
         return None
     if tuple(g_idx.shape) != (k,):
         raise QuantizationError(f"{name}: g_idx has shape {list(g_idx.shape)}, expected [{k}]")
+    if g_idx.device.type == "cpu" and torch.equal(g_idx, _groups_in_order(k, group, g_idx.dtype)):
+        return None  # the common case, checked in one op (a cold load checks hundreds)
     g_idx = g_idx.long()
     if torch.equal(g_idx, torch.arange(k) // group):
         return None
@@ -469,6 +472,11 @@ def _act_order(g_idx: torch.Tensor | None, k: int, group: int, name: str) -> tor
     if not torch.equal(g_idx[perm], torch.arange(k) // group):
         raise QuantizationError(f"{name}: g_idx does not put {group} columns in each group")
     return perm
+
+
+@functools.lru_cache(maxsize=16)
+def _groups_in_order(k: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    return (torch.arange(k) // group).to(dtype)
 
 
 def _int4_codes(scheme: QuantScheme, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
