@@ -80,29 +80,26 @@ class QuantScheme:
         """Input columns per scale for a matrix of `in_features` columns."""
         return in_features if self.group_size == -1 else self.group_size
 
-    def matrix_bytes(self, out_features: int, in_features: int, dtype: torch.dtype, scale_rows: int | None = None) -> int:
+    def matrix_bytes(self, out_features: int, in_features: int, dtype: torch.dtype, scale_rows: int | None = None,
+                     words: bool = False) -> int:
         """Bytes one [out, in] matrix holds once read (`faasmoe.model.quantized`): what a worker's budget counts.
-        `scale_rows`: fp8 scale rows when they differ from one per block (a fused gate_up of odd size)."""
+        `scale_rows`: fp8 scale rows when they differ from one per block (a fused gate_up of odd size). `words`:
+        4-bit matrices are held in their checkpoint's words (faasmoe.model.quantized.Int4Words, where its kernel
+        builds), every one but GPTQ's with activation order."""
         if self.method == "fp8":
             rows = math.ceil(out_features / self.block[0]) if scale_rows is None else scale_rows
             return out_features * in_features + rows * math.ceil(in_features / self.block[1]) * 4
         group = self.group_of(in_features)
         groups = in_features // group
-        if not self.desc_act and self.held_as_words():  # qweight, qzeros and (fp16) scales as stored
+        if words and not self.desc_act:  # qweight, qzeros and (fp16) scales as stored
             return out_features * in_features // 2 + groups * out_features // 2 + 2 * groups * out_features
         perm = in_features * 8 if self.desc_act and groups > 1 else 0  # one group has no order to keep
         return out_features * in_features // 2 + 2 * groups * out_features * dtype.itemsize + perm
 
-    def held_as_words(self) -> bool:
-        """Whether 4-bit matrices are held in their checkpoint's words (faasmoe.model.quantized.Int4Words): where
-        its kernel builds, for every matrix without GPTQ's activation order."""
-        from faasmoe.model.quantized import words_kernel_ready  # it reads this module
-
-        return self.method in ("gptq", "awq") and words_kernel_ready()
-
-    def expert_bytes(self, hidden: int, inter: int, dtype: torch.dtype) -> int:
+    def expert_bytes(self, hidden: int, inter: int, dtype: torch.dtype, words: bool = False) -> int:
         """Bytes of one routed expert as held: gate and up fused in one [2I, H] matrix, down [H, I]."""
         scale_rows = None
         if self.method == "fp8" and inter % self.block[0]:  # the fused rows keep one scale row each
             scale_rows = 2 * inter
-        return self.matrix_bytes(2 * inter, hidden, dtype, scale_rows) + self.matrix_bytes(hidden, inter, dtype)
+        return (self.matrix_bytes(2 * inter, hidden, dtype, scale_rows, words)
+                + self.matrix_bytes(hidden, inter, dtype, words=words))
