@@ -263,6 +263,10 @@ class CheckpointReader:
         as soon as its run is in (to hash it while the next run is read)."""
         into = into or {}
         ordered = sorted(names, key=lambda name: (str(self.entry(name).file), self.entry(name).offset))
+        if hasattr(os, "posix_fadvise"):  # every range asked for at once: the disk works on several (cold 4-bit
+            for name in ordered:          # layer, 3 A/B pairs: 0.38-0.44 s against 0.46-0.69 s without)
+                entry = self.entry(name)
+                os.posix_fadvise(self._fd(entry.file), entry.offset, self._nbytes(name), os.POSIX_FADV_WILLNEED)
         tensors: dict[str, torch.Tensor] = {}
         run: list[str] = []
         for name in ordered + [None]:
