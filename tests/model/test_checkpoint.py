@@ -62,6 +62,30 @@ def test_loading_a_block_reads_only_its_bytes(wide_checkpoints, layout_name):
     assert page_cache_bytes(shard) >= 16 * config.expert_bytes(torch.float32) * 0.9
 
 
+def test_read_many_reads_back_to_back_tensors_at_once_and_short_reads_too(wide_checkpoints, monkeypatch):
+    import os
+
+    reader = CheckpointReader(wide_checkpoints / "per_expert")
+    names = [n for n in reader.names() if ".experts." in n][::-1]  # any order: read in the file's
+    alone = {n: reader.tensor(n) for n in names}
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: calls.append(len(buffers)) or real(fd, buffers, offset))
+    got = reader.read_many(names)
+    assert all(torch.equal(got[n], alone[n]) for n in names)
+    assert len(calls) < len(names) and max(calls) > 1  # tensors back to back came in one call, 2 MiB at most
+    arrived = []
+    into = {names[0]: torch.empty_like(alone[names[0]])}
+
+    def short(fd, buffers, offset):  # the kernel may return fewer bytes than asked: the rest is asked again
+        return real(fd, [buffers[0][:1000]], offset)
+
+    monkeypatch.setattr(os, "preadv", short)
+    got = reader.read_many(names, into, lambda name, tensor: arrived.append(name))
+    assert got[names[0]] is into[names[0]] and all(torch.equal(got[n], alone[n]) for n in names)
+    assert sorted(arrived) == sorted(names)
+
+
 def test_block_equals_the_checkpoint_tensors(wide_checkpoints):
     per_expert = ExpertLayout(CheckpointReader(wide_checkpoints / "per_expert"),
                               MoEConfig.from_pretrained(wide_checkpoints / "per_expert"))
