@@ -56,7 +56,7 @@ def add_model_parser(subparsers: argparse._SubParsersAction) -> None:
                       help="write it quantized as the published checkpoints are: fp8 (e4m3 in 128x128 blocks with "
                       "weight_scale_inv, quant_method fp8), gptq-int4 (qweight/qzeros/scales/g_idx, 4-bit) or awq-int4 "
                       "(GEMM layout); every decoder linear is quantized, embeddings, norms, routers and the LM head "
-                      "are not. Per-expert layout only. Default: not quantized")
+                      "are not. Fused experts (--expert-format fused) for fp8 only. Default: not quantized")
     init.add_argument("--group-size", type=int, default=None, metavar="G",
                       help="4-bit: input columns per scale (32, 64 or 128); default: the largest that divides every "
                       "quantized matrix's input size, at most 128")

@@ -26,6 +26,7 @@ from faasmoe.model.quantized import (
     fuse_rows,
     pack_int4,
     packable,
+    per_row_scales,
     rows_buffer,
     stored_names,
     words_kernel_ready,
@@ -372,7 +373,9 @@ class ExpertLayout:
             raise CheckpointError(f"experts {first}..{first + count - 1} out of range 0..{cfg.num_experts - 1}")
         prefix = self.moe_prefix(layer)
         hasher = PartHasher() if expect is not None else None  # in block_parts' order
-        if self.quantized_experts(layer):
+        if self._fused_fp8(prefix):
+            weights = self._load_fused_fp8(prefix, first, count, dtype, hasher)
+        elif self.quantized_experts(layer):
             weights = self._load_quantized(prefix, first, count, dtype, hasher)
         else:
             weights = self._load_plain(layer, prefix, first, count, dtype, pin_memory, hasher)
@@ -421,8 +424,19 @@ class ExpertLayout:
         if scheme is None:
             return False
         prefix = self.moe_prefix(layer)
+        if self._fused_fp8(prefix):
+            return True
         gate = f"{prefix}.experts.0.{self._expert_names(prefix)[0]}.weight"
         return len(stored_names(self.reader.has, scheme, gate)) > 1
+
+    def _fused_fp8(self, prefix: str) -> bool:
+        """Whether the experts are stored fused and in FP8: `experts.gate_up_proj` [E, 2I, H] e4m3 with its
+        `experts.gate_up_proj_scale_inv` [E, row blocks, column blocks], the same for down_proj (transformers'
+        fine-grained FP8 layout of fused experts)."""
+        scheme = self.config.quantization
+        fused = f"{prefix}.experts.gate_up_proj"
+        return scheme is not None and scheme.method == "fp8" and self.reader.has(fused) and \
+            self.reader.has(f"{fused}_scale_inv")
 
     def block_digest(self, dtype: torch.dtype, count: int, parts) -> str:
         """The content digest of a block of this checkpoint's parts; a quantized one names its scheme too
@@ -479,6 +493,48 @@ class ExpertLayout:
         gate_up = tuple(fuse_rows(gate, up) for gate, up in zip(matrices[0::3], matrices[1::3]))
         return QuantizedExpertWeights(gate_up, tuple(matrices[2::3]))
 
+    def _fused_fp8_parts(self, prefix: str, expert: int) -> list[tuple[str, int, torch.dtype, tuple[int, ...]]]:
+        """One expert's parts of fused FP8 tensors, in block_parts' form: its gate rows, its up rows (the
+        pieces a fused gate_up is hashed in), its gate_up scales, its down rows, its down scales."""
+        cfg = self.config
+        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        gate_up, down = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
+        entry = self.reader.entry
+        return [(gate_up, 2 * expert, entry(gate_up).dtype, (inter, hidden)),
+                (gate_up, 2 * expert + 1, entry(gate_up).dtype, (inter, hidden)),
+                (f"{gate_up}_scale_inv", expert, entry(f"{gate_up}_scale_inv").dtype,
+                 tuple(entry(f"{gate_up}_scale_inv").shape[1:])),
+                (down, expert, entry(down).dtype, (hidden, inter)),
+                (f"{down}_scale_inv", expert, entry(f"{down}_scale_inv").dtype, tuple(entry(f"{down}_scale_inv").shape[1:]))]
+
+    def _load_fused_fp8(self, prefix: str, first: int, count: int, dtype: torch.dtype,
+                        hasher: PartHasher | None) -> QuantizedExpertWeights:
+        """Experts first..first+count of fused FP8 tensors: each expert's rows read where they stay, checked and
+        hashed as block_parts lists them."""
+        cfg, scheme = self.config, self.config.quantization
+        hidden, inter, experts = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        rows, cols = scheme.block
+        gate_up, down = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
+        tensors = {}
+        for name, shape in ((gate_up, (2 * inter, hidden)), (down, (hidden, inter))):
+            scale_shape = (math.ceil(shape[0] / rows), math.ceil(shape[1] / cols))
+            self.reader.check_shape(name, (experts, *shape))
+            self.reader.check_shape(f"{name}_scale_inv", (experts, *scale_shape))
+            for full in (name, f"{name}_scale_inv"):
+                tensors[full] = self.reader.rows(full, first, first + count, self.reader.entry(full).shape)
+        gate_ups, downs = [], []
+        for slot in range(count):
+            raw = [tensors[gate_up][slot, :inter], tensors[gate_up][slot, inter:], tensors[f"{gate_up}_scale_inv"][slot],
+                   tensors[down][slot], tensors[f"{down}_scale_inv"][slot]]
+            for i, part in enumerate(raw if hasher is not None else ()):
+                hasher.add(5 * slot + i, part)
+            stored = {"weight": tensors[gate_up][slot], "weight_scale_inv": raw[2]}
+            matrix = from_stored(scheme, stored, (2 * inter, hidden), dtype, f"{gate_up}[{first + slot}]")
+            gate_ups.append(per_row_scales(matrix) if inter % rows else matrix)  # as fuse_rows holds a gate and up
+            stored = {"weight": tensors[down][slot], "weight_scale_inv": raw[4]}
+            downs.append(from_stored(scheme, stored, (hidden, inter), dtype, f"{down}[{first + slot}]"))
+        return QuantizedExpertWeights(tuple(gate_ups), tuple(downs))
+
     def block_parts(self, layer: int, first: int, count: int) -> list[tuple[str, int, torch.dtype, tuple[int, ...]]]:
         """(tensor name, piece index, checkpoint dtype, shape) of each part of experts first..first+count,
         in the order a block digest takes them: each expert's gate, up, down (see faasmoe.model.content);
@@ -489,6 +545,8 @@ class ExpertLayout:
         prefix = self.moe_prefix(layer)
         fused = f"{prefix}.experts.gate_up_proj"
         parts = []
+        if self._fused_fp8(prefix):
+            return [part for e in range(first, first + count) for part in self._fused_fp8_parts(prefix, e)]
         if self.quantized_experts(layer):
             names = [full for _, _, stored in self._quantized_matrices(prefix, first, count) for full in stored]
             return [(full, 0, self.reader.entry(full).dtype, self.reader.entry(full).shape) for full in names]

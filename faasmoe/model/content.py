@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DIGEST_VERSION = 1  # bump when the piece rule or the block formula changes: old caches are ignored
+DIGEST_VERSION = 2  # bump when the piece rule or the block formula changes: old caches are ignored
 BLOCK_DIGEST_HEX = 40  # 160 bits: a collision takes ~2^80 hashes, out of a tenant's reach
 _READ_CHUNK = 16 << 20
 # BLAKE3 splits one update over the cores from here up (smaller ones are not worth waking threads for).
@@ -39,10 +39,11 @@ class ContentMismatch(ValueError):
 
 def pieces_of(name: str, shape: tuple[int, ...]) -> int:
     """How many equal, contiguous pieces a tensor is hashed in: one per expert (gate and up halves
-    apart) for a fused expert tensor, else one."""
+    apart) for a fused expert tensor, one per expert for fused FP8 experts' scales, else one."""
     if len(shape) == 3 and name.endswith("experts.gate_up_proj"):
         return 2 * shape[0]
-    if len(shape) == 3 and name.endswith("experts.down_proj"):
+    if len(shape) == 3 and name.endswith(("experts.down_proj", "experts.gate_up_proj_scale_inv",
+                                          "experts.down_proj_scale_inv")):
         return shape[0]
     return 1
 

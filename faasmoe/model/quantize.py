@@ -27,18 +27,21 @@ GROUP_SIZES = (128, 64, 32)  # the first that divides every quantized matrix's i
 
 _LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(shared_expert\.)?(gate|up|down)_proj"
                      r"|mlp\.experts\.\d+\.(gate|up|down)_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight$")
+_FUSED = ("experts.gate_up_proj", "experts.down_proj")
 # Linears that read the same input (so GPTQ's act order, from that input's Hessian, is the same for them).
 _INPUT = re.compile(r"^(.*\.)(?:[qkv]_proj|gate_proj|up_proj|w1|w3)$")
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab.json", "merges.txt",
            "special_tokens_map.json", "chat_template.jinja")
 
 
-def quantized_linears(names: list[str]) -> list[str]:
-    """The weights a quantized checkpoint stores quantized; refuses fused expert tensors (no format has them)."""
-    fused = [n for n in names if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
-    if fused:
-        raise ValueError(f"quantizing needs per-expert tensors; this checkpoint fuses them ({fused[0]})")
-    return [n for n in names if _LINEAR.match(n)]
+def quantized_linears(names: list[str], method: str = "fp8") -> list[str]:
+    """The weights a quantized checkpoint stores quantized. Fused expert tensors ([E, 2I, H] gate_up_proj and
+    [E, H, I] down_proj) only for fp8, as transformers' fine-grained FP8 stores them (each expert's matrix in
+    128x128 blocks, `<name>_scale_inv` [E, row blocks, column blocks]); GPTQ and AWQ have no fused layout."""
+    fused = [n for n in names if n.endswith(_FUSED)]
+    if fused and method != "fp8":
+        raise ValueError(f"{method} has no fused expert layout; this checkpoint fuses its experts ({fused[0]})")
+    return [n for n in names if _LINEAR.match(n)] + fused
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, method: str, group_size: int | None = None,
@@ -51,7 +54,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, method: str, group_siz
     reader = CheckpointReader(src)
     try:
         names = reader.names()
-        linears = set(quantized_linears(names))
+        linears = set(quantized_linears(names, method))
         if method != "fp8":
             group_size = group_size or _common_group(reader, linears)
             uneven = sorted({k for k in (reader.shape(n)[1] for n in linears) if k % group_size})
@@ -65,7 +68,11 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, method: str, group_siz
                 out[name] = tensor
                 continue
             prefix = name.removesuffix(".weight")
-            if method == "fp8":
+            if name.endswith(_FUSED):  # fp8 only: each expert's matrix quantized alone
+                quantized = [quantize_fp8(expert.float()) for expert in tensor]
+                out[name] = torch.stack([weight for weight, _ in quantized])
+                out[f"{name}_scale_inv"] = torch.stack([scale for _, scale in quantized])
+            elif method == "fp8":
                 weight, scale = quantize_fp8(tensor.float())
                 out[name], out[f"{prefix}.weight_scale_inv"] = weight, scale
             else:

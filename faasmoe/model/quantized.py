@@ -358,7 +358,7 @@ def fuse_rows(first: QuantizedMatrix, second: QuantizedMatrix) -> QuantizedMatri
     if isinstance(first, Fp8Matrix) and isinstance(second, Fp8Matrix):
         a, b = first, second
         if a.shape[0] % a.block[0]:  # a partial last block: give every row its own scale row
-            a, b = _per_row_scales(a), _per_row_scales(b)
+            a, b = per_row_scales(a), per_row_scales(b)
         return Fp8Matrix(_stacked(a.weight, b.weight), torch.cat((a.scale, b.scale)), a.block, a.dtype)
     if isinstance(first, Int4Words) and isinstance(second, Int4Words):
         return StackedMatrix((first, second))
@@ -394,7 +394,7 @@ def rows_buffer(scheme: QuantScheme, shapes: list[tuple[int, int]]) -> list[torc
     return list(whole.split([n for n, _ in shapes]))
 
 
-def _per_row_scales(m: Fp8Matrix) -> Fp8Matrix:
+def per_row_scales(m: Fp8Matrix) -> Fp8Matrix:
     n = m.weight.shape[0]
     return Fp8Matrix(m.weight, m.scale.repeat_interleave(m.block[0], 0)[:n].contiguous(), (1, m.block[1]), m.dtype)
 

@@ -87,6 +87,11 @@ def dequantized_copy(path: Path, out: Path, method: str) -> Path:
     plain = {n: t for n, t in tensors.items() if n.rsplit(".", 1)[0] not in prefixes or n.rsplit(".", 1)[1] not in parts}
     for prefix in prefixes:
         plain[f"{prefix}.weight"] = reference_weight(method, tensors, prefix, config).to(dtype).contiguous()
+    for name in [n for n in plain if n.endswith("_proj_scale_inv")]:  # fused FP8 experts: expert by expert
+        fused, scale = name.removesuffix("_scale_inv"), plain.pop(name)
+        experts = [reference_weight(method, {"e.weight": w, "e.weight_scale_inv": s}, "e", config)
+                   for w, s in zip(plain[fused], scale)]
+        plain[fused] = torch.stack(experts).to(dtype).contiguous()
     out.mkdir(parents=True)
     save_file(plain, str(out / "model.safetensors"), metadata={"format": "pt"})
     del config["quantization_config"]
@@ -99,12 +104,12 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("quantized")
     built = {}
 
-    def get(family: str, method: str, **options) -> tuple[Path, Path]:
-        key = (family, method, tuple(sorted(options.items())))
+    def get(family: str, method: str, expert_format: str = "per_expert", **options) -> tuple[Path, Path]:
+        key = (family, method, expert_format, tuple(sorted(options.items())))
         if key not in built:
-            dense = root / family
+            dense = root / f"{family}-{expert_format}"
             if not dense.exists():
-                init_checkpoint(dense, family, seed=5, progress=False)
+                init_checkpoint(dense, family, seed=5, progress=False, expert_format=expert_format)
             name = f"{family}-{method}-{len(built)}"
             path = quantize_checkpoint(dense, root / name, method, **options)
             built[key] = path, dequantized_copy(path, root / f"{name}-reference", method)
@@ -123,6 +128,35 @@ def test_logits_equal_transformers_on_the_dequantized_weights(checkpoints, famil
     model = MoEModel.from_pretrained(path)
     assert isinstance(model.executor.blocks[model.config.moe_layers[0]][0].weights, QuantizedExpertWeights)
     assert relative_error(model(ids), expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_fused_fp8_experts_equal_transformers_on_the_dequantized_weights(checkpoints, family):
+    # transformers' fine-grained FP8 layout of fused experts: gate_up_proj [E, 2I, H] in e4m3, its scale_inv
+    # [E, 2I / 128, H / 128], the same for down_proj
+    path, reference = checkpoints(family, "fp8", expert_format="fused")
+    reader = CheckpointReader(path)
+    fused = [n for n in reader.names() if n.endswith("experts.gate_up_proj")]
+    assert fused and reader.entry(fused[0]).dtype == torch.float8_e4m3fn and reader.has(f"{fused[0]}_scale_inv")
+    ids = torch.tensor([[5, 17, 42, 8, 61, 300, 9, 77]])
+    with torch.no_grad():
+        expected = load_reference(reference)(ids).logits
+    model = MoEModel.from_pretrained(path)
+    block = model.executor.blocks[model.config.moe_layers[0]][0].weights
+    assert isinstance(block, QuantizedExpertWeights) and isinstance(block.gate_up[0], Fp8Matrix)
+    assert block.nbytes == len(block.gate_up) * model.config.expert_bytes(torch.float32)
+    assert relative_error(model(ids), expected) < TOLERANCE
+    # a worker loads a block under the digest its function id names: every piece, scales too, as block_parts says
+    layout = ExpertLayout(reader, MoEConfig.from_pretrained(path))
+    digest = block_content_at(path, 0, 1, 2, "float32")
+    assert layout.load_block(0, 1, 2, torch.float32, expect=digest).nbytes == 2 * model.config.expert_bytes(torch.float32)
+    assert digest not in {block_content_at(path, 0, 0, 2, "float32"), block_content_at(path, 0, 2, 2, "float32")}
+
+
+def test_four_bit_formats_refuse_fused_experts(tmp_path):
+    dense = init_checkpoint(tmp_path / "dense", "qwen2_moe", seed=5, progress=False, expert_format="fused")
+    with pytest.raises(ValueError, match="gptq-int4 has no fused expert layout"):
+        quantize_checkpoint(dense, tmp_path / "q", "gptq-int4")
 
 
 @pytest.mark.parametrize("options", [{"desc_act": True}, {"sym": False}, {"group_size": 64}])
