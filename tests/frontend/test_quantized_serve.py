@@ -25,7 +25,9 @@ PROMPT = [12, 250, 7, 99, 31, 5]
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("quantized-serve")
     plain = init_checkpoint(root / "plain", "mixtral", seed=7, progress=False)
-    return {m: quantize_checkpoint(plain, root / m, m, desc_act=m == "gptq-int4") for m in METHODS}
+    fused = init_checkpoint(root / "fused", "mixtral", seed=7, progress=False, expert_format="fused")
+    quantized = {m: quantize_checkpoint(plain, root / m, m, desc_act=m == "gptq-int4") for m in METHODS}
+    return quantized | {"fp8-fused": quantize_checkpoint(fused, root / "fp8-fused", "fp8")}
 
 
 def expected(path, block_size: int):
