@@ -7,8 +7,11 @@ transformers compute the logits. The formats' own bytes, not a round trip throug
 
 from __future__ import annotations
 
+import ctypes
 import json
+import platform
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -331,6 +334,40 @@ def test_the_fp8_kernel_multiplies_the_checkpoints_weights(dtype, shape):
     reference = exact if unrounded else weights
     assert torch.allclose(m.matmul(x), x @ reference.t(), rtol=1e-5, atol=1e-5)
     assert torch.allclose(m.matmul(x[:1]), x[:1] @ reference.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernels_portable_paths_agree(tmp_path):
+    """Built without AVX2 (x86-64's baseline, as on a CPU without it; ARM takes the same C), the FP8 and 4-bit
+    kernels' plain C paths compute what the dequantized weights do."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or platform.machine() != "x86_64":
+        pytest.skip("needs an x86-64 C compiler")
+    built = {}
+    for source in ("fp8_linear", "int4_linear"):
+        out = tmp_path / f"{source}.so"
+        subprocess.run([compiler, "-O2", "-march=x86-64", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(out),
+                        str(native.SOURCES / f"{source}.c")], check=True, capture_output=True)
+        built[source] = getattr(ctypes.CDLL(str(out)), source)
+    p, i = ctypes.c_void_p, ctypes.c_int
+    built["int4_linear"].argtypes = [p, i, i, p, i, p, i, p, i, i, i, i, i, p, i]
+    built["fp8_linear"].argtypes = [p, i, i, p, i, i, i, p, i, i, i, p]
+    g = torch.Generator().manual_seed(3)
+    for method, (n, k, group) in [("gptq-int4", (200, 96, 32)), ("awq-int4", (136, 256, 64))]:
+        stored = random_words(method, n, k, group, torch.float16, seed=k)
+        scheme = QuantScheme.from_config({"quant_method": method.removesuffix("-int4"), "bits": 4, "group_size": group})
+        m = from_stored(scheme, stored, (n, k), torch.float32)
+        for rows in (1, 3, 17):
+            x, y = torch.randn(rows, k, generator=g), torch.empty(rows, n)
+            assert built["int4_linear"](x.data_ptr(), rows, k, m.words.data_ptr(), int(method == "awq-int4"),
+                                        m.qzeros.data_ptr(), scheme.zero_offset, m.scales.data_ptr(), 1, group, 0, n,
+                                        n, y.data_ptr(), n) == 0
+            assert relative_error(y.double(), x.double() @ m.dequantize().double().t()) < 1e-6
+    m = Fp8Matrix((torch.randn(300, 256, generator=g) * 30).to(torch.float8_e4m3fn),
+                  torch.rand(3, 2, generator=g) * 0.01 + 1e-5, (128, 128), torch.bfloat16)
+    x, y = torch.randn(5, 256, generator=g), torch.empty(5, 300)
+    assert built["fp8_linear"](x.data_ptr(), 5, 256, m.weight.data_ptr(), 0, 300, 300, m.kernel_scale.data_ptr(),
+                               128, 128, 1, y.data_ptr()) == 0
+    assert relative_error(y, x @ m.dequantize().float().t()) < 1e-6  # each weight rounded to bf16 as torch does
 
 
 def test_the_fp8_kernel_rounds_ties_to_even_as_torch_does_where_it_rounds():
