@@ -235,7 +235,7 @@ static int row_in_registers(const float *x, const int32_t *words, int layout, in
 }
 #endif
 
-/* The scales and the zeros (times the scales) of group g for a tile's buffer columns (see `column`). */
+/* The scales and the zeros (times the scales) of group g for a tile's buffer columns (AWQ: see unpack_awq). */
 static void group_terms(const int32_t *qzeros, int zero_offset, const void *scales, int scale_dtype, int layout,
                         int g, int n, int col, int nt, float *scale, float *offset) {
     int count = nt / 8;
