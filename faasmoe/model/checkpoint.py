@@ -270,18 +270,20 @@ class CheckpointReader:
                 os.posix_fadvise(self._fd(entry.file), entry.offset, self._nbytes(name), os.POSIX_FADV_WILLNEED)
         tensors: dict[str, torch.Tensor] = {}
         run: list[str] = []
+        run_file, run_end, run_bytes = None, 0, 0
         for name in ordered + [None]:
             entry = None if name is None else self.entry(name)
-            if run and (entry is None or entry.file != self.entry(run[-1]).file or
-                        entry.offset != self.entry(run[-1]).offset + self._nbytes(run[-1]) or
-                        sum(map(self._nbytes, run)) + self._nbytes(name) > _RUN_BYTES):
+            size = 0 if name is None else self._nbytes(name)
+            if run and (entry is None or entry.file != run_file or entry.offset != run_end
+                        or run_bytes + size > _RUN_BYTES):
                 self._read_run(run, tensors)
                 for read in run if done is not None else ():
                     done(read, tensors[read])
-                run = []
+                run, run_bytes = [], 0
             if name is not None:
                 tensors[name] = into[name] if name in into else torch.empty(entry.shape, dtype=entry.dtype)
                 run.append(name)
+                run_file, run_end, run_bytes = entry.file, entry.offset + size, run_bytes + size
         return tensors
 
     def _nbytes(self, name: str) -> int:
