@@ -47,6 +47,16 @@ def pool(worker_id: str, memory: str = "64MiB"):
         sched.stop()
 
 
+@contextlib.asynccontextmanager
+async def client_of(address: str):
+    """A RuntimeClient of the scheduler at `address` waiting for its one worker; closed afterwards."""
+    client = await connect(address, 1)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 def wait_stopped(pid: int, timeout: float = 5.0) -> None:
     """Until every thread of `pid` is in the stopped state: SIGSTOP takes each thread when it next leaves the
     kernel, which on a loaded machine can be after kill() returns."""
@@ -107,21 +117,17 @@ async def test_warm_calls_go_through_the_ring_and_equal_the_socket(cluster, mode
 async def test_a_cold_block_goes_through_the_socket_which_loads_it(model_dir):
     block_bytes = spec(model_dir, 0, 0).nbytes
     with pool("w-small", memory=str(block_bytes + block_bytes // 2)) as (address, _):  # one block: each evicts the last
-        client = await connect(address, 1)
-        try:
+        async with client_of(address) as client:
             a, b = call(spec(model_dir, 0, 0), seed=1), call(spec(model_dir, 0, 1), seed=2)
             for c in (a, b, b, a):  # a cold, b cold, b warm (ring), a known but evicted: cold again
                 (out,) = await client.invoke([c])
                 assert torch.equal(out, expected(model_dir, c))
             assert client.stats.ring_messages == 1 and client.stats.cold_starts == 3
-        finally:
-            await client.close()
 
 
 async def test_a_worker_killed_with_a_call_in_the_ring_fails_it_at_once(model_dir):
     with pool("w-doomed") as (address, worker):
-        client = await connect(address, 1)
-        try:
+        async with client_of(address) as client:
             c = call(spec(model_dir, 0, 0), seed=3)
             await client.invoke([c])
             await client.invoke([c])
@@ -131,14 +137,11 @@ async def test_a_worker_killed_with_a_call_in_the_ring_fails_it_at_once(model_di
                 await pending
             assert time.monotonic() - started < 1.5  # the socket's close, not the 2 s deadline
             assert our_shm_files() == []
-        finally:
-            await client.close()
 
 
 async def test_a_record_pointing_outside_its_slot_is_refused_and_the_worker_serves_on(cluster, model_dir):
     address, worker = cluster
-    client = await connect(address, 1)
-    try:
+    async with client_of(address) as client:
         c = call(spec(model_dir, 0, 0), seed=4)
         await client.invoke([c])
         channel = client._channels["w-ring"]
@@ -161,23 +164,18 @@ async def test_a_record_pointing_outside_its_slot_is_refused_and_the_worker_serv
         (out,) = await client.invoke([c])
         assert torch.equal(out, expected(model_dir, c)) and client.stats.ring_messages == 1
         assert worker.alive()
-    finally:
-        await client.close()
 
 
 async def test_with_the_ring_off_the_socket_is_the_doorbell(cluster, model_dir, monkeypatch):
     address, _ = cluster
     monkeypatch.setenv(ring.RING_ENV, "0")
-    client = await connect(address, 1)
-    try:
+    async with client_of(address) as client:
         c = call(spec(model_dir, 1, 0), seed=5)
         for _ in range(3):
             (out,) = await client.invoke([c])
             assert torch.equal(out, expected(model_dir, c))
         assert client.stats.ring_messages == 0 and client.stats.shm_messages == 3
         assert client._channels["w-ring"].conn.ring is None
-    finally:
-        await client.close()
 
 
 async def test_rows_of_any_width_reach_the_ring_thread_with_their_expert_indices():
@@ -221,8 +219,7 @@ async def test_warm_calls_from_a_thread_need_no_event_loop_and_equal_the_model(c
     """`invoke_warm` is called here on the event loop's own thread, blocking it: the answer can only come
     through the futex on the slot's state word, never through the loop."""
     address, _ = cluster
-    client = await connect(address, 1)
-    try:
+    async with client_of(address) as client:
         calls = [call(spec(model_dir, 0, b), rows=2 + b, seed=20 + b) for b in range(2)]
         assert client.invoke_warm(calls) is None  # the worker does not know them yet: `invoke` must
         await client.invoke(calls)  # loads them
@@ -237,15 +234,12 @@ async def test_warm_calls_from_a_thread_need_no_event_loop_and_equal_the_model(c
         assert channel.conn.ring._pending == {}  # nothing went through the loop's "done" doorbell
         del outputs, out
         assert channel.conn.region._take() is not None  # the slots came back
-    finally:
-        await client.close()
 
 
 async def test_a_warm_call_from_a_thread_to_an_evicted_block_is_left_to_invoke(model_dir):
     block_bytes = spec(model_dir, 0, 0).nbytes
     with pool("w-small-sync", memory=str(block_bytes + block_bytes // 2)) as (address, _):
-        client = await connect(address, 1)
-        try:
+        async with client_of(address) as client:
             a, b = call(spec(model_dir, 0, 0), seed=1), call(spec(model_dir, 0, 1), seed=2)
             await client.invoke([a])
             await client.invoke([b])  # evicts a
@@ -254,14 +248,11 @@ async def test_a_warm_call_from_a_thread_to_an_evicted_block_is_left_to_invoke(m
             assert not any(region._in_flight)  # its slot came back
             (out,) = await client.invoke([a])
             assert torch.equal(out, expected(model_dir, a)) and client.stats.sync_messages == 0
-        finally:
-            await client.close()
 
 
 async def test_a_worker_killed_with_a_call_from_a_thread_fails_it_at_once(model_dir):
     with pool("w-doomed-sync") as (address, worker):
-        client = await connect(address, 1)
-        try:
+        async with client_of(address) as client:
             c = call(spec(model_dir, 0, 0), seed=3)
             await client.invoke([c])
             assert await asyncio.to_thread(client.invoke_warm, [c]) is not None
@@ -269,5 +260,3 @@ async def test_a_worker_killed_with_a_call_from_a_thread_fails_it_at_once(model_
                 worker, lambda: asyncio.ensure_future(asyncio.to_thread(client.invoke_warm, [c])))
             assert await pending is None  # left to `invoke`, which finds the worker gone
             assert time.monotonic() - started < 1.5  # the socket's close woke it, not the 2 s deadline
-        finally:
-            await client.close()
