@@ -85,8 +85,7 @@ def cold_start(path: Path) -> dict:
     digests = CheckpointDigests.of(reader)
     ranges = block_ranges(config.num_experts, BLOCK)
     expect = [block_content(layout, digests, 0, first, count, torch.bfloat16) for first, count in ranges]
-    stored = sum(reader.entry(name).row_bytes * (reader.entry(name).shape[0] or 1)
-                 for name, _, _, _ in layout.block_parts(0, 0, BLOCK))
+    stored = sum(reader.entry(name).nbytes for name, _, _, _ in layout.block_parts(0, 0, BLOCK))
     drop_page_cache(path)
     start = time.perf_counter()
     for (first, count), digest in zip(ranges, expect):

@@ -236,7 +236,7 @@ def hash_file(file: Path, header: dict) -> dict[str, list[str]]:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         for name, entry in entries:
-            nbytes = entry.row_bytes * (entry.shape[0] if entry.shape else 1)
+            nbytes = entry.nbytes
             count = pieces_of(name, entry.shape)
             size = nbytes // count
             digests = []
