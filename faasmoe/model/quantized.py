@@ -193,11 +193,8 @@ class Int4Words:
         return self.codes().dequantize()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.empty(flat.shape[0], self.shape[0], dtype=torch.float32)
-        if x.device.type != "cpu" or not self.matmul_into(flat.float().contiguous(), out, 0):
-            return self.codes().matmul(x)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+        out = _words_matmul((self,), x)
+        return self.codes().matmul(x) if out is None else out
 
     def matmul_into(self, flat: torch.Tensor, out: torch.Tensor, column: int) -> bool:
         """out[:, column:column + N] = flat @ W.T (flat contiguous fp32 on the CPU, out fp32 with unit column
@@ -239,18 +236,23 @@ class StackedMatrix:
         return torch.cat([p.dequantize() for p in self.parts])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if x.device.type == "cpu":
-            xs = flat.float().contiguous()
-            out = torch.empty(flat.shape[0], self.shape[0], dtype=torch.float32)
-            column = 0
-            for part in self.parts:
-                if not part.matmul_into(xs, out, column):
-                    break
-                column += part.shape[0]
-            else:
-                return out.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
-        return torch.cat([p.matmul(x) for p in self.parts], dim=-1)
+        out = _words_matmul(self.parts, x)
+        return torch.cat([p.matmul(x) for p in self.parts], dim=-1) if out is None else out
+
+
+def _words_matmul(parts: tuple[Int4Words, ...], x: torch.Tensor) -> torch.Tensor | None:
+    """x @ [W_1; W_2; ...].T by csrc/int4_linear.c, each part's columns written in place into one output; None
+    off the CPU or where the kernel is not built."""
+    if x.device.type != "cpu":
+        return None
+    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+    n = sum(p.shape[0] for p in parts)
+    out, column = torch.empty(flat.shape[0], n, dtype=torch.float32), 0
+    for part in parts:
+        if not part.matmul_into(flat, out, column):
+            return None
+        column += part.shape[0]
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 QuantizedMatrix = Fp8Matrix | Int4Matrix | Int4PackedMatrix | Int4Words | StackedMatrix

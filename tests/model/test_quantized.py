@@ -346,7 +346,7 @@ def test_the_kernels_portable_paths_agree(tmp_path):
     for source in ("fp8_linear", "int4_linear"):
         out = tmp_path / f"{source}.so"
         subprocess.run([compiler, "-O2", "-march=x86-64", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(out),
-                        str(native.SOURCES / f"{source}.c")], check=True, capture_output=True)
+                        str(native.SOURCES / f"{source}.c")], check=True, capture_output=True, timeout=120)
         built[source] = getattr(ctypes.CDLL(str(out)), source)
     p, i = ctypes.c_void_p, ctypes.c_int
     built["int4_linear"].argtypes = [p, i, i, p, i, p, i, p, i, i, i, i, i, p, i]

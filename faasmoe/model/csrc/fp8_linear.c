@@ -1,7 +1,7 @@
 /* y = x @ W.T for e4m3 weights W [N, K] with block scales, read a byte a weight (decode-sized x).
  *
  * With AVX2, where K and the blocks split in sixteens (every real checkpoint): each code is widened by moving its
- * bits (`widen16`) and a block's sums are multiplied by its scale once, not each weight (nor rounded). The
+ * bits (`bits8`) and a block's sums are multiplied by its scale once, not each weight (nor rounded). The
  * weights are fp8 * scale unrounded, in a bf16 model too: within one bf16 rounding (2^-9) of the weight a
  * dequantized bf16 checkpoint holds, and nearer the checkpoint's own.
  *
@@ -21,11 +21,16 @@
 #define MAX_BLOCK 1024
 
 #ifdef __AVX2__
+/* Eight e4m3 codes as fp32 bits worth 2^-120 times their values (three ops: sign-extended, shifted, masked).
+ * An fp8 subnormal becomes an fp32 subnormal, which the FMAs take as it is; scaled, it is normal again. */
+static inline __m256 bits8(const int8_t *q) {
+    __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 20), _mm256_set1_epi32((int)0x87F00000u)));
+}
+
 /* Eight codes widened, scaled and (for a bf16 model) rounded to bf16, nearest, ties to even. */
 static inline __m256 widen8(const int8_t *q, __m256 scale8, int round_bf16) {
-    __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
-    __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 20),
-                                                                  _mm256_set1_epi32((int)0x87F00000u))), scale8);
+    __m256 f = _mm256_mul_ps(bits8(q), scale8);
     if (round_bf16) {
         __m256i u = _mm256_castps_si256(f);
         __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -39,19 +44,6 @@ static inline float sum8(__m256 v) {
     __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     quad = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
     return _mm_cvtss_f32(_mm_add_ss(quad, _mm_movehdup_ps(quad)));
-}
-#endif
-
-#ifdef __AVX2__
-/* Sixteen e4m3 codes as fp32, 2^-120 times their values, as `widen8` leaves them before its scaling: three ops for
- * eight weights (an fp16 conversion measured slower). An fp8 subnormal becomes an fp32 subnormal, which the FMAs
- * take as it is; the block's sums are normal again once multiplied by its scale. */
-static inline void widen16(const uint8_t *q, __m256 *low, __m256 *high) {
-    const __m256i bits = _mm256_set1_epi32((int)0x87F00000u);
-    __m256i a = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
-    __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));
-    *low = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(a, 20), bits));
-    *high = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 20), bits));
 }
 
 /* COLS columns of W against ROWS rows of x; each block's sums times its scale (times 2^120). The weights are used
@@ -70,8 +62,8 @@ static inline void widen16(const uint8_t *q, __m256 *low, __m256 *high) {
                 for (int c = 0; c < COLS; c++) sums[r][c][0] = sums[r][c][1] = _mm256_setzero_ps();               \
             for (int i = start; i < start + len; i += 16)                                                         \
                 for (int c = 0; c < COLS; c++) {                                                                  \
-                    __m256 low, high;                                                                             \
-                    widen16(codes + (int64_t)(col + c) * k + i, &low, &high);                                    \
+                    const int8_t *q = (const int8_t *)codes + (int64_t)(col + c) * k + i;                         \
+                    __m256 low = bits8(q), high = bits8(q + 8);  /* an fp16 conversion measured slower */         \
                     for (int r = 0; r < ROWS; r++) {                                                              \
                         const float *xr = x + (int64_t)r * k + i;                                                 \
                         sums[r][c][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), low, sums[r][c][0]);                 \
