@@ -29,7 +29,7 @@ from faasmoe.model.quantized import (
     per_row_scales,
     rows_buffer,
     stored_names,
-    words_kernel_ready,
+    words_held,
 )
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -464,7 +464,7 @@ class ExpertLayout:
         scheme = self.config.quantization
         listed = list(self._quantized_matrices(prefix, first, count))
         # 4-bit words are held as read (Int4Words): nothing to convert into a buffer
-        convert = scheme.method == "fp8" or scheme.desc_act or not words_kernel_ready()
+        convert = not words_held(scheme)
         outs: list[torch.Tensor | None] = []
         for i, (_, shape, _) in enumerate(listed):
             if i % 3 == 0:  # an expert's gate and up go straight into one buffer: fuse_rows copies nothing

@@ -99,10 +99,10 @@ class MoEConfig:
         and scales, `QuantScheme.expert_bytes`)."""
         dtype = dtype or self.dtype
         if self.quantization is not None:
-            from faasmoe.model.quantized import words_kernel_ready  # builds the 4-bit kernel once, on first use
+            from faasmoe.model.quantized import words_held  # builds the 4-bit kernel once, on first use
 
             return self.quantization.expert_bytes(self.hidden_size, self.moe_intermediate_size, dtype,
-                                                  words=words_kernel_ready())
+                                                  words=words_held(self.quantization))
         return 3 * self.hidden_size * self.moe_intermediate_size * dtype.itemsize
 
     @classmethod

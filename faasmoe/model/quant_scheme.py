@@ -84,14 +84,13 @@ class QuantScheme:
                      words: bool = False) -> int:
         """Bytes one [out, in] matrix holds once read (`faasmoe.model.quantized`): what a worker's budget counts.
         `scale_rows`: fp8 scale rows when they differ from one per block (a fused gate_up of odd size). `words`:
-        4-bit matrices are held in their checkpoint's words (faasmoe.model.quantized.Int4Words, where its kernel
-        builds), every one but GPTQ's with activation order."""
+        4-bit matrices are held in their checkpoint's words (faasmoe.model.quantized.words_held)."""
         if self.method == "fp8":
             rows = math.ceil(out_features / self.block[0]) if scale_rows is None else scale_rows
             return out_features * in_features + rows * math.ceil(in_features / self.block[1]) * 4
         group = self.group_of(in_features)
         groups = in_features // group
-        if words and not self.desc_act:  # qweight, qzeros and (fp16) scales as stored
+        if words:  # qweight, qzeros and (fp16) scales as stored
             return out_features * in_features // 2 + groups * out_features // 2 + 2 * groups * out_features
         perm = in_features * 8 if self.desc_act and groups > 1 else 0  # one group has no order to keep
         return out_features * in_features // 2 + 2 * groups * out_features * dtype.itemsize + perm

@@ -268,10 +268,11 @@ def _int4_linear():
     return native.kernel("int4_linear", "int4_linear", [p, i, i, p, i, p, i, p, i, i, i, i, i, p, i])
 
 
-def words_kernel_ready() -> bool:
-    """Whether 4-bit matrices are held as their checkpoint's words here (csrc/int4_linear.c builds); else they
-    are unpacked at load into an Int4Matrix and packed for torch's int4 kernel."""
-    return _int4_linear() is not None
+def words_held(scheme: QuantScheme) -> bool:
+    """Whether this scheme's 4-bit matrices are held as their checkpoint's words (Int4Words): GPTQ without
+    activation order and AWQ, where csrc/int4_linear.c builds. Else they are unpacked at load into an Int4Matrix
+    and packed for torch's int4 kernel. The one rule the loader, the budget and `from_stored` follow."""
+    return scheme.method in ("gptq", "awq") and not scheme.desc_act and _int4_linear() is not None
 
 
 _E4M3_SHIFT = 2.0**120  # fp32's exponent bias (127) less e4m3's (7)
@@ -455,7 +456,7 @@ def from_stored(scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tu
                                 f"{list(qzeros.shape)}, scales {list(scales.shape)} do not fit a [{n}, {k}] matrix "
                                 f"in groups of {group}")
     perm = _act_order(tensors.get("g_idx"), k, group, name)
-    if perm is None and qweight.device.type == "cpu" and words_kernel_ready() and group >= 8 and group % 8 == 0 \
+    if perm is None and qweight.device.type == "cpu" and words_held(scheme) and group >= 8 and group % 8 == 0 \
             and scales.dtype in _KERNEL_SCALES:
         return Int4Words(qweight, qzeros, scales, scheme, dtype, (n, k))
     return _int4_codes(scheme, qweight, qzeros, scales, perm, (n, k), dtype, out)
